@@ -1,0 +1,44 @@
+"""probekit: linear classifier probes for the intermediate layers of PyTorch models.
+
+The method is Alain & Bengio, "Understanding intermediate layers using linear
+classifier probes" (2016): one softmax classifier per probed layer, trained on
+that layer's frozen features, shows how linearly separable each layer is,
+across depth and across training time.
+
+    >>> import probekit as pk
+    >>> pk.list_layers(model, example_input)
+    >>> ds = pk.probe(model, (train, valid, test), store="runs/a.zarr")
+    >>> pk.open_run("runs/a.zarr")
+
+Heavy modules (torch) load on first use, so ``probekit.plots`` and the run
+store readers work without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "list_layers": "probekit.layers",
+    "plan": "probekit.engine",
+    "probe": "probekit.engine",
+    "ProbeMonitor": "probekit.engine",
+    "probe_checkpoints": "probekit.engine",
+    "open_run": "probekit.store",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'probekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,660 @@
+"""Orchestration: ``plan``, ``probe``, ``ProbeMonitor`` and ``probe_checkpoints``.
+
+Data flows one way: model -> :mod:`probekit.layers` (probe points and one
+forward pass) -> :mod:`probekit.reduce` -> :mod:`probekit.features` (cache)
+-> :mod:`probekit.probes` (fits) -> :mod:`probekit.store` (the run).
+Everything here is glue: each call leaves the model exactly as it found it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from torch import nn
+
+from probekit import __version__
+from probekit.features import (
+    DEFAULT_CACHE_BYTES, as_splits, batches, check_labels, extract, labels_of, split_size,
+)
+from probekit.layers import INPUT, LayerGraph, as_args, preserved_state
+from probekit.probes import DEFAULT_L2, OnlineProbes, fit_probe, score
+from probekit.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN, Reducer, make_reducer, spec_for
+from probekit.store import EpochRow, RunLayout, RunWriter, build_dataset, metric_names
+
+Mode = Literal["snapshot", "online"]
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """What a probing run will do, per layer, before any work: see :func:`plan`."""
+
+    graph: LayerGraph
+    layers: list[str]
+    reducers: dict[str, Reducer]
+    num_classes: int
+
+    def frame(self) -> pd.DataFrame:
+        rows = []
+        for name in self.layers:
+            point, reducer = self.graph.point(name), self.reducers[name]
+            d = reducer.out_features
+            rows.append({
+                "layer": name, "op": point.op, "shape": point.shape_text, "features": point.features,
+                "reduction": reducer.describe(), "feature_dim": d, "probe_params": (d + 1) * self.num_classes,
+                "cache_MiB_per_1k": round(d * 4 * 1000 / 2**20, 2),
+            })
+        return pd.DataFrame(rows)
+
+    def layout(self, metrics: list[str], attrs: dict) -> RunLayout:
+        points = [self.graph.point(n) for n in self.layers]
+        return RunLayout(
+            layers=list(self.layers), depth=[p.depth for p in points], relative_depth=[p.relative_depth for p in points],
+            op=[p.op for p in points], shape=[p.shape_text for p in points],
+            feature_dim=[self.reducers[n].out_features for n in self.layers],
+            reduction=[self.reducers[n].describe() for n in self.layers], metrics=metrics, attrs=attrs,
+        )
+
+    def __str__(self) -> str:
+        frame = self.frame()
+        total = frame.feature_dim.sum()
+        return (
+            f"probe plan: {len(frame)} layers of {type(self.graph.model).__name__}, {self.num_classes} classes, "
+            f"{total:,} probe features in all ({frame.probe_params.sum():,} probe parameters, "
+            f"{frame.cache_MiB_per_1k.sum():.1f} MiB of cache per 1,000 examples)\n{frame.to_string(index=False)}"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.frame().to_html(index=False)
+
+
+def _build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: int, budget: int, max_flatten: int) -> Plan:
+    names = graph.resolve(layers)
+    if isinstance(reduce, Mapping):
+        unknown = [k for k in reduce if k not in names]
+        if unknown:
+            raise ValueError(f"reduce= names layers that are not probed: {unknown}; probed layers are {names}")
+    reducers = {
+        name: make_reducer(spec_for(reduce, name), graph.point(name).shape, layer=name, seed=seed, budget=budget,
+                           max_flatten=max_flatten)
+        for name in names
+    }
+    return Plan(graph=graph, layers=names, reducers=reducers, num_classes=num_classes)
+
+
+def plan(
+    model: nn.Module,
+    example_input: object,
+    *,
+    layers: str | Sequence[str] | None = None,
+    reduce: str | Mapping[str, str] | None = None,
+    num_classes: int = 10,
+    budget: int = DEFAULT_BUDGET,
+    max_flatten: int = DEFAULT_MAX_FLATTEN,
+    seed: int = 0,
+) -> Plan:
+    """Per layer: shape, reduction, probe size and cache memory, before any training.
+
+    Args:
+        model: any ``nn.Module`` (left as it was).
+        example_input: one input batch.
+        layers: probe point names (see :func:`probekit.list_layers`), ``"blocks"``
+            (the default: input and each top-level block) or ``"all"``.
+        reduce: one reduction for every layer or ``{layer: reduction}``; the default
+            ``"auto"`` keeps every probe at or under ``budget`` features.
+        num_classes: classes of the probing task (sizes the probes).
+        budget: the ``"auto"`` policy's feature budget per probe.
+        max_flatten: largest layer ``"flatten"`` accepts.
+        seed: seed of random subsets and projections.
+
+    Example:
+        >>> print(pk.plan(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224), reduce="pool"))
+    """
+    graph = LayerGraph(model, example_input)
+    return _build_plan(graph, layers, reduce, num_classes=num_classes, seed=seed, budget=budget, max_flatten=max_flatten)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _first_batch(split: object, batch_size: int) -> object:
+    for inputs, _ in batches(split, batch_size):
+        return inputs
+    raise ValueError("the train split is empty; give it at least one example per class")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available here; pass device='cpu' or leave it unset")
+    return device
+
+
+def _infer_classes(splits: dict, num_classes: int | None, batch_size: int) -> int:
+    if num_classes is None:
+        cheap = [labels_of(s, batch_size) for s in splits.values() if isinstance(s, (tuple, list)) or hasattr(s, "targets")]
+        if not cheap:
+            cheap = [labels_of(splits["train"], batch_size)]
+        for name, labels in zip(splits, cheap):
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                check_labels(name, labels, 2)
+        # At least 2, so that a single-class split is reported as such by check_labels.
+        num_classes = max(int(max(int(labels.max()) for labels in cheap if labels.numel())) + 1, 2)
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer of at least 2; got {num_classes!r}")
+    for name, split in splits.items():
+        if isinstance(split, (tuple, list)) or (hasattr(split, "targets") and not isinstance(split, torch.utils.data.DataLoader)):
+            check_labels(name, labels_of(split, batch_size), int(num_classes))
+    return int(num_classes)
+
+
+def _chance_error(splits: dict, num_classes: int, batch_size: int) -> float:
+    """Error of always predicting the training split's majority class, on valid (or train)."""
+    train = labels_of(splits["train"], batch_size)
+    majority = int(torch.bincount(train.long(), minlength=num_classes).argmax())
+    target = labels_of(splits["valid"], batch_size) if "valid" in splits else train
+    return float((target.long() != majority).float().mean())
+
+
+def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, l2: float, seed: int, device,
+                batch_size: int, budget: int, name: str | None, dataset: str | None, chance: float) -> dict:
+    sizes = {f"n_{k}": int(split_size(v) or -1) for k, v in splits.items()}
+    return {
+        "mode": mode,
+        "model": name or type(model).__name__,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_parameters": int(sum(p.numel() for p in model.parameters())),
+        "dataset": dataset or "user data",
+        **{f"n_{k}": sizes.get(f"n_{k}", 0) for k in ("train", "valid", "test")},
+        "num_classes": num_classes,
+        "chance_error": chance,
+        "l2": float(l2),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "budget": int(budget),
+        "device": str(device),
+        "probekit_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:1000],
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _progress(total: int | None, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=quiet)
+
+
+# ----------------------------------------------------------------------------- monitor
+class ProbeMonitor:
+    """Probes a model's layers while it trains, one epoch row at a time.
+
+    Call :meth:`update` from your own training loop; the run so far is
+    :attr:`dataset` (and, with ``store=``, a Zarr store that
+    :func:`probekit.open_run` reads live).
+
+    Modes:
+        ``"snapshot"`` (default): each update runs the model once (eval mode,
+        no gradients) over every split, caches the reduced features and fits
+        every probe to its optimum. ``"online"``: forward hooks capture each
+        training batch's features as your model computes them; call
+        :meth:`step` after each training step to give every probe one
+        optimiser step; each update evaluates the probes on valid/test.
+        Online mode probes module outputs only (hooks cannot see functional
+        nodes such as a residual ``add``; probe the enclosing block instead).
+
+    Args:
+        model: the model being trained; parameters, buffers and train/eval flags
+            are left as they were after every call.
+        data: train/valid(/test) splits (see :mod:`probekit.features`).
+        layers: probe point names, ``"blocks"`` or ``"all"``; default: the model's
+            ``probe_layers`` attribute, else ``"blocks"``.
+        reduce: reduction for every layer or ``{layer: spec}`` (see :mod:`probekit.reduce`).
+        store: Zarr store folder to write; ``None`` keeps the run in memory only.
+        mode: ``"snapshot"`` or ``"online"``.
+        resume: continue an existing store made by the same setup.
+        overwrite: replace an existing store.
+        num_classes: classes; inferred from the labels when not given.
+        l2: probe L2 strength (per example, standardised features).
+        lr: online probes' learning rate.
+        batch_size: extraction batch size for splits that are not DataLoaders.
+        budget, max_flatten: reduction policy limits.
+        seed: seed of random reductions (recorded in the store).
+        max_iter: most L-BFGS iterations per probe fit.
+        cache_bytes: above this, cached features go to disk.
+        quiet: no progress bars or plan printout.
+        name, dataset: names recorded in the store's attributes.
+
+    Example:
+        >>> mon = pk.ProbeMonitor(model, (train, valid), store="runs/b.zarr")
+        >>> for epoch in range(1, 6):
+        ...     train_one_epoch(model)
+        ...     mon.update(epoch=epoch, step=epoch * steps_per_epoch)
+        >>> mon.dataset.probe.sel(metric="valid_error")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: object,
+        *,
+        layers: str | Sequence[str] | None = None,
+        reduce: str | Mapping[str, str] | None = None,
+        store: str | os.PathLike | None = None,
+        mode: Mode = "snapshot",
+        resume: bool = False,
+        overwrite: bool = False,
+        num_classes: int | None = None,
+        l2: float = DEFAULT_L2,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        budget: int = DEFAULT_BUDGET,
+        max_flatten: int = DEFAULT_MAX_FLATTEN,
+        seed: int = 0,
+        max_iter: int = 1000,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        quiet: bool = False,
+        name: str | None = None,
+        dataset: str | None = None,
+        channels_last: bool = False,
+    ):
+        if mode not in ("snapshot", "online"):
+            raise ValueError(f"mode must be 'snapshot' or 'online'; got {mode!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not (isinstance(l2, (int, float)) and l2 >= 0 and math.isfinite(l2)):
+            raise ValueError(f"l2 must be a finite number >= 0; got {l2!r}")
+        self.model, self.mode, self.quiet = model, mode, quiet
+        self.l2, self.max_iter, self.batch_size, self.cache_bytes = float(l2), int(max_iter), int(batch_size), cache_bytes
+        self.channels_last = channels_last
+        self.splits = as_splits(data)
+        if dataset is None:
+            info = getattr(data, "info", None)
+            dataset = getattr(info, "name", None)
+        self.num_classes = int(getattr(getattr(data, "info", None), "num_classes", 0) or 0) or num_classes
+        self.num_classes = _infer_classes(self.splits, self.num_classes, self.batch_size)
+        self.device = _model_device(model)
+        example = _first_batch(self.splits["train"], 2)
+        example = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in as_args(example))
+        self.graph = LayerGraph(model, example if len(example) > 1 else example[0])
+        self.plan = _build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
+                                max_flatten=max_flatten)
+        for reducer in self.plan.reducers.values():
+            reducer.to(self.device)
+        self.layers = self.plan.layers
+        self.metrics = metric_names(list(self.splits), self.num_classes)
+        chance = _chance_error(self.splits, self.num_classes, self.batch_size)
+        attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
+                            device=self.device, batch_size=self.batch_size, budget=budget, name=name, dataset=dataset,
+                            chance=chance)
+        self.layout = self.plan.layout(self.metrics, attrs)
+        self._writer = RunWriter(store, self.layout, resume=resume, overwrite=overwrite) if store is not None else None
+        self.store = Path(store) if store is not None else None
+        self.rows: list[EpochRow] = list(self._writer.rows) if self._writer else []
+        self._clock = time.monotonic() - (self.rows[-1].wall_time if self.rows and math.isfinite(self.rows[-1].wall_time) else 0.0)
+        if not quiet:
+            print(self.plan)
+        self._online: OnlineProbes | None = None
+        if mode == "online":
+            self._start_online(lr)
+
+    def _start_online(self, lr: float) -> None:
+        from probekit.layers import HookExtractor
+
+        modules = {}
+        for name in self.layers:
+            point = self.graph.point(name)
+            module = None if point.name == INPUT else (name if self._is_module(name) else point.module)
+            if point.name != INPUT and module is None:
+                parts = point.name.split(".")
+                enclosing = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if self._is_module(".".join(parts[:k]))]
+                hint = repr(enclosing[0]) if enclosing else "a module output"
+                raise ValueError(
+                    f"online mode reads module outputs with hooks, and {name!r} is a functional node ({point.op}); "
+                    f"probe {hint} instead, or use mode='snapshot'"
+                )
+            modules[name] = module
+        self._hooks = HookExtractor(self.graph, self.plan.reducers, modules=modules)
+        self._hooks.attach()
+        dims = {n: self.plan.reducers[n].out_features for n in self.layers}
+        self._online = OnlineProbes(dims, self.num_classes, lr=lr, l2=self.l2).to(self.device)
+
+    def _is_module(self, name: str) -> bool:
+        try:
+            self.model.get_submodule(name)
+            return True
+        except AttributeError:
+            return False
+
+    # ---------------------------------------------------------------- state
+    @property
+    def completed_epochs(self) -> int:
+        """Epoch rows written so far (including those found when resuming)."""
+        return len(self.rows)
+
+    @property
+    def next_epoch(self) -> int:
+        """The epoch number :meth:`update` uses when none is given."""
+        return self.rows[-1].epoch + 1 if self.rows else 0
+
+    @property
+    def dataset(self) -> xr.Dataset:
+        """The run so far, as an ``xarray.Dataset`` (see docs/store.md)."""
+        return build_dataset(self.layout, self.rows)
+
+    # ---------------------------------------------------------------- online
+    def step(self, labels: torch.Tensor) -> None:
+        """Online mode: one optimiser step of every probe on the batch the model just saw.
+
+        Call it after your model's forward pass (the hooks captured that batch's
+        features); it does not touch the model or its gradients.
+        """
+        if self._online is None:
+            raise RuntimeError("step() is for mode='online'; in snapshot mode call update() once per epoch")
+        features = self._hooks.latest
+        if not features:
+            raise RuntimeError("step() found no captured features; call it after the model's forward pass on the batch")
+        labels = torch.as_tensor(labels).to(self.device).long().reshape(-1)
+        self._online.step(features, labels)
+
+    # ---------------------------------------------------------------- update
+    def update(self, *, epoch: int | None = None, step: int = -1, model_loss: float | None = None,
+               model_error: float | None = None) -> xr.Dataset:
+        """Probe the model as it is now and write one epoch row.
+
+        Args:
+            epoch: the row's epoch number (default: one more than the last).
+            step: the global training step (minibatches seen), if known.
+            model_loss, model_error: the model's own figures for this epoch.
+
+        Returns:
+            The new row as a one-epoch dataset.
+        """
+        epoch = self.next_epoch if epoch is None else int(epoch)
+        if self.rows and epoch <= self.rows[-1].epoch:
+            raise ValueError(f"epoch {epoch} is not after the last written epoch {self.rows[-1].epoch}; epochs must increase")
+        with preserved_state(self.model):
+            self.model.eval()
+            if self._online is None:
+                probe, nonfinite, iterations, converged = self._snapshot()
+            else:
+                probe, nonfinite, iterations, converged = self._online_scores()
+        row = EpochRow(
+            epoch=epoch, step=int(step), probe=probe, nonfinite=nonfinite, iterations=iterations, converged=converged,
+            model_loss=float("nan") if model_loss is None else float(model_loss),
+            model_error=float("nan") if model_error is None else float(model_error),
+            wall_time=time.monotonic() - self._clock,
+        )
+        bad = [n for n, flag in zip(self.layers, nonfinite) if flag]
+        if bad:
+            warnings.warn(
+                f"layers {bad} produced NaN or Inf features at epoch {epoch}; their metrics are NaN and flagged "
+                "in the store ('nonfinite'); every other layer was probed normally",
+                RuntimeWarning, stacklevel=2,
+            )
+        if self._writer is not None:
+            self._writer.append(row)
+        else:
+            self.rows.append(row)
+        if self._writer is not None:
+            self.rows = self._writer.rows
+        if self._online is not None:
+            self._online.reset_running()
+        return build_dataset(self.layout, [row])
+
+    def _extract_all(self, extractor, splits: Sequence[str]) -> dict:
+        dims = {n: self.plan.reducers[n].out_features for n in self.layers}
+        out = {}
+        for split in splits:
+            data = self.splits[split]
+            with _progress(split_size(data), f"{split} features", self.quiet) as bar:
+                out[split] = extract(
+                    extractor, data, name=split, dims=dims, num_classes=self.num_classes, batch_size=self.batch_size,
+                    device=self.device, channels_last=self.channels_last, cache_bytes=self.cache_bytes, progress=bar,
+                )
+        return out
+
+    def _snapshot(self):
+        extractor = self.graph.extractor(self.plan.reducers)
+        cached = self._extract_all(extractor, list(self.splits))
+        n_layers, metrics = len(self.layers), self.metrics
+        probe = np.full((n_layers, len(metrics)), np.nan)
+        nonfinite = np.zeros(n_layers, bool)
+        iterations = np.zeros(n_layers, np.int64)
+        converged = np.zeros(n_layers, bool)
+        train = cached["train"]
+        for i, layer in enumerate(self.layers):
+            nonfinite[i] = any(c.nonfinite[layer] for c in cached.values())
+            if nonfinite[i]:
+                continue
+            x = train.features[layer].to(self.device)
+            fit = fit_probe(x, train.labels, self.num_classes, l2=self.l2, max_iter=self.max_iter)
+            iterations[i], converged[i] = fit.iterations, fit.converged
+            for split, features in cached.items():
+                scores = score(fit.logits, features.features[layer].to(self.device), features.labels, self.num_classes)
+                for measure, value in scores.items():
+                    probe[i, metrics.index(f"{split}_{measure}")] = value
+            del x
+        return probe, nonfinite, iterations, converged
+
+    def _online_scores(self):
+        splits = [s for s in self.splits if s != "train"]
+        self._hooks.detach()
+        try:
+            cached = self._extract_all(self.graph.extractor(self.plan.reducers), splits) if splits else {}
+        finally:
+            self._hooks.attach()
+        n_layers, metrics = len(self.layers), self.metrics
+        probe = np.full((n_layers, len(metrics)), np.nan)
+        nonfinite = np.zeros(n_layers, bool)
+        for i, layer in enumerate(self.layers):
+            for measure, value in self._online.train_scores(layer).items():
+                probe[i, metrics.index(f"train_{measure}")] = value
+            nonfinite[i] = any(c.nonfinite[layer] for c in cached.values())
+            if nonfinite[i]:
+                probe[i] = np.nan
+                continue
+            for split, features in cached.items():
+                scores = score(self._online.logits_of(layer), features.features[layer], features.labels, self.num_classes)
+                for measure, value in scores.items():
+                    probe[i, metrics.index(f"{split}_{measure}")] = value
+        iterations = np.full(n_layers, self._online.steps, np.int64)
+        return probe, nonfinite, iterations, np.ones(n_layers, bool)
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Remove hooks and release the store; the run stays readable."""
+        if self._online is not None:
+            self._hooks.detach()
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> ProbeMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            return
+
+
+# ----------------------------------------------------------------------------- fixed models
+@contextmanager
+def _placed(model: nn.Module, device: torch.device, channels_last: bool):
+    """Move the model to ``device`` (and channels-last memory) for a call, then put it back exactly."""
+    originals = {name: (t.device, t.is_contiguous()) for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    home = next(iter(originals.values()))[0] if originals else device
+    try:
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        yield
+    finally:
+        model.to(home)
+        if channels_last:
+            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+                if originals[name][1] and not tensor.is_contiguous():
+                    tensor.data = tensor.data.contiguous()
+
+
+def _wants_channels_last(model: nn.Module, device: torch.device, channels_last: bool | None) -> bool:
+    if channels_last is not None:
+        return channels_last
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def probe(
+    model: nn.Module,
+    data: object,
+    *,
+    layers: str | Sequence[str] | None = None,
+    reduce: str | Mapping[str, str] | None = None,
+    store: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    channels_last: bool | None = None,
+    epoch: int = 0,
+    step: int = -1,
+    **options,
+) -> xr.Dataset:
+    """Probe a fixed model to convergence: one forward pass over the data, every probe fitted.
+
+    Args:
+        model: any ``nn.Module``; it is moved to ``device`` for the call and put
+            back, with its parameters, buffers and train/eval flags unchanged.
+        data: train/valid(/test) splits.
+        layers, reduce: see :class:`ProbeMonitor`.
+        store: Zarr store to write (optional).
+        resume: with an existing complete store, return it without recomputing.
+        overwrite: replace an existing store.
+        device: ``"cuda"`` when available, else ``"cpu"``, by default.
+        channels_last: channels-last memory for conv nets; default on CPU (faster there).
+        epoch, step: the row's epoch and step labels.
+        **options: any other :class:`ProbeMonitor` option (``num_classes``, ``l2``,
+            ``batch_size``, ``budget``, ``seed``, ``quiet``, ...).
+
+    Returns:
+        The run: an ``xarray.Dataset`` with one epoch.
+
+    Example:
+        >>> ds = pk.probe(model, (train, valid, test), store="runs/a.zarr", reduce="pool")
+        >>> ds.probe.sel(metric="valid_error").squeeze("epoch").to_series()
+    """
+    device = _resolve_device(device)
+    use_cl = _wants_channels_last(model, device, channels_last)
+    with _placed(model, device, use_cl):
+        with ProbeMonitor(model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
+                          channels_last=use_cl, **options) as monitor:
+            if not monitor.rows:
+                monitor.update(epoch=epoch, step=step)
+            return monitor.dataset
+
+
+def probe_checkpoints(
+    build_model: Callable[[], nn.Module],
+    checkpoints: Sequence[str | os.PathLike],
+    data: object,
+    *,
+    epochs: Sequence[int] | None = None,
+    steps: Sequence[int] | None = None,
+    store: str | os.PathLike | None = None,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    **options,
+) -> xr.Dataset:
+    """Probe a series of saved snapshots of one model, one epoch row each.
+
+    Each checkpoint is a state dict (or a dict holding one under ``"model"``,
+    ``"state_dict"`` or ``"model_state_dict"``), loaded with
+    ``torch.load(weights_only=True)``: a file that carries code is refused.
+
+    Args:
+        build_model: returns a fresh model of the right architecture.
+        checkpoints: paths, in training order.
+        epochs, steps: labels of each checkpoint's row (default 0, 1, 2, ... and unknown).
+        store, resume: as for :func:`probe`; resuming skips checkpoints already written.
+        **options: any :class:`ProbeMonitor` option.
+
+    Example:
+        >>> ds = pk.probe_checkpoints(lambda: pk.zoo.paper_convnet(), ["c0.pt", "c1.pt"], data)
+    """
+    checkpoints = [Path(c) for c in checkpoints]
+    if not checkpoints:
+        raise ValueError("checkpoints= is empty; pass the paths of saved state dicts, in training order")
+    missing = [str(c) for c in checkpoints if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint files not found: {missing[:3]}; check the paths")
+    epochs = list(range(len(checkpoints))) if epochs is None else list(epochs)
+    steps = [-1] * len(checkpoints) if steps is None else list(steps)
+    if len(epochs) != len(checkpoints) or len(steps) != len(checkpoints):
+        raise ValueError(f"epochs= and steps= need one entry per checkpoint ({len(checkpoints)})")
+    device = _resolve_device(device)
+    model = build_model()
+    load_checkpoint(model, checkpoints[0])
+    model.to(device)
+    use_cl = _wants_channels_last(model, device, options.pop("channels_last", None))
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    with ProbeMonitor(model, data, store=store, resume=resume, channels_last=use_cl, **options) as monitor:
+        for path, epoch, step in zip(checkpoints, epochs, steps):
+            if monitor.rows and epoch <= monitor.rows[-1].epoch:
+                continue
+            load_checkpoint(model, path)
+            monitor.update(epoch=epoch, step=step)
+        return monitor.dataset
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict into ``model`` safely (``weights_only=True``), with one-line errors."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {str(path)!r}: it holds objects other than tensors (weights_only=True refused it: "
+            f"{str(error).splitlines()[0][:160]}). Save checkpoints with torch.save(model.state_dict(), path)"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {str(error).splitlines()[0][:200]}") from error
+    if isinstance(state, Mapping):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in state and isinstance(state[key], Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {str(error).splitlines()[0][:300]}"
+        ) from None

@@ -1,0 +1,477 @@
+"""The run schema, and the one module that reads and writes Zarr run stores.
+
+A run is an ``xarray.Dataset`` with a data variable ``probe`` of dims
+``(layer, epoch, metric)``; ``docs/store.md`` documents every variable,
+coordinate and attribute, and how a store stays readable while it is written
+and after its writer is killed. In short: Zarr format 2 with consolidated
+metadata, the epoch axis preallocated in blocks, each epoch written into its
+region first and only then counted in the root attribute ``completed_epochs``
+(one atomic file), and readers cut the epoch axis at that count.
+
+This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+SCHEMA_VERSION = 1
+#: Epochs are preallocated, and chunked, in blocks of this many.
+EPOCH_BLOCK = 64
+LOCK_FILE = ".writer.lock"
+SPLITS = ("train", "valid", "test")
+MEASURES = ("error", "loss", "top5")
+#: Variables indexed by epoch, written one region per epoch.
+EPOCH_VARIABLES = ("probe", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
+#: Attributes that describe one process's session, not the run: they may differ on resume.
+SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
+
+
+class StoreError(ValueError):
+    """A path that is not a usable run store, or a store that does not fit the run."""
+
+
+class StoreLockedError(StoreError):
+    """Another live process is writing the store."""
+
+
+def metric_names(splits: Sequence[str], num_classes: int) -> list[str]:
+    """The metric coordinate for a run over ``splits`` with ``num_classes`` classes."""
+    measures = MEASURES if num_classes > 5 else MEASURES[:2]
+    return [f"{split}_{measure}" for split in SPLITS if split in splits for measure in measures]
+
+
+@dataclass
+class RunLayout:
+    """What fixes the shape of a run: its layers, metrics and provenance.
+
+    Two runs can share a store only if their layouts agree on every field
+    but the per-session attributes (``SESSION_ATTRS``).
+    """
+
+    layers: list[str]
+    depth: list[int]
+    relative_depth: list[float]
+    op: list[str]
+    shape: list[str]
+    feature_dim: list[int]
+    reduction: list[str]
+    metrics: list[str]
+    attrs: dict = field(default_factory=dict)
+
+    def coords(self) -> dict:
+        metrics = self.metrics
+        return {
+            "layer": ("layer", np.array(self.layers, dtype=str)),
+            "depth": ("layer", np.array(self.depth, dtype=np.int64)),
+            "relative_depth": ("layer", np.array(self.relative_depth, dtype=np.float64)),
+            "op": ("layer", np.array(self.op, dtype=str)),
+            "shape": ("layer", np.array(self.shape, dtype=str)),
+            "feature_dim": ("layer", np.array(self.feature_dim, dtype=np.int64)),
+            "reduction": ("layer", np.array(self.reduction, dtype=str)),
+            "metric": ("metric", np.array(metrics, dtype=str)),
+            "split": ("metric", np.array([m.rsplit("_", 1)[0] for m in metrics], dtype=str)),
+            "measure": ("metric", np.array([m.rsplit("_", 1)[1] for m in metrics], dtype=str)),
+        }
+
+    def fixed_attrs(self) -> dict:
+        return {k: v for k, v in self.attrs.items() if k not in SESSION_ATTRS}
+
+
+@dataclass
+class EpochRow:
+    """One epoch of a run: every layer's metrics, as the engine computed them."""
+
+    epoch: int
+    step: int
+    probe: np.ndarray  # (layer, metric)
+    nonfinite: np.ndarray  # (layer,)
+    iterations: np.ndarray  # (layer,)
+    converged: np.ndarray  # (layer,)
+    model_loss: float = float("nan")
+    model_error: float = float("nan")
+    wall_time: float = float("nan")
+
+
+def _epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | None = None) -> dict:
+    n_layers, n_metrics = len(layout.layers), len(layout.metrics)
+    size = len(rows) if capacity is None else capacity
+    probe = np.full((n_layers, size, n_metrics), np.nan)
+    arrays = {
+        "probe": probe,
+        "nonfinite": np.zeros((n_layers, size), dtype=bool),
+        "iterations": np.zeros((n_layers, size), dtype=np.int64),
+        "converged": np.zeros((n_layers, size), dtype=bool),
+        "model_loss": np.full(size, np.nan),
+        "model_error": np.full(size, np.nan),
+        "wall_time": np.full(size, np.nan),
+        "step": np.full(size, -1, dtype=np.int64),
+        "epoch": np.full(size, -1, dtype=np.int64),
+    }
+    for i, row in enumerate(rows):
+        for name, value in _row_values(row).items():
+            if name == "probe":
+                probe[:, i, :] = value
+            else:
+                arrays[name][..., i] = value
+    return arrays
+
+
+def _row_values(row: EpochRow) -> dict:
+    return {
+        "probe": row.probe, "nonfinite": row.nonfinite, "iterations": row.iterations, "converged": row.converged,
+        "model_loss": row.model_loss, "model_error": row.model_error, "wall_time": row.wall_time,
+        "step": row.step, "epoch": row.epoch,
+    }
+
+
+def build_dataset(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | None = None) -> xr.Dataset:
+    """The run as an ``xarray.Dataset`` (see docs/store.md)."""
+    arrays = _epoch_arrays(layout, rows, capacity)
+    coords = layout.coords()
+    coords["epoch"] = ("epoch", arrays.pop("epoch"))
+    coords["step"] = ("epoch", arrays.pop("step"))
+    dims = {"probe": ("layer", "epoch", "metric"), "nonfinite": ("layer", "epoch"), "iterations": ("layer", "epoch"),
+            "converged": ("layer", "epoch"), "model_loss": ("epoch",), "model_error": ("epoch",), "wall_time": ("epoch",)}
+    data_vars = {name: (dims[name], value) for name, value in arrays.items()}
+    attrs = {"probekit_schema": SCHEMA_VERSION, **layout.attrs}
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+
+def layout_of(ds: xr.Dataset) -> RunLayout:
+    """The layout a run dataset (or an opened store) was made with."""
+    return RunLayout(
+        layers=[str(v) for v in ds["layer"].values], depth=[int(v) for v in ds["depth"].values],
+        relative_depth=[float(v) for v in ds["relative_depth"].values], op=[str(v) for v in ds["op"].values],
+        shape=[str(v) for v in ds["shape"].values], feature_dim=[int(v) for v in ds["feature_dim"].values],
+        reduction=[str(v) for v in ds["reduction"].values], metrics=[str(v) for v in ds["metric"].values],
+        attrs={k: v for k, v in ds.attrs.items() if k != "probekit_schema"},
+    )
+
+
+def rows_of(ds: xr.Dataset) -> list[EpochRow]:
+    """The epochs of a run dataset, as rows an engine can continue from."""
+    return [
+        EpochRow(
+            epoch=int(ds["epoch"].values[i]), step=int(ds["step"].values[i]), probe=ds["probe"].values[:, i, :].copy(),
+            nonfinite=ds["nonfinite"].values[:, i].copy(), iterations=ds["iterations"].values[:, i].copy(),
+            converged=ds["converged"].values[:, i].copy(), model_loss=float(ds["model_loss"].values[i]),
+            model_error=float(ds["model_error"].values[i]), wall_time=float(ds["wall_time"].values[i]),
+        )
+        for i in range(ds.sizes["epoch"])
+    ]
+
+
+# --------------------------------------------------------------------- reading
+def _check_store_path(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no run store at {str(path)!r}; check the path, or start a run with store={str(path)!r}")
+    if not path.is_dir():
+        raise StoreError(f"{str(path)!r} is a file, not a run store (a run store is a folder, e.g. 'runs/a.zarr')")
+    if not (path / ".zmetadata").exists():
+        what = "an empty folder" if not any(path.iterdir()) else "a folder without consolidated Zarr metadata (.zmetadata)"
+        raise StoreError(f"{str(path)!r} is not a probekit run store: it is {what}; pass the folder a run wrote, or a new path")
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / ".zmetadata").read_text())["metadata"]
+    except (OSError, ValueError, KeyError) as error:
+        raise StoreError(
+            f"run store {str(path)!r} has a broken metadata file .zmetadata ({error}); nothing can be read from it. "
+            "Re-run with resume=False into a new path"
+        ) from error
+
+
+def _root_attrs(path: Path) -> dict:
+    attrs = _read_meta(path).get(".zattrs", {})
+    version = attrs.get("probekit_schema")
+    if version is None:
+        raise StoreError(f"{str(path)!r} is a Zarr store but not a probekit run store (no 'probekit_schema' attribute)")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"run store {str(path)!r} has schema version {version}; this probekit reads version {SCHEMA_VERSION}. "
+            "Open it with the probekit version that wrote it, or re-run into a new path"
+        )
+    return attrs
+
+
+def open_run(path: str | os.PathLike) -> xr.Dataset:
+    """Read a run store into memory, also while a run is still writing it.
+
+    Only completed epochs are returned; the dataset holds no reference to the
+    files, so a writer can go on.
+
+    Args:
+        path: the folder a run wrote (``store=`` of ``pk.probe`` and friends).
+
+    Example:
+        >>> ds = pk.open_run("runs/demo.zarr")
+        >>> ds.probe.sel(metric="valid_error").isel(epoch=-1).to_series()
+    """
+    path = Path(path)
+    _check_store_path(path)
+    attrs = _root_attrs(path)
+    completed = int(attrs.get("completed_epochs", 0))
+    try:
+        with xr.open_zarr(path, consolidated=True, zarr_format=2, chunks=None) as lazy:
+            ds = lazy.isel(epoch=slice(0, completed))
+            broken = []
+            for name in list(ds.variables):
+                try:
+                    ds[name].load()
+                except Exception as error:  # noqa: BLE001 - report every broken part, then fail once
+                    broken.append(f"{name} ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            if broken:
+                readable = sorted(set(map(str, ds.variables)) - {b.split(" ")[0] for b in broken})
+                raise StoreError(
+                    f"run store {str(path)!r} is damaged: cannot read {', '.join(broken)}; "
+                    f"still readable: {', '.join(readable)}. Use xarray.open_zarr({str(path)!r}, consolidated=True) "
+                    "to read those, or re-run into a new path"
+                )
+            ds = ds.load()
+    except StoreError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any decoding failure is a damaged store
+        raise StoreError(
+            f"run store {str(path)!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "its metadata may be damaged. Re-run into a new path"
+        ) from error
+    ds.attrs.pop("completed_epochs", None)
+    for variable in ds.variables.values():
+        variable.encoding = {}
+    return ds
+
+
+# --------------------------------------------------------------------- writing
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class _Lock:
+    """An exclusive, process-lifetime lock on a store (``fcntl.flock``)."""
+
+    def __init__(self, path: Path):
+        self.path = path / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('command', 'unknown command')})"
+            raise StoreLockedError(
+                f"run store {str(self.path.parent)!r} is being written by {who}; wait for it to finish, stop it, "
+                "or write to another path (pk.open_run reads it meanwhile)"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _describe_mismatch(old: RunLayout, new: RunLayout) -> str | None:
+    if old.layers != new.layers:
+        extra, missing = sorted(set(new.layers) - set(old.layers)), sorted(set(old.layers) - set(new.layers))
+        detail = "; ".join(filter(None, [f"new layers {extra[:5]}" if extra else "", f"missing {missing[:5]}" if missing else ""]))
+        return f"its layers differ ({detail or 'different order'})"
+    if old.metrics != new.metrics:
+        return f"its metrics differ (store: {old.metrics}, this run: {new.metrics})"
+    for name in ("feature_dim", "reduction", "shape"):
+        if getattr(old, name) != getattr(new, name):
+            return f"its {name.replace('_', ' ')}s differ (store: {getattr(old, name)}, this run: {getattr(new, name)})"
+    old_attrs, new_attrs = old.fixed_attrs(), new.fixed_attrs()
+    for key in sorted(set(old_attrs) | set(new_attrs)):
+        if old_attrs.get(key) != new_attrs.get(key):
+            return f"its {key!r} differs (store: {old_attrs.get(key)!r}, this run: {new_attrs.get(key)!r})"
+    return None
+
+
+class RunWriter:
+    """Writes one run into a Zarr store, one epoch at a time.
+
+    Everything that can refuse (a path that is a file, a folder that is not a
+    store, a store of another schema or layout, a store another process is
+    writing, an unwritable location) refuses in the constructor, before any
+    work starts, and leaves what is there untouched.
+
+    Args:
+        path: the store folder.
+        layout: the run's layers, metrics and provenance.
+        resume: continue an existing store with the same layout.
+        overwrite: replace an existing store.
+    """
+
+    def __init__(self, path: str | os.PathLike, layout: RunLayout, *, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.layout = layout
+        self.rows: list[EpochRow] = []
+        self._lock = _Lock(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"store path {str(self.path)!r} is a file; pass a folder path such as 'runs/a.zarr'")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            self._open_existing(resume=resume, overwrite=overwrite)
+        else:
+            if self.path.is_dir():
+                self.path.rmdir()
+            self._create()
+
+    # creation ----------------------------------------------------------------
+    def _create(self, *, replace: Path | None = None) -> None:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            ds = build_dataset(self.layout, [], capacity=EPOCH_BLOCK)
+            ds.attrs["completed_epochs"] = 0
+            ds.to_zarr(tmp, mode="w-", zarr_format=2, consolidated=True, encoding=self._encoding(ds))
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+            raise StoreError(
+                f"cannot create run store {str(self.path)!r}: {error.strerror or error}; choose a writable location"
+            ) from error
+        if replace is not None:
+            trash = parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path, trash)
+            os.rename(tmp, self.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, self.path)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise FileExistsError(
+                    f"run store {str(self.path)!r} appeared while this run was creating it; another process is using that path"
+                ) from None
+        self._lock.acquire()
+
+    @staticmethod
+    def _encoding(ds: xr.Dataset) -> dict:
+        encoding = {}
+        for name, variable in ds.variables.items():
+            chunks = tuple(EPOCH_BLOCK if dim == "epoch" else size for dim, size in variable.sizes.items())
+            entry = {"chunks": chunks} if variable.ndim else {}
+            if variable.dtype.kind in "iub":
+                entry["_FillValue"] = None
+            encoding[name] = entry
+        return encoding
+
+    # existing stores -----------------------------------------------------------
+    def _open_existing(self, *, resume: bool, overwrite: bool) -> None:
+        if not (self.path / ".zmetadata").exists():
+            raise StoreError(
+                f"{str(self.path)!r} is a folder that is not a probekit run store; refusing to write into it. "
+                "Pass a new path, or an empty folder"
+            )
+        attrs = _root_attrs(self.path)
+        done = int(attrs.get("completed_epochs", 0))
+        if overwrite:
+            self._lock.acquire()  # never replace a store that another process is writing
+            self._lock.release()
+            self._create(replace=self.path)
+            return
+        if not resume:
+            raise FileExistsError(
+                f"run store {str(self.path)!r} already exists ({done} epochs of {attrs.get('model', 'a model')}); "
+                "pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or another path"
+            )
+        existing = open_run(self.path)
+        mismatch = _describe_mismatch(layout_of(existing), self.layout)
+        if mismatch:
+            raise StoreError(
+                f"run store {str(self.path)!r} was made for another run: {mismatch}; "
+                "nothing was written. Resume with the same model, layers, reductions and data, or write to another path"
+            )
+        self._lock.acquire()
+        self.rows = rows_of(existing)
+        self._heal()
+
+    def _heal(self) -> None:
+        """Give every epoch array one capacity again (a kill during growth can leave them uneven)."""
+        group = zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False)
+        capacity = max(group[name].shape[-1 if name != "probe" else 1] for name in EPOCH_VARIABLES)
+        for name in EPOCH_VARIABLES:
+            self._resize(group[name], name, capacity)
+        self._commit(len(self.rows), resized=True)
+
+    @staticmethod
+    def _resize(array, name: str, capacity: int) -> None:
+        shape = list(array.shape)
+        axis = 1 if name == "probe" else len(shape) - 1
+        if shape[axis] != capacity:
+            shape[axis] = capacity
+            array.resize(tuple(shape))
+
+    # appending ---------------------------------------------------------------
+    def append(self, row: EpochRow) -> None:
+        """Write one epoch, then count it: readers see it whole or not at all."""
+        index = len(self.rows)
+        group = zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False)
+        capacity = group["epoch"].shape[0]
+        resized = index >= capacity
+        if resized:
+            for name in EPOCH_VARIABLES:
+                self._resize(group[name], name, capacity + EPOCH_BLOCK)
+        for name, value in _row_values(row).items():
+            array = group[name]
+            value = np.asarray(value).astype(array.dtype)
+            if name == "probe":
+                array[:, index, :] = value
+            else:
+                array[..., index] = value
+        self._commit(index + 1, resized=resized)
+        self.rows.append(row)
+
+    def _commit(self, completed: int, *, resized: bool) -> None:
+        """Count ``completed`` epochs: rewrite the consolidated metadata, one atomic file.
+
+        The metadata is updated here rather than by ``zarr.consolidate_metadata``,
+        which would walk the folder (and trip over the lock file) every epoch.
+        """
+        meta = json.loads((self.path / ".zmetadata").read_text())
+        entries = meta["metadata"]
+        if resized:
+            for name in EPOCH_VARIABLES:
+                entries[f"{name}/.zarray"] = json.loads((self.path / name / ".zarray").read_text())
+        entries[".zattrs"]["completed_epochs"] = completed
+        _write_atomic(self.path / ".zattrs", json.dumps(entries[".zattrs"], indent=4))
+        _write_atomic(self.path / ".zmetadata", json.dumps(meta, indent=4))
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

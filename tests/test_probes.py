@@ -1,0 +1,68 @@
+"""The probe solver reaches the convex optimum: agreement with scikit-learn, chance, identity stacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import probekit as pk
+from probekit.layers import LayerGraph
+from probekit.probes import fit_probe, score, standardiser
+from tests.conftest import tiny_convnet
+
+
+def _sklearn_errors(train_x, train_y, evals, l2):
+    mean, scale = standardiser(train_x)
+    z = ((train_x - mean) / scale).double().numpy()
+    model = LogisticRegression(C=1 / (len(train_y) * l2), max_iter=20000, tol=1e-10).fit(z, train_y.numpy())
+    return [1 - model.score(((x - mean) / scale).double().numpy(), y.numpy()) for x, y in evals]
+
+
+@pytest.mark.parametrize("l2", [1e-4, 1e-3, 1e-2])
+def test_probe_errors_match_sklearn_to_one_point_on_every_layer(digits_tensors, l2):
+    model = tiny_convnet(seed=1)
+    ds = pk.probe(model, digits_tensors, layers="all", reduce="flatten", l2=l2, quiet=True)
+    # The same features, extracted independently, fitted by scikit-learn to convergence.
+    graph = LayerGraph(model, digits_tensors["train"][0][:2])
+    from probekit.reduce import make_reducer
+
+    reducers = {n: make_reducer("flatten", graph.point(n).shape, layer=n) for n in graph.names}
+    extractor = graph.extractor(reducers)
+    with torch.no_grad():
+        feats = {s: extractor(x) for s, (x, _) in digits_tensors.items()}
+    worst = 0.0
+    for layer in ds.layer.values:
+        ours = ds.probe.sel(layer=layer, metric=["valid_error", "test_error"]).squeeze("epoch").values
+        ref = _sklearn_errors(feats["train"][layer], digits_tensors["train"][1],
+                              [(feats[s][layer], digits_tensors[s][1]) for s in ("valid", "test")], l2)
+        worst = max(worst, *np.abs(ours - ref))
+    assert worst <= 0.01, f"largest valid/test error gap to scikit-learn: {worst:.4f}"
+    assert bool(ds.converged.all())
+
+
+def test_constant_layer_gives_chance_level_error():
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (400,))
+    y[:200] = 1  # class 1 is the majority
+    x = torch.ones(400, 16) * 3.0
+    fit = fit_probe(x, y, 4)
+    scores = score(fit.logits, x, y, 4)
+    majority_error = float((y != 1).float().mean())
+    assert scores["error"] == pytest.approx(majority_error)
+
+
+def test_identity_stack_gives_equal_error_at_every_depth(digits_tensors):
+    model = torch.nn.Sequential(torch.nn.Flatten(), *[torch.nn.Identity() for _ in range(4)])
+    ds = pk.probe(model, digits_tensors, layers="all", quiet=True)
+    errors = ds.probe.sel(metric="valid_error").squeeze("epoch").values
+    assert len(errors) == 6 and np.ptp(errors) == 0 and errors[0] < 0.1
+
+
+def test_separable_features_are_learned_perfectly():
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (300,))
+    x = torch.nn.functional.one_hot(y, 3).float() + 0.01 * torch.randn(300, 3)
+    fit = fit_probe(x, y, 3, l2=1e-4)
+    assert fit.converged and score(fit.logits, x, y, 3)["error"] == 0.0

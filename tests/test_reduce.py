@@ -1,0 +1,56 @@
+"""Reductions: specs, the auto policy, refusals and determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probekit.reduce import auto_spec, make_reducer, parse_spec
+
+
+@pytest.mark.parametrize(("shape", "expected"), [
+    ((64,), "flatten"), ((2048, 7, 7), "pool"), ((256, 56, 56), "pool4"), ((64, 147, 147), "pool8"),
+    ((8192,), "subset4096"), ((768, 17, 17), "pool2"), ((5000, 3, 3), "subset4096"),
+])
+def test_auto_policy_keeps_probes_under_budget(shape, expected):
+    spec = auto_spec(shape)
+    assert spec == expected
+    assert make_reducer(spec, shape, layer="x").out_features <= 4096
+
+
+def test_specs_parse_and_bad_specs_name_the_valid_forms():
+    assert parse_spec("pool4") == ("pool", 4) and parse_spec("subset:1000") == ("subset", 1000)
+    with pytest.raises(ValueError, match="unknown reduction 'avg'.*'poolK'"):
+        parse_spec("avg")
+    with pytest.raises(ValueError, match="needs a feature count"):
+        parse_spec("subset")
+
+
+def test_flatten_refused_above_max_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"layer 'conv1' has 1,382,976 features \(64x147x147\).*'pool8'"):
+        make_reducer("flatten", (64, 147, 147), layer="conv1")
+
+
+def test_subset_is_seeded_and_reads_the_same_features_in_any_memory_format():
+    x = torch.randn(4, 6, 5, 5)
+    a = make_reducer("subset20", (6, 5, 5), layer="x", seed=3)
+    b = make_reducer("subset20", (6, 5, 5), layer="x", seed=3)
+    c = make_reducer("subset20", (6, 5, 5), layer="x", seed=4)
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
+    assert torch.equal(a(x), a(x.contiguous(memory_format=torch.channels_last)))
+    assert a.describe() == "subset20(seed=3)"
+    picked = a(x)
+    flat = x.reshape(4, -1)
+    assert all(any(torch.equal(picked[:, j], flat[:, k]) for k in range(flat.shape[1])) for j in range(20))
+
+
+def test_pool_and_projection_shapes_and_refusals():
+    x = torch.randn(2, 8, 6, 6)
+    assert make_reducer("pool", (8, 6, 6), layer="x")(x).shape == (2, 8)
+    pooled = make_reducer("pool2", (8, 6, 6), layer="x")(x)
+    assert pooled.shape == (2, 32) and torch.allclose(pooled.reshape(2, 8, 2, 2)[:, :, 0, 0], x[:, :, :3, :3].mean((2, 3)))
+    assert make_reducer("project16", (8, 6, 6), layer="x")(x).shape == (2, 16)
+    with pytest.raises(ValueError, match="layer 'fc': pooling needs a feature map"):
+        make_reducer("pool", (100,), layer="fc")
+    with pytest.raises(ValueError, match="would need a 1,382,976 x 1000 matrix"):
+        make_reducer("project1000", (64, 147, 147), layer="x")

@@ -182,6 +182,11 @@ def _check_store_path(path: Path) -> None:
     if not path.is_dir():
         raise StoreError(f"{str(path)!r} is a file, not a run store (a run store is a folder, e.g. 'runs/a.zarr')")
     if not (path / ".zmetadata").exists():
+        if (path / ".zgroup").exists():
+            raise StoreError(
+                f"run store {str(path)!r} is damaged: its metadata file .zmetadata is missing; the arrays may still be "
+                f"read with xarray.open_zarr({str(path)!r}, consolidated=False). Re-run into a new path to get a clean store"
+            )
         what = "an empty folder" if not any(path.iterdir()) else "a folder without consolidated Zarr metadata (.zmetadata)"
         raise StoreError(f"{str(path)!r} is not a probekit run store: it is {what}; pass the folder a run wrote, or a new path")
 
@@ -311,7 +316,8 @@ def _describe_mismatch(old: RunLayout, new: RunLayout) -> str | None:
         if getattr(old, name) != getattr(new, name):
             return f"its {name.replace('_', ' ')}s differ (store: {getattr(old, name)}, this run: {getattr(new, name)})"
     old_attrs, new_attrs = old.fixed_attrs(), new.fixed_attrs()
-    for key in sorted(set(old_attrs) | set(new_attrs)):
+    first = ["model", "mode", "dataset", "n_train", "n_valid", "n_test", "num_classes", "seed"]
+    for key in sorted(set(old_attrs) | set(new_attrs), key=lambda k: (k not in first, first.index(k) if k in first else 0, k)):
         if old_attrs.get(key) != new_attrs.get(key):
             return f"its {key!r} differs (store: {old_attrs.get(key)!r}, this run: {new_attrs.get(key)!r})"
     return None

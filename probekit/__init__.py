@@ -27,7 +27,10 @@ _LAZY = {
     "ProbeMonitor": "probekit.engine",
     "probe_checkpoints": "probekit.engine",
     "open_run": "probekit.store",
+    "train_and_probe": "probekit.training",
 }
+#: Submodules reachable as attributes (``pk.data.digits()``, ``pk.zoo.resnet50()``).
+_SUBMODULES = ("data", "zoo", "plots", "reduce", "store", "layers", "engine", "training")
 
 __all__ = sorted(_LAZY)
 
@@ -37,8 +40,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"probekit.{name}")
     raise AttributeError(f"module 'probekit' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))

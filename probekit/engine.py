@@ -89,11 +89,12 @@ def _build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: in
         unknown = [k for k in reduce if k not in names]
         if unknown:
             raise ValueError(f"reduce= names layers that are not probed: {unknown}; probed layers are {names}")
-    reducers = {
-        name: make_reducer(spec_for(reduce, name), graph.point(name).shape, layer=name, seed=seed, budget=budget,
-                           max_flatten=max_flatten)
-        for name in names
-    }
+    reducers = {}
+    for name in names:
+        spec, shape = spec_for(reduce, name), graph.point(name).shape
+        if isinstance(reduce, str) and spec.startswith("pool") and len(shape) < 2:
+            spec = "auto"  # one spec for every layer: pooling applies to feature maps, vectors get the default
+        reducers[name] = make_reducer(spec, shape, layer=name, seed=seed, budget=budget, max_flatten=max_flatten)
     return Plan(graph=graph, layers=names, reducers=reducers, num_classes=num_classes)
 
 
@@ -116,7 +117,9 @@ def plan(
         layers: probe point names (see :func:`probekit.list_layers`), ``"blocks"``
             (the default: input and each top-level block) or ``"all"``.
         reduce: one reduction for every layer or ``{layer: reduction}``; the default
-            ``"auto"`` keeps every probe at or under ``budget`` features.
+            ``"auto"`` keeps every probe at or under ``budget`` features. A single
+            ``"pool"``/``"poolK"`` for every layer pools the feature maps and leaves
+            vectors (fully connected outputs) to ``"auto"``; a per-layer mapping is strict.
         num_classes: classes of the probing task (sizes the probes).
         budget: the ``"auto"`` policy's feature budget per probe.
         max_flatten: largest layer ``"flatten"`` accepts.

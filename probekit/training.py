@@ -140,8 +140,22 @@ def train_and_probe(
             loss, error, step = _train_epoch(model, opt, train_set, loss_fn, epoch=epoch, seed=seed, step=step,
                                              batch_size=train_batch_size, device=device)
             _checkpoint(checkpoint, model, opt, epoch=epoch, step=step, model_loss=loss, model_error=error)
-            monitor.update(epoch=epoch, step=step, model_loss=loss, model_error=error)
+            row = monitor.update(epoch=epoch, step=step, model_loss=loss, model_error=error)
+            if not monitor.quiet:
+                print(_epoch_line(row, epochs))
         return monitor.dataset
+
+
+def _epoch_line(row: xr.Dataset, epochs: int) -> str:
+    """One line per epoch: the model's own figures and the best probe."""
+    metric = "valid_error" if "valid_error" in row["metric"].values else "train_error"
+    errors = row["probe"].sel(metric=metric).isel(epoch=0)
+    best = errors.fillna(float("inf")).argmin().item()
+    return (
+        f"epoch {int(row.epoch.values[0])}/{epochs}: model loss {float(row.model_loss.values[0]):.4f}, "
+        f"model training error {float(row.model_error.values[0]):.3f}; lowest probe {metric} "
+        f"{float(errors.values[best]):.3f} at {str(row.layer.values[best])!r}"
+    )
 
 
 def _checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, **info) -> None:

@@ -1,0 +1,186 @@
+"""The ``probekit`` command: ``demo``, ``run`` and ``show``.
+
+    probekit demo                      # the paper's convnet on embedded digits, probed while it trains
+    probekit run --model resnet50 --dataset digits --size 64 --epochs 0 --out runs/r50.zarr
+    probekit show runs/demo.zarr       # per-layer summary, also while a run writes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+
+
+def _summary(ds, metric: str) -> pd.DataFrame:
+    """Per layer: what it is, and ``metric`` at the first, last and best epoch."""
+    if metric not in ds["metric"].values:
+        raise ValueError(f"metric {metric!r} is not in this run; it has {list(map(str, ds['metric'].values))}")
+    values = ds["probe"].sel(metric=metric)
+    frame = pd.DataFrame({
+        "layer": ds["layer"].values, "op": ds["op"].values, "shape": ds["shape"].values,
+        "reduction": ds["reduction"].values, "features": ds["feature_dim"].values,
+    })
+    if ds.sizes["epoch"]:
+        first, last = int(ds["epoch"].values[0]), int(ds["epoch"].values[-1])
+        frame[f"epoch {first}"] = values.isel(epoch=0).values.round(4)
+        if last != first:
+            frame[f"epoch {last}"] = values.isel(epoch=-1).values.round(4)
+            frame["best"] = values.min("epoch", skipna=True).values.round(4)
+    flagged = ds["nonfinite"].any("epoch").values
+    if flagged.any():
+        frame["nonfinite"] = flagged
+    return frame
+
+
+def _print_summary(ds, metric: str, title: str) -> None:
+    epochs = ds.sizes["epoch"]
+    print(f"{title}: {ds.attrs.get('model')} on {ds.attrs.get('dataset')}, {ds.attrs.get('mode')} probes, "
+          f"{epochs} epoch{'s' if epochs != 1 else ''} completed, chance error {ds.attrs.get('chance_error', float('nan')):.3f}")
+    print(f"{metric} per layer:")
+    print(_summary(ds, metric).to_string(index=False))
+
+
+def _dataset(args):
+    from probekit import data
+
+    kwargs = {}
+    if args.size:
+        kwargs["size"] = args.size
+    if args.channels:
+        kwargs["channels"] = args.channels
+    if args.dataset == "digits":
+        return data.digits(seed=args.seed, limit=args.limit, **kwargs)
+    return data.load(args.dataset, root=args.data_root, limit=args.limit, seed=args.seed, **kwargs)
+
+
+def _model(args, splits):
+    from probekit import zoo
+
+    info = splits.info
+    if ":" in args.model:
+        return zoo.load_callable(args.model)()
+    kwargs = {"num_classes": info.num_classes}
+    if args.model in ("paper_convnet",):
+        kwargs.update(in_channels=info.input_shape[0], input_size=info.input_shape[-1])
+    elif args.model in ("bypass_mlp", "residual_mlp"):
+        kwargs["in_features"] = int(info.input_shape[0] * info.input_shape[1] * info.input_shape[2])
+    if args.weights:
+        kwargs["weights"] = args.weights
+    return zoo.build(args.model, **kwargs)
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from probekit import data, zoo
+    from probekit.training import train_and_probe
+
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    splits = data.digits(seed=args.seed)
+    model = zoo.paper_convnet(in_channels=1, num_classes=10, input_size=splits.info.input_shape[-1])
+    ds = train_and_probe(
+        model, splits, epochs=args.epochs, store=args.out, overwrite=True, lr=0.05, momentum=0.9, seed=args.seed,
+        device="cpu", quiet=args.quiet, name="paper_convnet", channels_last=False,
+    )
+    _print_summary(ds, "valid_error", f"demo run in {args.out}")
+    print(f"done in {time.perf_counter() - start:.1f} s; explore it with pk.open_run({args.out!r}) or `probekit show {args.out}`")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from probekit.engine import probe
+    from probekit.training import train_and_probe
+
+    torch.manual_seed(args.seed)
+    splits = _dataset(args)
+    torch.manual_seed(args.seed)
+    model = _model(args, splits)
+    layers = args.layers.split(",") if args.layers and "," in args.layers else args.layers
+    options = dict(layers=layers, reduce=args.reduce, quiet=args.quiet, name=args.name or args.model.split(":")[-1],
+                   batch_size=args.batch_size, mode=args.mode, budget=args.budget, l2=args.l2)
+    if args.epochs == 0 and args.mode == "snapshot":
+        ds = probe(model, splits, store=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                   seed=args.seed, **options)
+    else:
+        ds = train_and_probe(model, splits, epochs=args.epochs, store=args.out, resume=args.resume,
+                             overwrite=args.overwrite, lr=args.lr, momentum=args.momentum, optimizer=args.optimizer,
+                             train_batch_size=args.train_batch_size, seed=args.seed, device=args.device, **options)
+    _print_summary(ds, "valid_error" if "valid_error" in ds["metric"].values else "train_error", f"run in {args.out}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from probekit.store import open_run
+
+    ds = open_run(args.run)
+    _print_summary(ds, args.metric, str(args.run))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="probekit", description="Linear classifier probes for the layers of PyTorch models.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train the paper's convnet on the embedded digits while probing every layer")
+    demo.add_argument("--out", default="runs/demo.zarr", help="run store to write (replaced if it exists)")
+    demo.add_argument("--epochs", type=int, default=5)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="probe a model (zoo name or package.module:callable) on a dataset, while training it or fixed")
+    run.add_argument("--model", default="paper_convnet", help="zoo name (see probekit.zoo.available()) or package.module:callable")
+    run.add_argument("--weights", help="pretrained weights: a torchvision weight name (e.g. DEFAULT) or a local .pth state dict")
+    run.add_argument("--dataset", default="digits", help="digits (embedded), mnist, fashion-mnist, cifar10, imagenette or an ImageFolder path")
+    run.add_argument("--data-root", help="folder holding (or to download) the dataset")
+    run.add_argument("--size", type=int, help="resize inputs to SIZE x SIZE")
+    run.add_argument("--channels", type=int, help="replicate grey inputs to this many channels")
+    run.add_argument("--limit", type=int, help="at most this many examples per split")
+    run.add_argument("--layers", help="comma-separated probe points, 'blocks' or 'all' (default: the model's own)")
+    run.add_argument("--reduce", help="reduction for every layer: auto, flatten, pool, poolK, subsetN, projectN")
+    run.add_argument("--budget", type=int, default=4096, help="feature budget of the auto reduction")
+    run.add_argument("--mode", choices=("snapshot", "online"), default="snapshot")
+    run.add_argument("--epochs", type=int, default=0, help="training epochs (0: probe the model as it is)")
+    run.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    run.add_argument("--lr", type=float, default=0.05)
+    run.add_argument("--momentum", type=float, default=0.9)
+    run.add_argument("--l2", type=float, default=1e-3, help="probe L2 strength")
+    run.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
+    run.add_argument("--train-batch-size", type=int, default=64)
+    run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--name", help="model name recorded in the store")
+    run.add_argument("--out", required=True, help="run store to write")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    run.add_argument("--quiet", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    show = sub.add_parser("show", help="per-layer summary of a run store (works while it is written)")
+    show.add_argument("run")
+    show.add_argument("--metric", default="valid_error")
+    show.set_defaults(func=cmd_show)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("probekit: interrupted; completed epochs are in the store (continue with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError) as error:
+        print(f"probekit: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,8 +10,9 @@ across depth and across training time.
     >>> ds = pk.probe(model, (train, valid, test), store="runs/a.zarr")
     >>> pk.open_run("runs/a.zarr")
 
-Heavy modules (torch) load on first use, so ``probekit.plots`` and the run
-store readers work without importing torch.
+Heavy modules (torch) load on first use, so ``probekit.plots``, the explorers
+and the run store readers work without importing torch. Importing the package
+registers the ``ds.probekit`` accessor on xarray datasets (``ds.probekit.diagnose()``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ _LAZY = {
     "probe_checkpoints": "probekit.engine",
     "open_run": "probekit.store",
     "train_and_probe": "probekit.training",
+    "diagnose": "probekit.diagnosis",
+    "Findings": "probekit.diagnosis",
+    "explore": "probekit.explorers",
+    "compare": "probekit.explorers",
+    "reproduce": "probekit.reproductions",
 }
 #: Submodules reachable as attributes (``pk.data.digits()``, ``pk.zoo.resnet50()``).
-_SUBMODULES = ("data", "zoo", "plots", "reduce", "store", "layers", "engine", "training")
+_SUBMODULES = ("data", "zoo", "plots", "reduce", "store", "layers", "engine", "training", "diagnosis", "explorers",
+               "reproductions")
 
 __all__ = sorted(_LAZY)
+
+from probekit import accessor  # noqa: E402,F401 - registers ds.probekit (xarray and pandas only)
 
 
 def __getattr__(name: str):

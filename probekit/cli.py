@@ -1,6 +1,7 @@
-"""The ``probekit`` command: ``demo``, ``run`` and ``show``.
+"""The ``probekit`` command: ``demo``, ``run``, ``reproduce`` and ``show``.
 
     probekit demo                      # the paper's convnet on embedded digits, probed while it trains
+    probekit reproduce bypass          # one of the paper's experiments (see probekit.reproductions)
     probekit run --model resnet50 --dataset digits --size 64 --epochs 0 --out runs/r50.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
 """
@@ -162,6 +163,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    from probekit import reproductions
+
+    reproduce = sub.add_parser("reproduce", help="run one of the paper's experiments: run store(s), figure and summary")
+    reproductions.add_arguments(reproduce).set_defaults(func=reproductions.command)
 
     show = sub.add_parser("show", help="per-layer summary of a run store (works while it is written)")
     show.add_argument("run")

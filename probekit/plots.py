@@ -713,8 +713,12 @@ def _finding_layers(value: object) -> list[str]:
 
 def _explode_findings(findings: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """One row per finding and covered layer, with the finding's size."""
+    if hasattr(findings, "to_frame") and not isinstance(findings, pd.DataFrame):
+        findings = findings.to_frame()  # pk.diagnose's Findings
     if not isinstance(findings, pd.DataFrame):
-        raise TypeError(f"findings must be a pandas DataFrame (as probekit.diagnose returns); got {type(findings).__name__}")
+        raise TypeError(
+            f"findings must be pk.diagnose's result or a DataFrame of findings; got {type(findings).__name__}"
+        )
     rows = []
     known = set(names)
     if len(findings):

@@ -223,3 +223,9 @@ def test_no_warnings_on_a_plain_run(digits_tensors, tmp_path):
         warnings.simplefilter("error")
         pk.probe(copy.deepcopy(tiny_convnet()), digits_tensors, store=tmp_path / "w.zarr", quiet=True)
         pk.open_run(tmp_path / "w.zarr")
+
+
+def test_feature_cache_on_disk_gives_the_same_result(digits_tensors):
+    in_memory = pk.probe(tiny_convnet(), digits_tensors, quiet=True)
+    on_disk = pk.probe(tiny_convnet(), digits_tensors, quiet=True, cache_bytes=1)  # every split goes to disk
+    np.testing.assert_array_equal(in_memory.probe.values, on_disk.probe.values)

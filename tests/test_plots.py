@@ -461,7 +461,7 @@ def test_diagnosis_overlay_rejects_bad_findings(run, findings):
     stray = findings.assign(layers=[["conv1", "fc9"], ["conv4"], ["input"]])
     with pytest.raises(ValueError, match=r"finding 0 \(dead segment\) names layers not in this run: fc9; this run has: input, conv1"):
         plots.diagnosis_overlay(run, stray)
-    with pytest.raises(TypeError, match=r"findings must be a pandas DataFrame"):
+    with pytest.raises(TypeError, match=r"findings must be pk.diagnose.s result or a DataFrame of findings"):
         plots.diagnosis_overlay(run, findings.to_dict("records"))
 
 

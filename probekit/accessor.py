@@ -21,7 +21,8 @@ from __future__ import annotations
 import pandas as pd
 import xarray as xr
 
-from probekit.diagnosis import Findings, check_run, diagnose, epoch_position
+from probekit.diagnosis import Findings, check_run, diagnose
+from probekit.store import epoch_position
 
 __all__ = ["ProbekitAccessor"]
 

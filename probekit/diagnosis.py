@@ -41,7 +41,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-__all__ = ["KINDS", "Finding", "Findings", "check_run", "diagnose", "epoch_position"]
+from probekit.store import epoch_position
+
+__all__ = ["KINDS", "Finding", "Findings", "check_run", "diagnose"]
 
 #: Finding kinds, in the order :func:`diagnose` reports them for one layer.
 KINDS = ("dead_segment", "non_monotonic", "chance_level", "probe_overfitting", "stalled", "nonfinite")
@@ -99,33 +101,6 @@ def check_run(ds: object) -> None:
             f"this dataset has {what}; this probekit reads schema version {SCHEMA_VERSION}. "
             "Open runs with probekit.open_run, or re-run with this probekit"
         )
-
-
-def epoch_position(ds: xr.Dataset, epoch: int) -> int:
-    """The position on the epoch axis of ``epoch`` (an epoch number, or negative to count from the end).
-
-    Args:
-        ds: a run.
-        epoch: an epoch number present in the run, or ``-1`` for the last, ``-2``
-            for the one before, ...
-
-    Example:
-        >>> ds.probe.isel(epoch=epoch_position(ds, -1))
-    """
-    epochs = np.asarray(ds["epoch"].values)
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
-        raise TypeError(f"epoch must be an int (an epoch number, or -1 for the last); got {epoch!r}")
-    if epochs.size == 0:
-        raise ValueError("this run has no completed epochs yet; wait for the first one to be written")
-    if epoch < 0:
-        if -epoch > epochs.size:
-            raise ValueError(f"epoch={epoch} reaches before the first epoch; this run has {epochs.size} epochs")
-        return int(epochs.size + epoch)
-    hits = np.flatnonzero(epochs == epoch)
-    if hits.size == 0:
-        shown = ", ".join(str(e) for e in epochs[:12]) + (", ..." if epochs.size > 12 else "")
-        raise ValueError(f"epoch={epoch} is not in this run; choose from: {shown} (or -1 for the last)")
-    return int(hits[0])
 
 
 def _metric(ds: xr.Dataset, split: str, measure: str = "error") -> xr.DataArray | None:

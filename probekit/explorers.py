@@ -591,7 +591,36 @@ def _findings_html(findings: pd.DataFrame | None, error: str | None, epoch: int 
     return f"<b>diagnosis at epoch {epoch}</b>: {len(frame)} finding{'s' if len(frame) != 1 else ''}{table}"
 
 
-class Explorer:
+class _LiveApp:
+    """What an explorer and a comparison share: following stores, stopping, closing.
+
+    Subclasses set ``_poller`` (a :class:`_Poller`), ``widget`` and ``_render``.
+    """
+
+    _poller: _Poller
+
+    def stop(self):
+        """Stop following live stores (the app stays, with what it last read).
+
+        Returns:
+            The app.
+        """
+        self._poller.stop()
+        self._render()
+        return self
+
+    @property
+    def live(self) -> bool:
+        """Whether the app is following its store(s)."""
+        return self._poller.running
+
+    def close(self) -> None:
+        """Stop following the store(s) and close every widget of the app."""
+        self._poller.stop()
+        _close_tree(self.widget)
+
+
+class Explorer(_LiveApp):
     """One run in an app: layers, metric, split and epoch drive four charts.
 
     Build it with :func:`explore`. Show it by ending a cell with it (or
@@ -794,26 +823,6 @@ class Explorer:
         elif self._source.dataset is not None:
             self._data_arrived()
         return self
-
-    def stop(self) -> Explorer:
-        """Stop following a live store (the app stays, with what it last read).
-
-        Returns:
-            The explorer.
-        """
-        self._poller.stop()
-        self._render()
-        return self
-
-    @property
-    def live(self) -> bool:
-        """Whether the explorer is following its store."""
-        return self._poller.running
-
-    def close(self) -> None:
-        """Stop following the store and close every widget of the app."""
-        self._poller.stop()
-        _close_tree(self.widget)
 
     # -- rendering -------------------------------------------------------------
     def _findings_key(self) -> tuple[int, str, int] | None:
@@ -1084,7 +1093,7 @@ class _CompareControls:
             self.status.value = _status_html(state.status, error=state.alert)
 
 
-class Comparison:
+class Comparison(_LiveApp):
     """Several runs on one relative-depth axis, with one set of selections for all.
 
     Build it with :func:`compare`. The layer rule (*all*, *blocks only*,
@@ -1299,26 +1308,6 @@ class Comparison:
         if problems:
             self._set_status("; ".join(problems), True)
         return self
-
-    def stop(self) -> Comparison:
-        """Stop following live stores.
-
-        Returns:
-            The comparison.
-        """
-        self._poller.stop()
-        self._render()
-        return self
-
-    @property
-    def live(self) -> bool:
-        """Whether the comparison is following its stores."""
-        return self._poller.running
-
-    def close(self) -> None:
-        """Stop following the stores and close every widget of the app."""
-        self._poller.stop()
-        _close_tree(self.widget)
 
     # -- rendering -------------------------------------------------------------
     def _render(self) -> None:

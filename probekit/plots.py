@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from probekit.store import epoch_position
+
 __all__ = [
     "comparison",
     "depth_profile",
@@ -140,29 +142,12 @@ def _layer_indices(ds: xr.Dataset, layers: str | Sequence[str] | None) -> np.nda
     return positions[np.argsort(depth[positions], kind="stable")]
 
 
-def _epoch_index(ds: xr.Dataset, epoch: int) -> int:
-    """Position of ``epoch`` (an epoch number, or negative to count from the end)."""
-    epochs = np.asarray(ds["epoch"].values)
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
-        raise TypeError(f"epoch must be an int (an epoch number, or -1 for the last); got {epoch!r}")
-    if epochs.size == 0:
-        raise ValueError("this run has no completed epochs yet; wait for the first one to be written")
-    if epoch < 0:
-        if -epoch > epochs.size:
-            raise ValueError(f"epoch={epoch} reaches before the first epoch; this run has {epochs.size} epochs")
-        return int(epochs.size + epoch)
-    hits = np.flatnonzero(epochs == epoch)
-    if hits.size == 0:
-        raise ValueError(f"epoch={epoch} is not in this run; choose from: {_choices(epochs.tolist())} (or -1 for the last)")
-    return int(hits[0])
-
-
 def _epoch_indices(ds: xr.Dataset, epoch: int | Sequence[int] | None) -> np.ndarray:
     if epoch is None:
         return np.arange(ds.sizes["epoch"])
     if np.ndim(epoch) == 0:
-        return np.array([_epoch_index(ds, epoch)])
-    return np.array(list(dict.fromkeys(_epoch_index(ds, e) for e in epoch)), dtype=int)
+        return np.array([epoch_position(ds, epoch)])
+    return np.array(list(dict.fromkeys(epoch_position(ds, e) for e in epoch)), dtype=int)
 
 
 def _metric_indices(
@@ -456,7 +441,7 @@ def depth_profile(
     frame = tidy(ds, measure=measure, split=splits, layers=layers, epoch=epoch)
     frame = frame.drop(columns=["measure"])
     order = _layer_order(ds, layers)
-    epoch_number = int(ds["epoch"].values[_epoch_index(ds, epoch)])
+    epoch_number = int(ds["epoch"].values[epoch_position(ds, epoch)])
     depth_x = _layer_x(order) if x == "layer" else alt.X(
         "relative_depth:Q", title="relative depth (0 = input, 1 = output)", scale=alt.Scale(domain=[0, 1])
     )
@@ -833,7 +818,7 @@ def diagnosis_overlay(
     chance = _chance(ds, measure)
     if chance is not None:
         charts.append(_chance_rule(chance))
-    epoch_number = int(ds["epoch"].values[_epoch_index(ds, epoch)])
+    epoch_number = int(ds["epoch"].values[epoch_position(ds, epoch)])
     subtitle = f"{len(findings)} findings" if len(findings) else "no findings"
     return alt.layer(*charts).properties(
         width=_WIDTH,

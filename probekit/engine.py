@@ -32,7 +32,7 @@ from probekit.features import (
     DEFAULT_CACHE_BYTES, as_splits, batches, check_labels, extract, labels_of, split_size,
 )
 from probekit.layers import INPUT, LayerGraph, as_args, preserved_state
-from probekit.probes import DEFAULT_L2, OnlineProbes, fit_probe, score
+from probekit.probes import DEFAULT_L2, OnlineProbes, fit_probes, score
 from probekit.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN, Reducer, make_reducer, spec_for
 from probekit.store import EpochRow, RunLayout, RunWriter, build_dataset, metric_names
 
@@ -451,16 +451,19 @@ class ProbeMonitor:
         train = cached["train"]
         for i, layer in enumerate(self.layers):
             nonfinite[i] = any(c.nonfinite[layer] for c in cached.values())
+        fits = fit_probes(
+            {layer: train.features[layer].to(self.device) for i, layer in enumerate(self.layers) if not nonfinite[i]},
+            train.labels, self.num_classes, l2=self.l2, max_iter=self.max_iter,
+        )
+        for i, layer in enumerate(self.layers):
             if nonfinite[i]:
                 continue
-            x = train.features[layer].to(self.device)
-            fit = fit_probe(x, train.labels, self.num_classes, l2=self.l2, max_iter=self.max_iter)
+            fit = fits.pop(layer)
             iterations[i], converged[i] = fit.iterations, fit.converged
             for split, features in cached.items():
                 scores = score(fit.logits, features.features[layer].to(self.device), features.labels, self.num_classes)
                 for measure, value in scores.items():
                     probe[i, metrics.index(f"{split}_{measure}")] = value
-            del x
         return probe, nonfinite, iterations, converged
 
     def _online_scores(self):

@@ -1,0 +1,1 @@
+"""probekit's benchmark suite (issue 5): ``python -m benchmarks [--quick]``; see README.md here."""

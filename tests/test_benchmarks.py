@@ -1,0 +1,132 @@
+"""The benchmark suite keeps running (a --quick smoke run; no timing is asserted), and the
+solver and extraction paths it measures keep their results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from probekit.probes import fit_probe, fit_probes, score, standardiser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_benchmark_run_writes_every_figure(tmp_path):
+    out = tmp_path / "quick.json"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    figures = {row["figure"].split()[0] for row in result["rows"]}
+    assert figures == {"1", "2", "3", "4", "5", "6"}
+    for row in result["rows"]:
+        assert row["baseline_value"] > 0 and row["probekit_value"] > 0, row
+        assert math.isfinite(row["ratio"]), row
+    assert result["machine"]["cores"] and result["load_average"]
+    assert "ratio" in proc.stdout and f"wrote {out}" in proc.stdout
+    print(f"quick benchmark run: {time.monotonic() - start:.0f} s")
+
+
+def test_benchmark_entry_point_refuses_an_unknown_figure():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "9"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "unknown figure(s) ['9']" in proc.stderr
+
+
+# ------------------------------------------------------------------ what the figures rely on
+def _problem(n=600, d=300, classes=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    latent = torch.randn(n, 16, generator=generator) + 0.8 * torch.randn(classes, 16, generator=generator)[y]
+    x = torch.relu(latent @ torch.randn(16, d, generator=generator) + 0.3 * torch.randn(n, d, generator=generator))
+    return x, y
+
+
+def test_batched_and_parallel_fits_equal_one_by_one_fits():
+    x1, y = _problem(d=300)
+    x2, _ = _problem(d=40, seed=1)
+    together = fit_probes({"a": x1, "b": x2}, y, 4)
+    for name, x in (("a", x1), ("b", x2)):
+        alone = fit_probe(x, y, 4)
+        torch.testing.assert_close(together[name].weight, alone.weight, rtol=1e-4, atol=1e-5)
+        assert together[name].converged and together[name].iterations == alone.iterations
+    threads = torch.get_num_threads()
+    assert list(together) == ["a", "b"]
+    fit_probes({"a": x1, "b": x2}, y, 4)
+    assert torch.get_num_threads() == threads  # the solver's single-threaded workers leave the setting as it was
+
+
+def test_solver_reaches_the_optimum_whatever_the_preconditioner():
+    """The preconditioned solve stops on the true gradient and reaches the objective value
+    of scikit-learn run to a tight tolerance, on correlated features where it matters."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _problem(n=800, d=256)
+    l2 = 1e-3
+    fit = fit_probe(x, y, 4, l2=l2, tol=1e-6)
+    assert fit.converged
+    mean, scale = standardiser(x)
+    z = ((x - mean) / scale).double()
+    reference = LogisticRegression(C=1 / (len(y) * l2), tol=1e-10, max_iter=10_000).fit(z.numpy(), y.numpy())
+
+    def objective(weight, bias):  # mean cross-entropy + l2 / 2 ||W||^2, in float64
+        logits = z @ weight + bias
+        return float(torch.nn.functional.cross_entropy(logits, y) + 0.5 * l2 * weight.pow(2).sum())
+
+    ours = objective(fit.weight.double(), fit.bias.double())
+    best = objective(torch.from_numpy(reference.coef_.T), torch.from_numpy(reference.intercept_))
+    assert ours == pytest.approx(best, rel=1e-5)
+    assert score(fit.logits, x, y, 4)["error"] == pytest.approx(1 - reference.score(z.numpy(), y.numpy()), abs=2e-3)
+
+
+def test_standardiser_matches_the_two_pass_formula():
+    x = torch.randn(3000, 50, dtype=torch.float64) * 3 + 100
+    x[:, 7] = 2.0  # a constant feature keeps scale 1
+    mean, scale = standardiser(x)
+    np.testing.assert_allclose(mean.numpy(), x.mean(0).numpy(), rtol=1e-12)
+    expected = x.std(0, unbiased=False).numpy()
+    expected[7] = 1.0
+    np.testing.assert_allclose(scale.numpy(), expected, rtol=1e-10)
+
+
+def test_extraction_under_bf16_autocast_caches_float32_features(digits_tensors):
+    from probekit.engine import plan
+    from probekit.features import extract
+    from tests.conftest import tiny_convnet
+
+    model = tiny_convnet().eval()
+    x, y = digits_tensors["valid"]
+    probe_plan = plan(model, x[:2], layers="all")
+    extractor = probe_plan.graph.extractor(probe_plan.reducers)
+    dims = {n: r.out_features for n, r in probe_plan.reducers.items()}
+    common = dict(name="valid", dims=dims, num_classes=10, batch_size=128, device=torch.device("cpu"))
+    exact = extract(extractor, (x, y), **common)
+    mixed = extract(extractor, (x, y), autocast=torch.bfloat16, **common)
+    for name in dims:
+        assert mixed.features[name].dtype == torch.float32
+        torch.testing.assert_close(mixed.features[name], exact.features[name], rtol=0.05, atol=0.05)
+    assert not any(mixed.nonfinite.values())
+
+
+def test_nonfinite_check_flags_nan_and_inf_but_not_large_values():
+    from probekit.features import extract
+
+    values = {"big": torch.full((4, 3), 3e38), "nan": torch.tensor([[0.0, float("nan")]] * 4),
+              "inf": torch.tensor([[float("inf"), 1.0]] * 4)}
+    cached = extract(lambda x: dict(values), (torch.zeros(4, 1), torch.arange(4) % 2), name="valid",
+                     dims={k: v.shape[1] for k, v in values.items()}, num_classes=2, batch_size=4,
+                     device=torch.device("cpu"))
+    assert cached.nonfinite == {"big": False, "nan": True, "inf": True}

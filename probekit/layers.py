@@ -193,7 +193,6 @@ class LayerGraph:
             else:
                 raise self._input_error(example, error) from error
 
-        self._node_shapes = shapes
         nodes = [
             n for n in graph.nodes
             if n.op not in ("output", "get_attr") and shapes.get(n.name) and len(shapes[n.name]) >= 1
@@ -431,7 +430,7 @@ class _GraphExtractor(Extractor):
             with new.inserting_after(node):
                 outputs[name] = new.call_module(target, (node,))
         new.output(outputs)
-        _add_in_place(new, graph.model, graph._node_shapes)
+        _add_in_place(new, graph.model)
         for node in new.nodes:
             if node.op in ("call_module", "get_attr") and node.target not in root:
                 root[node.target] = _fetch(graph.model, node.target)
@@ -485,12 +484,14 @@ class HookExtractor(Extractor):
 
     def _hook(self, name: str, reducer: Reducer) -> Callable:
         def hook(module, args, output):
-            self.latest[name] = _reduce(reducer, output)
+            with torch.no_grad():
+                self.latest[name] = reducer(output)
         return hook
 
     def _pre_hook(self, name: str, reducer: Reducer) -> Callable:
         def hook(module, args):
-            self.latest[name] = _reduce(reducer, args[0])
+            with torch.no_grad():
+                self.latest[name] = reducer(args[0])
         return hook
 
     def run(self, *inputs) -> dict[str, torch.Tensor]:
@@ -512,39 +513,31 @@ class HookExtractor(Extractor):
 _FRESH_OUTPUTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
-def _add_in_place(graph: fx.Graph, model: nn.Module, shapes: Mapping[str, tuple[int, ...] | None]) -> None:
-    """Turn ``a + b`` back into ``a += b`` where that is what the model did and is safe.
+def _add_in_place(graph: fx.Graph, model: nn.Module) -> None:
+    """Let ``a + b`` reuse ``a``'s memory where nothing else can tell the difference.
 
     Tracing records a residual ``out += identity`` as an out-of-place add, which
     allocates a new full-size map per block (with ResNet-50 at batch 32, 100 MB
-    each in the first stage) where the model reuses ``out``. The add becomes
-    in place again when ``a`` is the fresh output of a conv, linear or norm
-    module, the add is its only reader (so nothing, probe included, sees it
-    afterwards) and ``a + b`` keeps ``a``'s shape.
+    each in the first stage) where the model itself reuses ``out``. An add
+    whose first operand is the fresh output of a conv, linear or norm module,
+    read by nothing else (no probe either), calls :func:`_add_into_first`,
+    which adds in place when the result has ``a``'s shape and dtype anyway.
     """
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
             continue
-        first, second = node.args
-        if not (isinstance(first, fx.Node) and isinstance(second, fx.Node) and first.op == "call_module"):
-            continue
-        same_shape = shapes.get(first.name) is not None and shapes.get(first.name) == shapes.get(second.name)
-        if len(first.users) == 1 and same_shape and isinstance(model.get_submodule(first.target), _FRESH_OUTPUTS):
-            node.target = operator.iadd
+        first = node.args[0]
+        if (isinstance(first, fx.Node) and first.op == "call_module" and len(first.users) == 1
+                and isinstance(model.get_submodule(first.target), _FRESH_OUTPUTS)):
+            node.target = _add_into_first
 
 
-#: Largest map a hook reduces single-threaded (see :func:`torch_threads`).
-_SMALL_MAP = 2**22
-
-
-def _reduce(reducer: Reducer, output: object) -> torch.Tensor:
-    """A hook's reduction: detached, and single-threaded on the small maps of a training step."""
-    with torch.no_grad():
-        value = reducer_input(output)
-        if value.device.type != "cpu" or value.numel() > _SMALL_MAP:
-            return reducer(output)
-        with torch_threads(1):
-            return reducer(output)
+def _add_into_first(a: object, b: object) -> object:
+    """``a + b``, computed into ``a`` when that gives the same shape and dtype (see :func:`_add_in_place`)."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not a.requires_grad
+            and a.dtype == torch.result_type(a, b) and a.shape == torch.broadcast_shapes(a.shape, b.shape)):
+        return a.add_(b)
+    return a + b
 
 
 def _fetch(model: nn.Module, target: str) -> object:

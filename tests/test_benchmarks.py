@@ -130,3 +130,29 @@ def test_nonfinite_check_flags_nan_and_inf_but_not_large_values():
                      dims={k: v.shape[1] for k, v in values.items()}, num_classes=2, batch_size=4,
                      device=torch.device("cpu"))
     assert cached.nonfinite == {"big": False, "nan": True, "inf": True}
+
+
+def test_in_place_residual_adds_change_no_probed_value():
+    """The extractor adds residuals in place (as the model does); values probes read stay exact."""
+    import torchvision
+
+    from probekit.engine import plan
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    names = ["layer1.0.bn2", "layer1.0", "layer2.0", "layer4.1"]  # bn2 feeds layer1.0's add: it must not change
+    probe_plan = plan(model, x, layers=names, reduce="flatten")
+    extractor = probe_plan.graph.extractor(probe_plan.reducers)
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out.clone()))
+             for n in names]
+    try:
+        with torch.no_grad():
+            model(x)
+            out = extractor(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in names:
+        torch.testing.assert_close(out[name], seen[name].flatten(1))

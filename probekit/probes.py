@@ -232,8 +232,11 @@ def _fit_one(
         grad = torch.cat([precondition(grad_w).reshape(-1), grad_b])
         return loss, grad.double().cpu().numpy()
 
+    iterations = [0]
+
     def stop_when_converged(xk: np.ndarray) -> None:
         # The test is on the gradient of the true weights, whatever the preconditioner.
+        iterations[0] += 1
         if last["gmax"] <= tol and np.array_equal(xk, last["theta"]):
             raise StopIteration
 
@@ -241,17 +244,21 @@ def _fit_one(
     counts = torch.bincount(labels, minlength=k).double().clamp_min(0.5)
     prior = counts.log() - counts.log().mean()
     start[d * k:] = prior.cpu().numpy()  # class log-frequencies: the optimum when features carry nothing
-    result = minimize(
-        loss_and_grad, start, jac=True, method="L-BFGS-B", callback=stop_when_converged,
-        options={"maxiter": max_iter, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps, "maxcor": 10},
-    )
-    if not np.array_equal(result.x, last["theta"]):
-        loss_and_grad(result.x)
-    flat = torch.from_numpy(result.x).to(device=z.device, dtype=torch.float32)
+    try:
+        result = minimize(
+            loss_and_grad, start, jac=True, method="L-BFGS-B", callback=stop_when_converged,
+            options={"maxiter": max_iter, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps, "maxcor": 10},
+        )
+        solution, scipy_converged = result.x, result.status == 0
+    except StopIteration:  # SciPy before 1.11 lets the callback's StopIteration through
+        solution, scipy_converged = last["theta"], False
+    if not np.array_equal(solution, last["theta"]):
+        loss_and_grad(solution)
+    flat = torch.from_numpy(solution).to(device=z.device, dtype=torch.float32)
     weight = to_weight(flat)
     return ProbeFit(
-        mean=mean, scale=scale, weight=weight.T.contiguous(), bias=flat[d * k:].clone(), iterations=int(result.nit),
-        converged=bool(last["gmax"] <= tol or result.status == 0),
+        mean=mean, scale=scale, weight=weight.T.contiguous(), bias=flat[d * k:].clone(), iterations=iterations[0],
+        converged=bool(last["gmax"] <= tol or scipy_converged),
     )
 
 
@@ -336,7 +343,7 @@ class OnlineProbes(nn.Module):
         for probe in self.probes:
             nn.init.zeros_(probe[1].weight)
             nn.init.zeros_(probe[1].bias)
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0, foreach=True)
         self.l2 = l2
         self.steps = 0
         self.reset_running()
@@ -348,32 +355,38 @@ class OnlineProbes(nn.Module):
     def step(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """One optimiser step for every probe on one batch's detached features.
 
-        The probes' operations are small, so they run single-threaded: split
-        across cores they would mostly wait for each other (see
-        :func:`torch_threads`).
+        The probes' operations are small, so they run single-threaded (split
+        across cores they would mostly wait for each other; see
+        :func:`probekit.layers.torch_threads`), and the losses and running
+        metrics of all probes are computed together on their stacked logits.
         """
         self.train()
         self.optimizer.zero_grad()
-        total = None
         with torch_threads(1), torch.enable_grad():
+            names, logits, penalty = [], [], 0.0
             for name, probe in zip(self.names, self.probes):
                 x = features[name].detach().float()
                 if not math.isfinite(x.sum(dtype=torch.float64)):  # one pass; NaN and Inf propagate
                     continue
-                logits = probe(x)
-                losses = F.cross_entropy(logits, labels, reduction="none")
-                loss = losses.mean() + 0.5 * self.l2 * probe[1].weight.pow(2).sum()
-                total = loss if total is None else total + loss
+                names.append(name)
+                logits.append(probe(x))
+                penalty = penalty + probe[1].weight.pow(2).sum()
+            if names:
+                stacked = torch.stack(logits)  # (probes, batch, classes)
+                losses = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(len(names)), reduction="none")
+                losses = losses.view(len(names), -1)
+                (losses.mean(1).sum() + 0.5 * self.l2 * penalty).backward()
+                self.optimizer.step()
                 with torch.no_grad():
+                    totals = {"loss": losses.sum(1), "error": (stacked.argmax(2) != labels).sum(1)}
+                    if self.num_classes > 5:
+                        totals["top5"] = (~(stacked.topk(5, dim=2).indices == labels[:, None]).any(2)).sum(1)
+                    totals = {measure: values.tolist() for measure, values in totals.items()}
+                for i, name in enumerate(names):
                     run = self.running[name]
                     run["n"] += labels.shape[0]
-                    run["loss"] += float(losses.sum())
-                    run["error"] += int((logits.argmax(1) != labels).sum())
-                    if self.num_classes > 5:
-                        run["top5"] += int((~(logits.topk(5, dim=1).indices == labels[:, None]).any(1)).sum())
-            if total is not None:
-                total.backward()
-                self.optimizer.step()
+                    for measure, values in totals.items():
+                        run[measure] += values[i]
         self.steps += 1
 
     def train_scores(self, name: str) -> dict[str, float]:

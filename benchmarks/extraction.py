@@ -17,7 +17,7 @@ from probekit.engine import plan
 from probekit.features import extract
 
 CONFIG = {
-    "quick": {"batch": 2, "reps": 2, "models": {"resnet50": 224, "inception_v3": 299}},
+    "quick": {"batch": 1, "reps": 1, "models": {"resnet50": 224, "inception_v3": 299}},
     "full": {"batch": 32, "reps": 9, "models": SIZES},
 }
 

@@ -25,15 +25,18 @@ from probekit.features import extract
 from probekit.probes import fit_probes
 
 
-def _synced(fn):
+def _synced(fn, device: torch.device):
     def run():
         value = fn()
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return value
     return run
 
 
-def _peak(fn) -> float:
+def _peak(fn, device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -41,8 +44,7 @@ def _peak(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def extraction_rows(batch: int, reps: int) -> list[Row]:
-    device = torch.device("cuda")
+def extraction_rows(batch: int, reps: int, device: torch.device) -> list[Row]:
     rows = []
     for name, size in SIZES.items():
         model = build(name)
@@ -56,15 +58,15 @@ def extraction_rows(batch: int, reps: int) -> list[Row]:
         dims = {n: r.out_features for n, r in probe_plan.reducers.items()}
 
         def bare():
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 return model(x)
 
         def probed():
             return extract(extractor, (x, y), name="valid", dims=dims, num_classes=NUM_CLASSES, batch_size=batch,
                            device=device, autocast=torch.bfloat16)
 
-        pairs = interleave(_synced(bare), _synced(probed), reps=reps)
-        memory = {"bare_mib": _peak(bare), "probekit_mib": _peak(probed)}
+        pairs = interleave(_synced(bare, device), _synced(probed, device), reps=reps)
+        memory = {"bare_mib": _peak(bare, device), "probekit_mib": _peak(probed, device)}
         rows.append(Row(
             figure="7 gpu", case=f"{name} {size}px, batch {batch}, bf16 autocast", baseline="bare forward",
             baseline_value=pairs.baseline_median, probekit_value=pairs.candidate_median, unit="s/batch", target=1.15,
@@ -73,12 +75,12 @@ def extraction_rows(batch: int, reps: int) -> list[Row]:
             pair_ratio=pairs.ratio, extra={**pairs.as_dict(), **memory},
         ))
         del model, extractor, x
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
-def fitting_rows(n: int) -> list[Row]:
-    device = torch.device("cuda")
+def fitting_rows(n: int, device: torch.device) -> list[Row]:
     rows = []
     cases = {"1 layer x 2,048": [2048], "1 layer x 8,192": [8192], "all 17 ResNet-50 layers": RESNET50_DIMS}
     warm = feature_split(256, 64, layer_seed=0, sample_seed=1)
@@ -87,10 +89,8 @@ def fitting_rows(n: int) -> list[Row]:
         layers = {f"layer{i}": feature_split(n, d, layer_seed=100 + i, sample_seed=1) for i, d in enumerate(dims)}
         labels = next(iter(layers.values()))[1].to(device)
         features = {k: v[0].to(device) for k, v in layers.items()}
-        torch.cuda.synchronize()
         start = time.perf_counter()
-        fits = fit_probes(features, labels, NUM_CLASSES)
-        torch.cuda.synchronize()
+        fits = _synced(lambda: fit_probes(features, labels, NUM_CLASSES), device)()
         seconds = time.perf_counter() - start
         rows.append(Row(
             figure="7 gpu", case=f"fit {case}, {n:,} examples", baseline="-", baseline_value=float("nan"),
@@ -100,7 +100,8 @@ def fitting_rows(n: int) -> list[Row]:
             extra={"seconds": seconds, "dims": dims, "n": n},
         ))
         del features, layers
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -110,14 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--fit-examples", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
+    parser.add_argument("--device", default="cuda", help="'cpu' only to check this script on a machine without a GPU")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.sh needs a CUDA device; torch.cuda.is_available() is False here")
     torch.backends.cudnn.benchmark = True
     from benchmarks.run import print_table
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    rows = extraction_rows(args.batch, args.reps) + fitting_rows(args.fit_examples)
+    rows = extraction_rows(args.batch, args.reps, device) + fitting_rows(args.fit_examples, device)
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"started": started, "machine": machine(), "load_average": load_average(),

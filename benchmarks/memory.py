@@ -16,7 +16,7 @@ import time
 from benchmarks.measure import Row, child_main, run_children, start_peak
 
 CONFIG = {
-    "quick": {"models": {"inception_v3": 299}, "batch": 4, "train": 10, "valid": 4},
+    "quick": {"models": {"resnet50": 64}, "batch": 10, "train": 10, "valid": 10},
     "full": {"models": {"inception_v3": 299, "resnet50": 224}, "batch": 32, "train": 64, "valid": 32},
 }
 

@@ -21,20 +21,18 @@ from pathlib import Path
 from benchmarks.measure import Row, child_main, run_children, start_peak
 
 CONFIG = {
-    "quick": {"size": 32, "n": 40, "batch": 20, "reps": 1, "layers": (1, 4, 16), "data": (1, 4)},
-    "full": {"size": 64, "n": 200, "batch": 50, "reps": 2, "layers": (1, 4, 16, "all"), "data": (1, 4, 16)},
+    "quick": {"size": 32, "n": 10, "batch": 10, "reps": 1, "layers": (1, 16), "data": (1, 4), "parallel": 3},
+    "full": {"size": 64, "n": 200, "batch": 50, "reps": 2, "layers": (1, 4, 16, "all"), "data": (1, 4, 16), "parallel": 2},
 }
 BLOCKS = [f"layer{s}.{b}" for s, n in enumerate((3, 4, 6, 3), start=1) for b in range(n)]
 LAYERS = {1: ["layer4.2"], 4: ["layer1.2", "layer2.3", "layer3.5", "layer4.2"], 16: BLOCKS, "all": "all"}
 
 
-def _setup(args: dict):
-    from benchmarks.workloads import NUM_CLASSES, build, images
+def _data(args: dict) -> dict:
+    from benchmarks.workloads import NUM_CLASSES, images
 
-    model = build("resnet50")
     n = args["n"]
-    data = {"train": images(n, args["size"], seed=1), "valid": images(max(n // 4, NUM_CLASSES), args["size"], seed=2)}
-    return model, data
+    return {"train": images(n, args["size"], seed=1), "valid": images(max(n // 4, NUM_CLASSES), args["size"], seed=2)}
 
 
 def _probe(model, data, args: dict):
@@ -47,8 +45,9 @@ def _probe(model, data, args: dict):
 
 def _work(args: dict) -> dict:
     import probekit.engine  # noqa: F401 - imported before "ready", as in the parent
+    from benchmarks.workloads import build
 
-    model, data = _setup(args)
+    model, data = build("resnet50"), _data(args)
     ready = start_peak()
     ds = _probe(model, data, args)
     return {"ready_mib": ready, "layers": int(ds.sizes["layer"]), "features": int(ds.feature_dim.sum())}
@@ -59,8 +58,11 @@ def run(size: str) -> list[Row]:
     base = {"size": config["size"], "batch": config["batch"]}
     jobs = {("layers", k): {**base, "n": config["n"], "layers": LAYERS[k]} for k in config["layers"]}
     jobs |= {("data", k): {**base, "n": config["n"] * k, "layers": BLOCKS} for k in config["data"] if k != 1}
-    memory = dict(zip(jobs, run_children("benchmarks.scaling", list(jobs.values()))))
-    prepared = {key: _setup(job) for key, job in jobs.items()}
+    memory = dict(zip(jobs, run_children("benchmarks.scaling", list(jobs.values()), parallel=config["parallel"])))
+    from benchmarks.workloads import build
+
+    model = build("resnet50")
+    prepared = {key: (model, _data(job)) for key, job in jobs.items()}
     _probe(*prepared[("layers", 1)], jobs[("layers", 1)])  # warm-up: imports, first-call costs
     seconds: dict = {key: [] for key in jobs}
     for rep in range(config["reps"]):

@@ -20,7 +20,7 @@ from benchmarks.workloads import NUM_CLASSES, build, images
 import probekit as pk
 
 CONFIG = {
-    "quick": {"size": 64, "train": 40, "valid": 20, "batch": 20, "reps": 1},
+    "quick": {"size": 64, "train": 20, "valid": 10, "batch": 10, "reps": 1},
     "full": {"size": 224, "train": 512, "valid": 128, "batch": 32, "reps": 3},
 }
 

@@ -41,6 +41,8 @@ class Row:
     extra: dict = field(default_factory=dict)
     #: The median of per-pair ratios when the two sides were timed in interleaved pairs.
     pair_ratio: float | None = None
+    #: False when probekit's answer is off the baseline's by more than the figure allows.
+    accurate: bool = True
 
     @property
     def ratio(self) -> float:
@@ -54,7 +56,7 @@ class Row:
     def met(self) -> bool | None:
         if self.target is None:
             return None
-        return self.ratio <= self.target
+        return self.ratio <= self.target and self.accurate
 
     def as_dict(self) -> dict:
         return {

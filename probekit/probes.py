@@ -72,15 +72,45 @@ class ProbeFit:
 
 def standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and scale of the training features (constant features get scale 1)."""
-    mean = features.mean(0)
-    # Squared deviations summed over row blocks: torch's column-wise std is ~10x slower
-    # than this on a tall matrix, and a block never allocates a full-size temporary.
-    squares = torch.zeros_like(mean)
-    for start in range(0, features.shape[0], _STATS_ROWS):
-        squares += (features[start:start + _STATS_ROWS] - mean).pow_(2).sum(0)
-    scale = (squares / features.shape[0]).sqrt_()
-    scale = torch.where(scale > 1e-6 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
+    mean, scale, _ = _standardise(features, pool=None, keep=False)
     return mean, scale
+
+
+def _standardise(
+    features: torch.Tensor, *, pool: Executor | None, keep: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Mean, scale and (with ``keep``) the standardised features, in fixed row blocks.
+
+    The blocks are summed in a fixed order whoever computes them, so the
+    result does not depend on ``pool``; with one, its workers take every
+    block but those this thread takes. Squared deviations are summed block by
+    block: torch's column-wise std is ~10x slower on a tall matrix, and no
+    step allocates a second full-size temporary.
+    """
+    n = features.shape[0]
+    starts = range(0, n, _STATS_ROWS)
+
+    def each(fn) -> list:
+        if pool is None:
+            return [fn(a) for a in starts]
+        futures = [pool.submit(fn, a) for a in starts[1::2]]  # this thread takes every other block
+        mine = {a: fn(a) for a in starts[::2]}
+        theirs = dict(zip(starts[1::2], (f.result() for f in futures)))
+        return [mine[a] if a in mine else theirs[a] for a in starts]
+
+    mean = sum(each(lambda a: features[a:a + _STATS_ROWS].sum(0)), torch.zeros_like(features[0])) / n
+    z = torch.empty_like(features) if keep else None
+
+    def deviations(a: int) -> torch.Tensor:
+        block = torch.sub(features[a:a + _STATS_ROWS], mean, out=z[a:a + _STATS_ROWS] if keep else None)
+        return block.pow(2).sum(0)
+
+    squares = sum(each(deviations), torch.zeros_like(mean))
+    scale = (squares / n).sqrt_()
+    scale = torch.where(scale > 1e-6 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
+    if keep:
+        each(lambda a: z[a:a + _STATS_ROWS].div_(scale))
+    return mean, scale, z
 
 
 def fit_probe(
@@ -202,15 +232,15 @@ def _fit_one(
     from scipy.optimize import minimize
 
     features = features.float()
-    mean, scale = standardiser(features)
-    z = (features - mean) / scale
+    mean, scale, z = _standardise(features, pool=pool)
     n, d = z.shape
     k = num_classes
     labels = labels.to(z.device)
     parts = max(1, min(parts, n * d // _MIN_PARALLEL_ELEMENTS)) if pool is not None else 1
     bounds = np.linspace(0, n, parts + 1).astype(int)
     blocks = [(z[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    precondition = _preconditioner(z)
+    with torch_threads(parts) if pool is not None else nullcontext():  # a few large products: threads pay
+        precondition = _preconditioner(z)
 
     def to_weight(flat: torch.Tensor) -> torch.Tensor:
         return precondition(flat[: d * k].view(k, d))

@@ -66,3 +66,24 @@ def test_separable_features_are_learned_perfectly():
     x = torch.nn.functional.one_hot(y, 3).float() + 0.01 * torch.randn(300, 3)
     fit = fit_probe(x, y, 3, l2=1e-4)
     assert fit.converged and score(fit.logits, x, y, 3)["error"] == 0.0
+
+
+def test_standardisation_is_the_same_with_and_without_worker_threads():
+    """Row blocks are summed in a fixed order, so a pool changes speed, never the numbers."""
+    from probekit.probes import _single_threaded_torch, _standardise
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(3000, 40, generator=generator) * 5 + 100  # a large offset: centring must be exact
+    x[:, 7] = 3.0  # a constant feature gets scale 1
+    alone = _standardise(x, pool=None)
+    with _single_threaded_torch(2) as pool:
+        pooled = _standardise(x, pool=pool)
+    for a, b in zip(alone, pooled):
+        assert torch.equal(a, b)
+    mean, scale, z = alone
+    torch.testing.assert_close(mean, x.double().mean(0).float())
+    expected = x.double().std(0, unbiased=False).float()
+    expected[7] = 1.0
+    torch.testing.assert_close(scale, expected)
+    torch.testing.assert_close(z, (x - mean) / scale)
+    assert torch.equal(standardiser(x)[1], scale)

@@ -373,7 +373,11 @@ class OnlineProbes(nn.Module):
         for probe in self.probes:
             nn.init.zeros_(probe[1].weight)
             nn.init.zeros_(probe[1].bias)
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+        # Adam's weight_decay adds l2 * W to the gradient: the L2 term of the loss, without computing it.
+        weights = [probe[1].weight for probe in self.probes]
+        biases = [probe[1].bias for probe in self.probes]
+        self.optimizer = torch.optim.Adam([{"params": weights, "weight_decay": l2}, {"params": biases}], lr=lr,
+                                          foreach=True)
         self.l2 = l2
         self.steps = 0
         self.reset_running()
@@ -387,36 +391,35 @@ class OnlineProbes(nn.Module):
 
         The probes' operations are small, so they run single-threaded (split
         across cores they would mostly wait for each other; see
-        :func:`probekit.layers.torch_threads`), and the losses and running
-        metrics of all probes are computed together on their stacked logits.
+        :func:`probekit.layers.torch_threads`); the finiteness checks, losses
+        and running metrics of all probes are computed together, and the L2
+        term is the optimiser's weight decay on the weights.
         """
         self.train()
         self.optimizer.zero_grad()
         with torch_threads(1), torch.enable_grad():
-            names, logits, penalty = [], [], 0.0
-            for name, probe in zip(self.names, self.probes):
-                x = features[name].detach().float()
-                if not math.isfinite(x.sum(dtype=torch.float64)):  # one pass; NaN and Inf propagate
-                    continue
-                names.append(name)
-                logits.append(probe(x))
-                penalty = penalty + probe[1].weight.pow(2).sum()
-            if names:
-                stacked = torch.stack(logits)  # (probes, batch, classes)
-                losses = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(len(names)), reduction="none")
-                losses = losses.view(len(names), -1)
-                (losses.mean(1).sum() + 0.5 * self.l2 * penalty).backward()
+            inputs = [features[name].detach().float() for name in self.names]
+            with torch.no_grad():  # NaN and Inf propagate to a sum; one sync for every probe
+                finite = torch.stack([x.sum() for x in inputs]).isfinite().tolist()
+            # A float32 sum can overflow on large finite values: those get an exact check.
+            finite = [ok or math.isfinite(x.sum(dtype=torch.float64)) for ok, x in zip(finite, inputs)]
+            kept = [i for i, ok in enumerate(finite) if ok]
+            if kept:
+                stacked = torch.stack([self.probes[i](inputs[i]) for i in kept])  # (probes, batch, classes)
+                losses = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(len(kept)), reduction="none")
+                losses = losses.view(len(kept), -1)
+                losses.mean(1).sum().backward()
                 self.optimizer.step()
                 with torch.no_grad():
                     totals = {"loss": losses.sum(1), "error": (stacked.argmax(2) != labels).sum(1)}
                     if self.num_classes > 5:
                         totals["top5"] = (~(stacked.topk(5, dim=2).indices == labels[:, None]).any(2)).sum(1)
                     totals = {measure: values.tolist() for measure, values in totals.items()}
-                for i, name in enumerate(names):
-                    run = self.running[name]
+                for row, i in enumerate(kept):
+                    run = self.running[self.names[i]]
                     run["n"] += labels.shape[0]
                     for measure, values in totals.items():
-                        run[measure] += values[i]
+                        run[measure] += values[row]
         self.steps += 1
 
     def train_scores(self, name: str) -> dict[str, float]:

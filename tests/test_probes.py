@@ -87,3 +87,31 @@ def test_standardisation_is_the_same_with_and_without_worker_threads():
     torch.testing.assert_close(scale, expected)
     torch.testing.assert_close(z, (x - mean) / scale)
     assert torch.equal(standardiser(x)[1], scale)
+
+
+def test_online_step_skips_only_probes_with_nonfinite_features():
+    """A NaN layer is left untouched (weights and running stats); a huge finite one still steps."""
+    from probekit.probes import OnlineProbes
+
+    torch.manual_seed(0)
+    probes = OnlineProbes({"ok": 6, "nan": 6, "huge": 4}, 3, lr=0.1)
+    x = torch.randn(8, 6)
+    features = {"ok": x, "nan": x.clone(), "huge": torch.full((8, 4), 3e38)}
+    features["nan"][2, 1] = float("nan")
+    before = {k: [t.clone() for t in (*p.parameters(), *p.buffers())] for k, p in zip(probes.names, probes.probes)}
+    probes.step(features, torch.randint(0, 3, (8,)))
+    after = {k: [*p.parameters(), *p.buffers()] for k, p in zip(probes.names, probes.probes)}
+    assert all(torch.equal(a, b) for a, b in zip(before["nan"], after["nan"]))
+    for name in ("ok", "huge"):
+        assert not all(torch.equal(a, b) for a, b in zip(before[name], after[name]))
+    assert probes.running["nan"]["n"] == 0 and probes.running["ok"]["n"] == 8
+
+
+def test_online_l2_is_the_gradient_of_the_penalty():
+    """Weight decay on the weights only, equal to the l2 / 2 * ||W||^2 term of the loss."""
+    from probekit.probes import OnlineProbes
+
+    probes = OnlineProbes({"a": 3}, 2, l2=0.5)
+    groups = {id(p): g["weight_decay"] for g in probes.optimizer.param_groups for p in g["params"]}
+    linear = probes.probes[0][1]
+    assert groups[id(linear.weight)] == 0.5 and groups[id(linear.bias)] == 0.0

@@ -37,6 +37,9 @@ DEFAULT_MAX_FLATTEN = 65536
 #: Largest projection matrix (in_features x out_features) ``"project"`` builds.
 MAX_PROJECTION_ENTRIES = 64 * 2**20
 
+#: Most values per example of a map that :class:`Pool` pools through a channels-last copy.
+_SMALL_MAP = 32768
+
 _SPEC = re.compile(r"^(flatten|pool|subset|project|auto)(\d+)?$")
 
 
@@ -101,6 +104,12 @@ class Pool(Reducer):
         return "pool" if self.size == 1 else f"pool{self.size}"
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 4 and self.size > 1 and x.device.type == "cpu" and x[0].numel() <= _SMALL_MAP
+                and x.is_contiguous()):
+            # On the CPU, torch's adaptive pooling of small NCHW maps runs 2-5x faster
+            # through a channels-last copy (measured: 32x28x28 to 11x11, 64x14x14 to 8x8);
+            # above about 32k values per example the copy costs more than it saves.
+            x = x.contiguous(memory_format=torch.channels_last)
         return self._pool(x, self.size).reshape(x.shape[0], -1)
 
 

@@ -54,3 +54,16 @@ def test_pool_and_projection_shapes_and_refusals():
         make_reducer("pool", (100,), layer="fc")
     with pytest.raises(ValueError, match="would need a 1,382,976 x 1000 matrix"):
         make_reducer("project1000", (64, 147, 147), layer="x")
+
+
+@pytest.mark.parametrize("shape, size", [((3, 32, 28, 28), 11), ((3, 64, 14, 14), 8), ((2, 64, 40, 40), 4)])
+def test_pool_matches_adaptive_average_pooling_whatever_the_memory_format(shape, size):
+    """Small maps are pooled through a channels-last copy; every path gives the same features."""
+    from probekit.reduce import Pool
+
+    x = torch.randn(shape)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, size).reshape(shape[0], -1)
+    pool = Pool(shape[1:], size)
+    torch.testing.assert_close(pool(x), expected)
+    torch.testing.assert_close(pool(x.contiguous(memory_format=torch.channels_last)), expected)
+    assert pool(x).shape == (shape[0], pool.out_features)

@@ -40,6 +40,21 @@ def test_quick_benchmark_run_writes_every_figure(tmp_path):
     print(f"quick benchmark run: {time.monotonic() - start:.0f} s")
 
 
+@pytest.mark.slow
+def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh's figures, at toy size on the CPU, so that the GPU script cannot rot unseen."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--batch", "1", "--reps", "1",
+         "--fit-examples", "200", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["figure"] for row in rows] == ["7 gpu"] * 5
+    assert all(math.isfinite(row["probekit_value"]) and row["probekit_value"] > 0 for row in rows)
+
+
 def test_benchmark_entry_point_refuses_an_unknown_figure():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "9"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

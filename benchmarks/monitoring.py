@@ -70,22 +70,20 @@ def run(size: str) -> list[Row]:
         def plain(initial=initial, data=data, epochs=epochs):
             _train(copy.deepcopy(initial), data, epochs)
 
+        points = {}
         for mode, target in (("online", 1.25), ("snapshot", None)):
             def monitored(mode=mode, initial=initial, data=data, epochs=epochs):
                 model = copy.deepcopy(initial)
                 with pk.ProbeMonitor(model, data, mode=mode, quiet=True, num_classes=NUM_CLASSES) as monitor:
                     _train(model, data, epochs, monitor)
+                points["n"] = len(monitor.layers)
 
             pairs = interleave(plain, monitored, reps=reps)  # the warm-up also takes first-call costs
             rows.append(Row(
                 figure="5 monitoring", case=f"{case}, {epochs} epochs, {mode}",
                 baseline="training alone", baseline_value=pairs.baseline_median, probekit_value=pairs.candidate_median,
-                unit="s", target=target, note=f"{_points(initial, data)} probe points, update every epoch",
+                unit="s", target=target, note=f"{points['n']} probe points, update every epoch",
                 pair_ratio=pairs.ratio, extra={**pairs.as_dict()},
             ))
     return rows
 
-
-def _points(model, data) -> int:
-    with pk.ProbeMonitor(copy.deepcopy(model), data, quiet=True, num_classes=NUM_CLASSES) as monitor:
-        return len(monitor.layers)

@@ -93,10 +93,9 @@ def _standardise(
     def each(fn) -> list:
         if pool is None:
             return [fn(a) for a in starts]
-        futures = [pool.submit(fn, a) for a in starts[1::2]]  # this thread takes every other block
+        futures = {a: pool.submit(fn, a) for a in starts[1::2]}  # this thread takes every other block
         mine = {a: fn(a) for a in starts[::2]}
-        theirs = dict(zip(starts[1::2], (f.result() for f in futures)))
-        return [mine[a] if a in mine else theirs[a] for a in starts]
+        return [mine[a] if a in mine else futures[a].result() for a in starts]
 
     mean = sum(each(lambda a: features[a:a + _STATS_ROWS].sum(0)), torch.zeros_like(features[0])) / n
     z = torch.empty_like(features) if keep else None
@@ -378,7 +377,6 @@ class OnlineProbes(nn.Module):
         biases = [probe[1].bias for probe in self.probes]
         self.optimizer = torch.optim.Adam([{"params": weights, "weight_decay": l2}, {"params": biases}], lr=lr,
                                           foreach=True)
-        self.l2 = l2
         self.steps = 0
         self.reset_running()
 

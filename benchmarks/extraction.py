@@ -2,7 +2,7 @@
 
 Same model (random weights, eval mode), same batch, same precision (float32)
 and memory format (channels-last, what ``pk.probe`` uses on the CPU). The
-probekit side is :func:`probekit.features.extract` over that one batch: the
+probekit side is :func:`probekit.engine.features.extract` over that one batch: the
 traced graph with every reducer inserted after its node, the finiteness
 check and the in-memory cache, i.e. everything ``pk.probe`` does per batch.
 """
@@ -14,7 +14,7 @@ import torch
 from benchmarks.measure import Row, interleave
 from benchmarks.workloads import NUM_CLASSES, SIZES, build, images
 from probekit.engine import plan
-from probekit.features import extract
+from probekit.engine.features import extract
 
 CONFIG = {
     "quick": {"batch": 1, "reps": 1, "models": {"resnet50": 224, "inception_v3": 299}},

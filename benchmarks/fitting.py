@@ -2,7 +2,7 @@
 
 Both solve the same problem on the same float32 arrays: softmax regression
 with ``C = 1 / (n * l2)`` on features standardised with the training split's
-mean and scale (probekit's convention; see ``probekit.probes``), standardising
+mean and scale (probekit's convention; see ``probekit.engine.probes``), standardising
 inside both timers. scikit-learn runs ``lbfgs`` in two thread settings, as
 installed and with its BLAS limited to one thread (which avoids OpenBLAS
 threads spinning against each other on a small shared machine and is often
@@ -33,7 +33,7 @@ import numpy as np
 
 from benchmarks.measure import Row, timed
 from benchmarks.workloads import NUM_CLASSES, feature_split
-from probekit.probes import DEFAULT_L2, fit_probes, score
+from probekit.engine.probes import DEFAULT_L2, fit_probes, score
 
 SIZES = {
     "quick": {"n": 1000, "single": [256, 1024], "layers": 8, "reps": 1, "sklearn_threads": [1], "tight": False},

@@ -3,7 +3,7 @@ and probe-fitting throughput. Run through ``benchmarks/gpu.sh``.
 
 ResNet-50 (224 px) and Inception v3 (299 px), random weights, batch 256,
 channels-last, ``torch.autocast("cuda", torch.bfloat16)`` on both sides; the
-probekit side is :func:`probekit.features.extract` with ``autocast``. Times
+probekit side is :func:`probekit.engine.features.extract` with ``autocast``. Times
 are CUDA-synchronised, interleaved and repeated; peak GPU memory is
 ``torch.cuda.max_memory_allocated`` of each side alone.
 """
@@ -21,8 +21,8 @@ from benchmarks.measure import Row, interleave, load_average, machine
 from benchmarks.workloads import NUM_CLASSES, SIZES, build, feature_split, images
 from benchmarks.fitting import RESNET50_DIMS
 from probekit.engine import plan
-from probekit.features import extract
-from probekit.probes import fit_probes
+from probekit.engine.features import extract
+from probekit.engine.probes import fit_probes
 
 
 def _synced(fn, device: torch.device):

@@ -11,48 +11,54 @@ across depth and across training time.
     >>> pk.open_run("runs/a.zarr")
 
 Heavy modules (torch) load on first use, so ``probekit.plots``, the explorers
-and the run store readers work without importing torch. Importing the package
+and the run store readers work without importing torch. The package follows
+the data's path: :mod:`probekit.engine` (model to epoch rows), :mod:`probekit.run`
+(schema and store), :mod:`probekit.diagnosis`, :mod:`probekit.plots`,
+:mod:`probekit.explore`, with :mod:`probekit.data`, :mod:`probekit.zoo` and
+:mod:`probekit.experiments` beside them (see ``docs/architecture.md``). Importing the package
 registers the ``ds.probekit`` accessor on xarray datasets (``ds.probekit.diagnose()``).
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib as _importlib
+
+from probekit import accessor as _accessor  # noqa: F401 - registers ds.probekit (xarray and pandas only)
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "list_layers": "probekit.layers",
+    "list_layers": "probekit.engine",
     "plan": "probekit.engine",
+    "Plan": "probekit.engine",
     "probe": "probekit.engine",
     "ProbeMonitor": "probekit.engine",
     "probe_checkpoints": "probekit.engine",
-    "open_run": "probekit.store",
-    "train_and_probe": "probekit.training",
+    "train_and_probe": "probekit.engine",
+    "open_run": "probekit.run",
+    "StoreError": "probekit.run",
     "diagnose": "probekit.diagnosis",
     "Findings": "probekit.diagnosis",
-    "explore": "probekit.explorers",
-    "compare": "probekit.explorers",
-    "reproduce": "probekit.reproductions",
+    "explore": "probekit.explore",
+    "compare": "probekit.explore",
+    "Explorer": "probekit.explore",
+    "Comparison": "probekit.explore",
 }
-#: Submodules reachable as attributes (``pk.data.digits()``, ``pk.zoo.resnet50()``).
-_SUBMODULES = ("data", "zoo", "plots", "reduce", "store", "layers", "engine", "training", "diagnosis", "explorers",
-               "reproductions")
+#: Subpackages and modules reachable as attributes (``pk.data.digits()``, ``pk.experiments.reproduce("bypass")``).
+_SUBMODULES = ("data", "diagnosis", "engine", "experiments", "explore", "plots", "run", "zoo")
 
-__all__ = sorted(_LAZY)
-
-from probekit import accessor  # noqa: E402,F401 - registers ds.probekit (xarray and pandas only)
+__all__ = sorted(_LAZY) + list(_SUBMODULES)
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f"probekit.{name}")
+        return _importlib.import_module(f"probekit.{name}")
     raise AttributeError(f"module 'probekit' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))
+    return sorted({*__all__, "__version__"})

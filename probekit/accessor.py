@@ -22,7 +22,7 @@ import pandas as pd
 import xarray as xr
 
 from probekit.diagnosis import Findings, check_run, diagnose
-from probekit.store import epoch_position
+from probekit.run.schema import epoch_position
 
 __all__ = ["ProbekitAccessor"]
 

@@ -1,7 +1,7 @@
 """The ``probekit`` command: ``demo``, ``run``, ``reproduce`` and ``show``.
 
     probekit demo                      # the paper's convnet on embedded digits, probed while it trains
-    probekit reproduce bypass          # one of the paper's experiments (see probekit.reproductions)
+    probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments.reproductions)
     probekit run --model resnet50 --dataset digits --size 64 --epochs 0 --out runs/r50.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
 """
@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from probekit import data, zoo
-    from probekit.training import train_and_probe
+    from probekit.engine.training import train_and_probe
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
     import torch
 
     from probekit.engine import probe
-    from probekit.training import train_and_probe
+    from probekit.engine.training import train_and_probe
 
     torch.manual_seed(args.seed)
     splits = _dataset(args)
@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from probekit.store import open_run
+    from probekit.run.store import open_run
 
     ds = open_run(args.run)
     _print_summary(ds, args.metric, str(args.run))
@@ -164,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
 
-    from probekit import reproductions
+    from probekit.experiments import reproductions
 
     reproduce = sub.add_parser("reproduce", help="run one of the paper's experiments: run store(s), figure and summary")
     reproductions.add_arguments(reproduce).set_defaults(func=reproductions.command)

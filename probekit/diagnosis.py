@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from probekit.store import epoch_position
+from probekit.run.schema import check_run, epoch_position
 
 __all__ = ["KINDS", "Finding", "Findings", "check_run", "diagnose"]
 
@@ -51,58 +51,12 @@ KINDS = ("dead_segment", "non_monotonic", "chance_level", "probe_overfitting", "
 #: Columns of :meth:`Findings.to_frame`.
 FRAME_COLUMNS = ("kind", "layers", "first", "last", "evidence", "suggestion")
 
-_RUN_VARIABLES = ("probe", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time")
-_RUN_COORDS = (
-    "layer", "depth", "relative_depth", "op", "shape", "feature_dim", "reduction",
-    "epoch", "step", "metric", "split", "measure",
-)
 _SPLITS = ("train", "valid", "test")
 #: Layers a per-layer finding may skip and still be reported as one stretch.
 _BRIDGE = 1
 
 
 # ----------------------------------------------------------------------------- reading a run
-def check_run(ds: object) -> None:
-    """Raise a one-line error unless ``ds`` follows the run schema of ``docs/store.md``.
-
-    Args:
-        ds: the object to check.
-
-    Raises:
-        TypeError: ``ds`` is not an ``xarray.Dataset``.
-        ValueError: it lacks a variable, coordinate or the schema attribute, or
-            has another schema version.
-
-    Example:
-        >>> check_run(pk.open_run("runs/demo.zarr"))
-    """
-    from probekit.store import SCHEMA_VERSION
-
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(
-            f"expected a probekit run (an xarray.Dataset, see docs/store.md); got {type(ds).__name__}. "
-            "Open runs with probekit.open_run"
-        )
-    missing = [name for name in (*_RUN_VARIABLES, *_RUN_COORDS) if name not in ds.variables]
-    if missing:
-        raise ValueError(
-            f"this dataset is not a probekit run: it lacks {', '.join(missing)}; open runs with probekit.open_run "
-            "(see docs/store.md for the schema)"
-        )
-    if ds["probe"].dims != ("layer", "epoch", "metric"):
-        raise ValueError(
-            f"this dataset's 'probe' has dims {ds['probe'].dims}, not ('layer', 'epoch', 'metric'); "
-            "do not transpose a run before passing it (see docs/store.md)"
-        )
-    version = ds.attrs.get("probekit_schema")
-    if version != SCHEMA_VERSION:
-        what = "no 'probekit_schema' attribute" if version is None else f"schema version {version!r}"
-        raise ValueError(
-            f"this dataset has {what}; this probekit reads schema version {SCHEMA_VERSION}. "
-            "Open runs with probekit.open_run, or re-run with this probekit"
-        )
-
-
 def _metric(ds: xr.Dataset, split: str, measure: str = "error") -> xr.DataArray | None:
     name = f"{split}_{measure}"
     metrics = [str(m) for m in ds["metric"].values]

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from probekit.store import epoch_position
+from probekit.run.schema import epoch_position
 
 __all__ = [
     "comparison",

@@ -29,7 +29,7 @@ def make_run(
     num_classes: int = 10,
     steps: bool = True,
 ) -> xr.Dataset:
-    """A run dataset as ``probekit.store`` writes it, with known values.
+    """A run dataset as ``probekit.run.store`` writes it, with known values.
 
     ``error`` at layer i (of L) and epoch e (of E), split s (0 train, 1 valid,
     2 test) is ``0.9 - 0.6 * (i / (L - 1)) * ((e + 1) / E) + 0.05 * s``; loss

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from probekit.probes import fit_probe, fit_probes, score, standardiser
+from probekit.engine.probes import fit_probe, fit_probes, score, standardiser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def test_standardiser_matches_the_two_pass_formula():
 
 def test_extraction_under_bf16_autocast_caches_float32_features(digits_tensors):
     from probekit.engine import plan
-    from probekit.features import extract
+    from probekit.engine.features import extract
     from tests.conftest import tiny_convnet
 
     model = tiny_convnet().eval()
@@ -137,7 +137,7 @@ def test_extraction_under_bf16_autocast_caches_float32_features(digits_tensors):
 
 
 def test_nonfinite_check_flags_nan_and_inf_but_not_large_values():
-    from probekit.features import extract
+    from probekit.engine.features import extract
 
     values = {"big": torch.full((4, 3), 3e38), "nan": torch.tensor([[0.0, float("nan")]] * 4),
               "inf": torch.tensor([[float("inf"), 1.0]] * 4)}

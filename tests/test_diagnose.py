@@ -330,7 +330,7 @@ def test_healthy_residual_mlp_has_no_dead_segment(digits_tensors):
     import torch
 
     from probekit import zoo
-    from probekit.training import train_and_probe
+    from probekit.engine.training import train_and_probe
 
     torch.manual_seed(0)
     model = zoo.residual_mlp(depth=8)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import layer_names, make_run
 
-from probekit.explorers import block_layers, compare, explore
-from probekit.store import RunWriter, layout_of, rows_of
+from probekit.explore.explorer import block_layers, compare, explore
+from probekit.run.schema import layout_of, rows_of
+from probekit.run.store import RunWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 FORWARD = layer_names(6)  # input, conv1, relu2, pool3, conv4, logits
@@ -442,7 +443,7 @@ def test_compare_live_follows_a_growing_store(tmp_path, two_runs):
 
 
 def test_explore_does_not_import_torch():
-    code = "import sys, probekit.explorers; sys.exit('torch' in sys.modules)"
+    code = "import sys, probekit.explore.explorer; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
-    module = importlib.import_module("probekit.explorers")  # pk.explore is the function, this the module
+    module = importlib.import_module("probekit.explore.explorer")  # pk.explore is the function, this the module
     assert module.__all__ == sorted(module.__all__)

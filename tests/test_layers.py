@@ -10,8 +10,8 @@ import torchvision
 from torch import nn
 
 import probekit as pk
-from probekit.layers import LayerGraph
-from probekit.reduce import make_reducer
+from probekit.engine.points import LayerGraph
+from probekit.engine.reduce import make_reducer
 from tests.conftest import tiny_convnet
 
 

@@ -8,8 +8,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 import probekit as pk
-from probekit.layers import LayerGraph
-from probekit.probes import fit_probe, score, standardiser
+from probekit.engine.points import LayerGraph
+from probekit.engine.probes import fit_probe, score, standardiser
 from tests.conftest import tiny_convnet
 
 
@@ -26,7 +26,7 @@ def test_probe_errors_match_sklearn_to_one_point_on_every_layer(digits_tensors, 
     ds = pk.probe(model, digits_tensors, layers="all", reduce="flatten", l2=l2, quiet=True)
     # The same features, extracted independently, fitted by scikit-learn to convergence.
     graph = LayerGraph(model, digits_tensors["train"][0][:2])
-    from probekit.reduce import make_reducer
+    from probekit.engine.reduce import make_reducer
 
     reducers = {n: make_reducer("flatten", graph.point(n).shape, layer=n) for n in graph.names}
     extractor = graph.extractor(reducers)
@@ -70,7 +70,7 @@ def test_separable_features_are_learned_perfectly():
 
 def test_standardisation_is_the_same_with_and_without_worker_threads():
     """Row blocks are summed in a fixed order, so a pool changes speed, never the numbers."""
-    from probekit.probes import _single_threaded_torch, _standardise
+    from probekit.engine.probes import _single_threaded_torch, _standardise
 
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(3000, 40, generator=generator) * 5 + 100  # a large offset: centring must be exact
@@ -91,7 +91,7 @@ def test_standardisation_is_the_same_with_and_without_worker_threads():
 
 def test_online_step_skips_only_probes_with_nonfinite_features():
     """A NaN layer is left untouched (weights and running stats); a huge finite one still steps."""
-    from probekit.probes import OnlineProbes
+    from probekit.engine.probes import OnlineProbes
 
     torch.manual_seed(0)
     probes = OnlineProbes({"ok": 6, "nan": 6, "huge": 4}, 3, lr=0.1)
@@ -109,7 +109,7 @@ def test_online_step_skips_only_probes_with_nonfinite_features():
 
 def test_online_l2_is_the_gradient_of_the_penalty():
     """Weight decay on the weights only, equal to the l2 / 2 * ||W||^2 term of the loss."""
-    from probekit.probes import OnlineProbes
+    from probekit.engine.probes import OnlineProbes
 
     probes = OnlineProbes({"a": 3}, 2, l2=0.5)
     groups = {id(p): g["weight_decay"] for g in probes.optimizer.param_groups for p in g["params"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probekit.reduce import auto_spec, make_reducer, parse_spec
+from probekit.engine.reduce import auto_spec, make_reducer, parse_spec
 
 
 @pytest.mark.parametrize(("shape", "expected"), [
@@ -59,7 +59,7 @@ def test_pool_and_projection_shapes_and_refusals():
 @pytest.mark.parametrize("shape, size", [((3, 32, 28, 28), 11), ((3, 64, 14, 14), 8), ((2, 64, 40, 40), 4)])
 def test_pool_matches_adaptive_average_pooling_whatever_the_memory_format(shape, size):
     """Small maps are pooled through a channels-last copy; every path gives the same features."""
-    from probekit.reduce import Pool
+    from probekit.engine.reduce import Pool
 
     x = torch.randn(shape)
     expected = torch.nn.functional.adaptive_avg_pool2d(x, size).reshape(shape[0], -1)

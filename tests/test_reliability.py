@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit.store import RunWriter, StoreError, open_run
+from probekit.run.store import RunWriter, StoreError, open_run
 from tests.conftest import tiny_convnet
 
 
@@ -145,7 +145,7 @@ def test_writer_refuses_a_store_killed_while_being_created(tmp_path):
     leftover.mkdir()
     (leftover / ".zgroup").write_text("{}")
     assert not (tmp_path / "r.zarr").exists()
-    from probekit.store import metric_names, RunLayout
+    from probekit.run.schema import RunLayout, metric_names
 
     layout = RunLayout(["input"], [0], [0.0], ["input"], ["4"], [4], ["flatten"], metric_names(["train"], 3), {})
     RunWriter(tmp_path / "r.zarr", layout).close()

@@ -1,4 +1,4 @@
-"""probekit.reproductions: each reproduction's qualitative finding at quick size, and the committed stores."""
+"""probekit.experiments.reproductions: each reproduction's qualitative finding at quick size, and the committed stores."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import probekit.accessor  # noqa: F401 - registers ds.probekit
-from probekit import reproductions as rp
+from probekit.experiments import reproductions as rp
 from probekit.diagnosis import check_run, diagnose
-from probekit.store import open_run
+from probekit.run.store import open_run
 
 RUNS = Path(__file__).resolve().parent.parent / "data" / "runs"
 #: The stores committed under data/runs, by the reproduction that wrote them.

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit.store import (
-    EPOCH_BLOCK, EpochRow, RunLayout, RunWriter, StoreError, StoreLockedError, metric_names, open_run,
-)
+from probekit.run.schema import EpochRow, RunLayout, metric_names
+from probekit.run.store import EPOCH_BLOCK, RunWriter, StoreError, StoreLockedError, open_run
 from tests.conftest import tiny_convnet
 
 FORK = multiprocessing.get_context("fork")

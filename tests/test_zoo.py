@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from probekit import data, zoo
-from probekit.layers import LayerGraph
+from probekit.engine.points import LayerGraph
 
 
 def _resolved(model: torch.nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:

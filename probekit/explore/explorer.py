@@ -23,7 +23,7 @@ whose chart is replaced in place; the Vega JavaScript is inlined
 
 With ``live=True`` an :mod:`asyncio` task in the kernel's own event loop
 checks the store every ``interval`` seconds (one ``stat`` of its metadata
-file), reads it with :func:`probekit.store.open_run` in a worker thread when
+file), reads it with :func:`probekit.run.store.open_run` in a worker thread when
 an epoch has landed, and updates the widgets back on the event loop: the
 kernel stays free for other cells, and no widget is touched from a thread.
 
@@ -49,7 +49,7 @@ import pandas as pd
 import xarray as xr
 
 from probekit import plots
-from probekit.store import StoreError, open_run
+from probekit.run.store import StoreError, open_run
 
 __all__ = ["CompareState", "Comparison", "ExploreState", "Explorer", "block_layers", "compare", "explore"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from probekit.layers import Extractor, as_args, torch_threads
+from probekit.engine.points import Extractor, as_args, torch_threads
 
 _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
 #: Above this many bytes of cached features, the cache goes to disk.

@@ -6,7 +6,7 @@ numbers and returns them as a :class:`Reproduction`. By default every one
 runs on the embedded digits on a 2-core CPU in a few minutes; the real
 dataset, pretrained weights and full sizes are there when asked for:
 
-    >>> from probekit.reproductions import reproduce
+    >>> from probekit.experiments.reproductions import reproduce
     >>> result = reproduce("bypass", out="runs")          # runs/bypass.zarr, runs/bypass.png
     >>> result.numbers["dead_segments"]      # [[first, last, probed layers], ...]
     >>> reproduce("resnet-vs-inception", dataset="imagenette", pretrained=True)   # the paper's figure 4
@@ -225,7 +225,7 @@ def _save_figure(chart, options: _Options, name: str) -> tuple[Path, Path]:
 
 def _drop_checkpoint(store: Path) -> None:
     """A finished reproduction is not resumed: remove train_and_probe's checkpoint beside the store."""
-    from probekit.training import resume_path
+    from probekit.engine.training import resume_path
 
     resume_path(store).unlink(missing_ok=True)
 
@@ -247,7 +247,7 @@ def _findings_lines(findings: Findings) -> list[str]:
 # ----------------------------------------------------------------------------- mnist-convnet
 def _mnist_convnet(options: _Options) -> Reproduction:
     from probekit import plots, zoo
-    from probekit.training import train_and_probe
+    from probekit.engine.training import train_and_probe
 
     splits = _splits(options, limit=_real_limit(options))
     info = splits.info
@@ -328,7 +328,8 @@ def _bypass(options: _Options) -> Reproduction:
     probe points; every eighth with ``quick=True``).
     """
     from probekit import plots, zoo
-    from probekit.engine import ProbeMonitor, _resolve_device
+    from probekit.engine.devices import resolve_device
+    from probekit.engine.monitor import ProbeMonitor
 
     splits = _splits(options, limit=_real_limit(options))
     info = splits.info
@@ -340,7 +341,7 @@ def _bypass(options: _Options) -> Reproduction:
                            num_classes=info.num_classes)
     hidden = [f"layers.{i}" for i in range(depth)]
     layers = ["input", *hidden[::8], hidden[-1], "output"] if options.quick else list(model.probe_layers)
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device)
     model.to(device)
     store = options.out / "bypass.zarr"
     options.log(
@@ -491,7 +492,7 @@ def _resnet_vs_inception(options: _Options) -> Reproduction:
 
 def _scratch_arch(options: _Options, arch: str) -> tuple[xr.Dataset, dict]:
     from probekit import zoo
-    from probekit.training import train_and_probe
+    from probekit.engine.training import train_and_probe
 
     size = SCRATCH_SIZES[arch]
     limit = 128 if options.quick else (None if options.full else 300)

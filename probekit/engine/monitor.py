@@ -1,9 +1,9 @@
-"""Orchestration: ``plan``, ``probe``, ``ProbeMonitor`` and ``probe_checkpoints``.
+"""``ProbeMonitor``: probes a model's layers while it trains, one epoch row at a time.
 
-Data flows one way: model -> :mod:`probekit.layers` (probe points and one
-forward pass) -> :mod:`probekit.reduce` -> :mod:`probekit.features` (cache)
--> :mod:`probekit.probes` (fits) -> :mod:`probekit.store` (the run).
-Everything here is glue: each call leaves the model exactly as it found it.
+Data flows one way: model -> :mod:`~probekit.engine.points` (probe points and one
+forward pass) -> :mod:`~probekit.engine.reduce` -> :mod:`~probekit.engine.features`
+(cache) -> :mod:`~probekit.engine.probes` (fits) -> :mod:`probekit.run.store` (the run).
+Every call leaves the model exactly as it found it.
 """
 
 from __future__ import annotations
@@ -15,143 +15,35 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import torch
 import xarray as xr
 from torch import nn
 
 from probekit import __version__
-from probekit.features import (
+from probekit.engine.features import (
     DEFAULT_CACHE_BYTES, as_splits, batches, check_labels, extract, labels_of, split_size,
 )
-from probekit.layers import INPUT, LayerGraph, as_args, preserved_state
-from probekit.probes import DEFAULT_L2, OnlineProbes, fit_probes, score
-from probekit.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN, Reducer, make_reducer, spec_for
-from probekit.store import EpochRow, RunLayout, RunWriter, build_dataset, metric_names
+from probekit.engine.points import INPUT, LayerGraph, as_args, preserved_state
+from probekit.engine.probes import DEFAULT_L2, OnlineProbes, fit_probes, score
+from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
+from probekit.run.schema import EpochRow, build_dataset, metric_names
+from probekit.run.store import RunWriter
+from probekit.engine.devices import model_device
+from probekit.engine.plan import build_plan
 
 Mode = Literal["snapshot", "online"]
 
 
-# ----------------------------------------------------------------------------- plan
-@dataclass
-class Plan:
-    """What a probing run will do, per layer, before any work: see :func:`plan`."""
 
-    graph: LayerGraph
-    layers: list[str]
-    reducers: dict[str, Reducer]
-    num_classes: int
-
-    def frame(self) -> pd.DataFrame:
-        rows = []
-        for name in self.layers:
-            point, reducer = self.graph.point(name), self.reducers[name]
-            d = reducer.out_features
-            rows.append({
-                "layer": name, "op": point.op, "shape": point.shape_text, "features": point.features,
-                "reduction": reducer.describe(), "feature_dim": d, "probe_params": (d + 1) * self.num_classes,
-                "cache_MiB_per_1k": round(d * 4 * 1000 / 2**20, 2),
-            })
-        return pd.DataFrame(rows)
-
-    def layout(self, metrics: list[str], attrs: dict) -> RunLayout:
-        points = [self.graph.point(n) for n in self.layers]
-        return RunLayout(
-            layers=list(self.layers), depth=[p.depth for p in points], relative_depth=[p.relative_depth for p in points],
-            op=[p.op for p in points], shape=[p.shape_text for p in points],
-            feature_dim=[self.reducers[n].out_features for n in self.layers],
-            reduction=[self.reducers[n].describe() for n in self.layers], metrics=metrics, attrs=attrs,
-        )
-
-    def __str__(self) -> str:
-        frame = self.frame()
-        total = frame.feature_dim.sum()
-        return (
-            f"probe plan: {len(frame)} layers of {type(self.graph.model).__name__}, {self.num_classes} classes, "
-            f"{total:,} probe features in all ({frame.probe_params.sum():,} probe parameters, "
-            f"{frame.cache_MiB_per_1k.sum():.1f} MiB of cache per 1,000 examples)\n{frame.to_string(index=False)}"
-        )
-
-    def _repr_html_(self) -> str:
-        return self.frame().to_html(index=False)
-
-
-def _build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: int, budget: int, max_flatten: int) -> Plan:
-    names = graph.resolve(layers)
-    if isinstance(reduce, Mapping):
-        unknown = [k for k in reduce if k not in names]
-        if unknown:
-            raise ValueError(f"reduce= names layers that are not probed: {unknown}; probed layers are {names}")
-    reducers = {}
-    for name in names:
-        spec, shape = spec_for(reduce, name), graph.point(name).shape
-        if isinstance(reduce, str) and spec.startswith("pool") and len(shape) < 2:
-            spec = "auto"  # one spec for every layer: pooling applies to feature maps, vectors get the default
-        reducers[name] = make_reducer(spec, shape, layer=name, seed=seed, budget=budget, max_flatten=max_flatten)
-    return Plan(graph=graph, layers=names, reducers=reducers, num_classes=num_classes)
-
-
-def plan(
-    model: nn.Module,
-    example_input: object,
-    *,
-    layers: str | Sequence[str] | None = None,
-    reduce: str | Mapping[str, str] | None = None,
-    num_classes: int = 10,
-    budget: int = DEFAULT_BUDGET,
-    max_flatten: int = DEFAULT_MAX_FLATTEN,
-    seed: int = 0,
-) -> Plan:
-    """Per layer: shape, reduction, probe size and cache memory, before any training.
-
-    Args:
-        model: any ``nn.Module`` (left as it was).
-        example_input: one input batch.
-        layers: probe point names (see :func:`probekit.list_layers`), ``"blocks"``
-            (the default: input and each top-level block) or ``"all"``.
-        reduce: one reduction for every layer or ``{layer: reduction}``; the default
-            ``"auto"`` keeps every probe at or under ``budget`` features. A single
-            ``"pool"``/``"poolK"`` for every layer pools the feature maps and leaves
-            vectors (fully connected outputs) to ``"auto"``; a per-layer mapping is strict.
-        num_classes: classes of the probing task (sizes the probes).
-        budget: the ``"auto"`` policy's feature budget per probe.
-        max_flatten: largest layer ``"flatten"`` accepts.
-        seed: seed of random subsets and projections.
-
-    Example:
-        >>> print(pk.plan(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224), reduce="pool"))
-    """
-    graph = LayerGraph(model, example_input)
-    return _build_plan(graph, layers, reduce, num_classes=num_classes, seed=seed, budget=budget, max_flatten=max_flatten)
-
-
-# ----------------------------------------------------------------------------- helpers
 def _first_batch(split: object, batch_size: int) -> object:
     for inputs, _ in batches(split, batch_size):
         return inputs
     raise ValueError("the train split is empty; give it at least one example per class")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available here; pass device='cpu' or leave it unset")
-    return device
 
 
 def _infer_classes(splits: dict, num_classes: int | None, batch_size: int) -> int:
@@ -232,10 +124,10 @@ class ProbeMonitor:
     Args:
         model: the model being trained; parameters, buffers and train/eval flags
             are left as they were after every call.
-        data: train/valid(/test) splits (see :mod:`probekit.features`).
+        data: train/valid(/test) splits (see :mod:`probekit.engine.features`).
         layers: probe point names, ``"blocks"`` or ``"all"``; default: the model's
             ``probe_layers`` attribute, else ``"blocks"``.
-        reduce: reduction for every layer or ``{layer: spec}`` (see :mod:`probekit.reduce`).
+        reduce: reduction for every layer or ``{layer: spec}`` (see :mod:`probekit.engine.reduce`).
         store: Zarr store folder to write; ``None`` keeps the run in memory only.
         mode: ``"snapshot"`` or ``"online"``.
         resume: continue an existing store made by the same setup.
@@ -299,11 +191,11 @@ class ProbeMonitor:
             dataset = getattr(info, "name", None)
         self.num_classes = int(getattr(getattr(data, "info", None), "num_classes", 0) or 0) or num_classes
         self.num_classes = _infer_classes(self.splits, self.num_classes, self.batch_size)
-        self.device = _model_device(model)
+        self.device = model_device(model)
         example = _first_batch(self.splits["train"], 2)
         example = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in as_args(example))
         self.graph = LayerGraph(model, example if len(example) > 1 else example[0])
-        self.plan = _build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
+        self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
                                 max_flatten=max_flatten)
         for reducer in self.plan.reducers.values():
             reducer.to(self.device)
@@ -325,7 +217,7 @@ class ProbeMonitor:
             self._start_online(lr)
 
     def _start_online(self, lr: float) -> None:
-        from probekit.layers import HookExtractor
+        from probekit.engine.points import HookExtractor
 
         modules = {}
         for name in self.layers:
@@ -511,156 +403,3 @@ class ProbeMonitor:
             return
 
 
-# ----------------------------------------------------------------------------- fixed models
-@contextmanager
-def _placed(model: nn.Module, device: torch.device, channels_last: bool):
-    """Move the model to ``device`` (and channels-last memory) for a call, then put it back exactly."""
-    originals = {name: (t.device, t.is_contiguous()) for name, t in list(model.named_parameters()) + list(model.named_buffers())}
-    home = next(iter(originals.values()))[0] if originals else device
-    try:
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        yield
-    finally:
-        model.to(home)
-        if channels_last:
-            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-                if originals[name][1] and not tensor.is_contiguous():
-                    tensor.data = tensor.data.contiguous()
-
-
-def _wants_channels_last(model: nn.Module, device: torch.device, channels_last: bool | None) -> bool:
-    if channels_last is not None:
-        return channels_last
-    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def probe(
-    model: nn.Module,
-    data: object,
-    *,
-    layers: str | Sequence[str] | None = None,
-    reduce: str | Mapping[str, str] | None = None,
-    store: str | os.PathLike | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    device: str | torch.device | None = None,
-    channels_last: bool | None = None,
-    epoch: int = 0,
-    step: int = -1,
-    **options,
-) -> xr.Dataset:
-    """Probe a fixed model to convergence: one forward pass over the data, every probe fitted.
-
-    Args:
-        model: any ``nn.Module``; it is moved to ``device`` for the call and put
-            back, with its parameters, buffers and train/eval flags unchanged.
-        data: train/valid(/test) splits.
-        layers, reduce: see :class:`ProbeMonitor`.
-        store: Zarr store to write (optional).
-        resume: with an existing complete store, return it without recomputing.
-        overwrite: replace an existing store.
-        device: ``"cuda"`` when available, else ``"cpu"``, by default.
-        channels_last: channels-last memory for conv nets; default on CPU (faster there).
-        epoch, step: the row's epoch and step labels.
-        **options: any other :class:`ProbeMonitor` option (``num_classes``, ``l2``,
-            ``batch_size``, ``budget``, ``seed``, ``quiet``, ...).
-
-    Returns:
-        The run: an ``xarray.Dataset`` with one epoch.
-
-    Example:
-        >>> ds = pk.probe(model, (train, valid, test), store="runs/a.zarr", reduce="pool")
-        >>> ds.probe.sel(metric="valid_error").squeeze("epoch").to_series()
-    """
-    device = _resolve_device(device)
-    use_cl = _wants_channels_last(model, device, channels_last)
-    with _placed(model, device, use_cl):
-        with ProbeMonitor(model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
-                          channels_last=use_cl, **options) as monitor:
-            if not monitor.rows:
-                monitor.update(epoch=epoch, step=step)
-            return monitor.dataset
-
-
-def probe_checkpoints(
-    build_model: Callable[[], nn.Module],
-    checkpoints: Sequence[str | os.PathLike],
-    data: object,
-    *,
-    epochs: Sequence[int] | None = None,
-    steps: Sequence[int] | None = None,
-    store: str | os.PathLike | None = None,
-    resume: bool = False,
-    device: str | torch.device | None = None,
-    **options,
-) -> xr.Dataset:
-    """Probe a series of saved snapshots of one model, one epoch row each.
-
-    Each checkpoint is a state dict (or a dict holding one under ``"model"``,
-    ``"state_dict"`` or ``"model_state_dict"``), loaded with
-    ``torch.load(weights_only=True)``: a file that carries code is refused.
-
-    Args:
-        build_model: returns a fresh model of the right architecture.
-        checkpoints: paths, in training order.
-        epochs, steps: labels of each checkpoint's row (default 0, 1, 2, ... and unknown).
-        store, resume: as for :func:`probe`; resuming skips checkpoints already written.
-        **options: any :class:`ProbeMonitor` option.
-
-    Example:
-        >>> ds = pk.probe_checkpoints(lambda: pk.zoo.paper_convnet(), ["c0.pt", "c1.pt"], data)
-    """
-    checkpoints = [Path(c) for c in checkpoints]
-    if not checkpoints:
-        raise ValueError("checkpoints= is empty; pass the paths of saved state dicts, in training order")
-    missing = [str(c) for c in checkpoints if not c.is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint files not found: {missing[:3]}; check the paths")
-    epochs = list(range(len(checkpoints))) if epochs is None else list(epochs)
-    steps = [-1] * len(checkpoints) if steps is None else list(steps)
-    if len(epochs) != len(checkpoints) or len(steps) != len(checkpoints):
-        raise ValueError(f"epochs= and steps= need one entry per checkpoint ({len(checkpoints)})")
-    device = _resolve_device(device)
-    model = build_model()
-    load_checkpoint(model, checkpoints[0])
-    model.to(device)
-    use_cl = _wants_channels_last(model, device, options.pop("channels_last", None))
-    if use_cl:
-        model.to(memory_format=torch.channels_last)
-    with ProbeMonitor(model, data, store=store, resume=resume, channels_last=use_cl, **options) as monitor:
-        for path, epoch, step in zip(checkpoints, epochs, steps):
-            if monitor.rows and epoch <= monitor.rows[-1].epoch:
-                continue
-            load_checkpoint(model, path)
-            monitor.update(epoch=epoch, step=step)
-        return monitor.dataset
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state dict into ``model`` safely (``weights_only=True``), with one-line errors."""
-    import pickle
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"refusing to load {str(path)!r}: it holds objects other than tensors (weights_only=True refused it: "
-            f"{str(error).splitlines()[0][:160]}). Save checkpoints with torch.save(model.state_dict(), path)"
-        ) from None
-    except (OSError, RuntimeError, EOFError) as error:
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {str(error).splitlines()[0][:200]}") from error
-    if isinstance(state, Mapping):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in state and isinstance(state[key], Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {str(error).splitlines()[0][:300]}"
-        ) from None

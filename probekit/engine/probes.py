@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from probekit.layers import torch_threads
+from probekit.engine.points import torch_threads
 
 #: Default L2 strength (on standardised features, mean loss).
 DEFAULT_L2 = 1e-3
@@ -389,7 +389,7 @@ class OnlineProbes(nn.Module):
 
         The probes' operations are small, so they run single-threaded (split
         across cores they would mostly wait for each other; see
-        :func:`probekit.layers.torch_threads`); the finiteness checks, losses
+        :func:`probekit.engine.points.torch_threads`); the finiteness checks, losses
         and running metrics of all probes are computed together, and the L2
         term is the optimiser's weight decay on the weights.
         """

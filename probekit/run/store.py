@@ -1,4 +1,4 @@
-"""The run schema, and the one module that reads and writes Zarr run stores.
+"""The one module that reads and writes Zarr run stores (the schema itself is :mod:`probekit.run.schema`).
 
 A run is an ``xarray.Dataset`` with a data variable ``probe`` of dims
 ``(layer, epoch, metric)``; ``docs/store.md`` documents every variable,
@@ -20,24 +20,20 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 import zarr
 
-SCHEMA_VERSION = 1
+from probekit.run.schema import (
+    EPOCH_VARIABLES, SCHEMA_VERSION, EpochRow, RunLayout, build_dataset, layout_of,
+    row_values, rows_of,
+)
+
 #: Epochs are preallocated, and chunked, in blocks of this many.
 EPOCH_BLOCK = 64
 LOCK_FILE = ".writer.lock"
-SPLITS = ("train", "valid", "test")
-MEASURES = ("error", "loss", "top5")
-#: Variables indexed by epoch, written one region per epoch.
-EPOCH_VARIABLES = ("probe", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
-#: Attributes that describe one process's session, not the run: they may differ on resume.
-SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
 
 
 class StoreError(ValueError):
@@ -46,160 +42,6 @@ class StoreError(ValueError):
 
 class StoreLockedError(StoreError):
     """Another live process is writing the store."""
-
-
-def metric_names(splits: Sequence[str], num_classes: int) -> list[str]:
-    """The metric coordinate for a run over ``splits`` with ``num_classes`` classes."""
-    measures = MEASURES if num_classes > 5 else MEASURES[:2]
-    return [f"{split}_{measure}" for split in SPLITS if split in splits for measure in measures]
-
-
-@dataclass
-class RunLayout:
-    """What fixes the shape of a run: its layers, metrics and provenance.
-
-    Two runs can share a store only if their layouts agree on every field
-    but the per-session attributes (``SESSION_ATTRS``).
-    """
-
-    layers: list[str]
-    depth: list[int]
-    relative_depth: list[float]
-    op: list[str]
-    shape: list[str]
-    feature_dim: list[int]
-    reduction: list[str]
-    metrics: list[str]
-    attrs: dict = field(default_factory=dict)
-
-    def coords(self) -> dict:
-        metrics = self.metrics
-        return {
-            "layer": ("layer", np.array(self.layers, dtype=str)),
-            "depth": ("layer", np.array(self.depth, dtype=np.int64)),
-            "relative_depth": ("layer", np.array(self.relative_depth, dtype=np.float64)),
-            "op": ("layer", np.array(self.op, dtype=str)),
-            "shape": ("layer", np.array(self.shape, dtype=str)),
-            "feature_dim": ("layer", np.array(self.feature_dim, dtype=np.int64)),
-            "reduction": ("layer", np.array(self.reduction, dtype=str)),
-            "metric": ("metric", np.array(metrics, dtype=str)),
-            "split": ("metric", np.array([m.rsplit("_", 1)[0] for m in metrics], dtype=str)),
-            "measure": ("metric", np.array([m.rsplit("_", 1)[1] for m in metrics], dtype=str)),
-        }
-
-    def fixed_attrs(self) -> dict:
-        return {k: v for k, v in self.attrs.items() if k not in SESSION_ATTRS}
-
-
-@dataclass
-class EpochRow:
-    """One epoch of a run: every layer's metrics, as the engine computed them."""
-
-    epoch: int
-    step: int
-    probe: np.ndarray  # (layer, metric)
-    nonfinite: np.ndarray  # (layer,)
-    iterations: np.ndarray  # (layer,)
-    converged: np.ndarray  # (layer,)
-    model_loss: float = float("nan")
-    model_error: float = float("nan")
-    wall_time: float = float("nan")
-
-
-def _epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | None = None) -> dict:
-    n_layers, n_metrics = len(layout.layers), len(layout.metrics)
-    size = len(rows) if capacity is None else capacity
-    probe = np.full((n_layers, size, n_metrics), np.nan)
-    arrays = {
-        "probe": probe,
-        "nonfinite": np.zeros((n_layers, size), dtype=bool),
-        "iterations": np.zeros((n_layers, size), dtype=np.int64),
-        "converged": np.zeros((n_layers, size), dtype=bool),
-        "model_loss": np.full(size, np.nan),
-        "model_error": np.full(size, np.nan),
-        "wall_time": np.full(size, np.nan),
-        "step": np.full(size, -1, dtype=np.int64),
-        "epoch": np.full(size, -1, dtype=np.int64),
-    }
-    for i, row in enumerate(rows):
-        for name, value in _row_values(row).items():
-            if name == "probe":
-                probe[:, i, :] = value
-            else:
-                arrays[name][..., i] = value
-    return arrays
-
-
-def _row_values(row: EpochRow) -> dict:
-    return {
-        "probe": row.probe, "nonfinite": row.nonfinite, "iterations": row.iterations, "converged": row.converged,
-        "model_loss": row.model_loss, "model_error": row.model_error, "wall_time": row.wall_time,
-        "step": row.step, "epoch": row.epoch,
-    }
-
-
-def build_dataset(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | None = None) -> xr.Dataset:
-    """The run as an ``xarray.Dataset`` (see docs/store.md)."""
-    arrays = _epoch_arrays(layout, rows, capacity)
-    coords = layout.coords()
-    coords["epoch"] = ("epoch", arrays.pop("epoch"))
-    coords["step"] = ("epoch", arrays.pop("step"))
-    dims = {"probe": ("layer", "epoch", "metric"), "nonfinite": ("layer", "epoch"), "iterations": ("layer", "epoch"),
-            "converged": ("layer", "epoch"), "model_loss": ("epoch",), "model_error": ("epoch",), "wall_time": ("epoch",)}
-    data_vars = {name: (dims[name], value) for name, value in arrays.items()}
-    attrs = {"probekit_schema": SCHEMA_VERSION, **layout.attrs}
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
-
-
-def layout_of(ds: xr.Dataset) -> RunLayout:
-    """The layout a run dataset (or an opened store) was made with."""
-    return RunLayout(
-        layers=[str(v) for v in ds["layer"].values], depth=[int(v) for v in ds["depth"].values],
-        relative_depth=[float(v) for v in ds["relative_depth"].values], op=[str(v) for v in ds["op"].values],
-        shape=[str(v) for v in ds["shape"].values], feature_dim=[int(v) for v in ds["feature_dim"].values],
-        reduction=[str(v) for v in ds["reduction"].values], metrics=[str(v) for v in ds["metric"].values],
-        attrs={k: v for k, v in ds.attrs.items() if k != "probekit_schema"},
-    )
-
-
-def rows_of(ds: xr.Dataset) -> list[EpochRow]:
-    """The epochs of a run dataset, as rows an engine can continue from."""
-    return [
-        EpochRow(
-            epoch=int(ds["epoch"].values[i]), step=int(ds["step"].values[i]), probe=ds["probe"].values[:, i, :].copy(),
-            nonfinite=ds["nonfinite"].values[:, i].copy(), iterations=ds["iterations"].values[:, i].copy(),
-            converged=ds["converged"].values[:, i].copy(), model_loss=float(ds["model_loss"].values[i]),
-            model_error=float(ds["model_error"].values[i]), wall_time=float(ds["wall_time"].values[i]),
-        )
-        for i in range(ds.sizes["epoch"])
-    ]
-
-
-def epoch_position(ds: xr.Dataset, epoch: int) -> int:
-    """The position on the epoch axis of ``epoch`` (an epoch number, or negative to count from the end).
-
-    Args:
-        ds: a run.
-        epoch: an epoch number present in the run, or ``-1`` for the last, ``-2``
-            for the one before, ...
-
-    Example:
-        >>> ds.probe.isel(epoch=epoch_position(ds, -1))
-    """
-    epochs = np.asarray(ds["epoch"].values)
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
-        raise TypeError(f"epoch must be an int (an epoch number, or -1 for the last); got {epoch!r}")
-    if epochs.size == 0:
-        raise ValueError("this run has no completed epochs yet; wait for the first one to be written")
-    if epoch < 0:
-        if -epoch > epochs.size:
-            raise ValueError(f"epoch={epoch} reaches before the first epoch; this run has {epochs.size} epochs")
-        return int(epochs.size + epoch)
-    hits = np.flatnonzero(epochs == epoch)
-    if hits.size == 0:
-        shown = ", ".join(str(e) for e in epochs[:12]) + (", ..." if epochs.size > 12 else "")
-        raise ValueError(f"epoch={epoch} is not in this run; choose from: {shown} (or -1 for the last)")
-    return int(hits[0])
 
 
 # --------------------------------------------------------------------- reading
@@ -475,7 +317,7 @@ class RunWriter:
         if resized:
             for name in EPOCH_VARIABLES:
                 self._resize(group[name], name, capacity + EPOCH_BLOCK)
-        for name, value in _row_values(row).items():
+        for name, value in row_values(row).items():
             array = group[name]
             value = np.asarray(value).astype(array.dtype)
             if name == "probe":

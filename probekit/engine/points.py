@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from probekit.reduce import Reducer
+from probekit.engine.reduce import Reducer
 
 INPUT = "input"
 #: Layer selectors accepted by ``layers=`` besides explicit names.
@@ -389,7 +389,7 @@ def _unique_points(graph: LayerGraph, names: list[str]) -> list[str]:
 
 
 def reducer_input(output: object) -> torch.Tensor:
-    from probekit.reduce import _as_tensor
+    from probekit.engine.reduce import _as_tensor
 
     return _as_tensor(output)
 

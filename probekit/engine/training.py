@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from probekit.engine import ProbeMonitor
-from probekit.features import as_splits
+from probekit.engine.devices import resolve_device
+from probekit.engine.monitor import ProbeMonitor
+from probekit.engine.features import as_splits
 
 
 def resume_path(store: str | os.PathLike) -> Path:
@@ -95,13 +96,12 @@ def train_and_probe(
     Example:
         >>> ds = train_and_probe(pk.zoo.paper_convnet(input_size=8), pk.data.digits(), epochs=3, store="runs/c.zarr")
     """
-    from probekit.engine import _resolve_device
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0; got {epochs}")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {optimizer!r}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     loss_fn = loss_fn or F.cross_entropy
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

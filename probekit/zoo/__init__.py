@@ -3,7 +3,7 @@
 Every model built here has two attributes the rest of the kit reads:
 
 - ``probe_layers`` (list of str): the probe points used when ``layers=`` is not
-  given. Names are those :class:`probekit.layers.LayerGraph` understands:
+  given. Names are those :class:`probekit.engine.points.LayerGraph` understands:
   ``"input"`` for the model's input, otherwise module paths (``"conv1"``,
   ``"layers.63"``, ``"layer3.2"``, ``"Mixed_6a"``).
 - ``input_shape`` (C, H, W), where the model expects a fixed image size, and

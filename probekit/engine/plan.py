@@ -1,0 +1,116 @@
+"""The probe plan: which layers, which reduction, how large each probe, before any work.
+
+:func:`plan` traces the model once (:mod:`probekit.engine.points`) and picks a
+reducer per layer (:mod:`probekit.engine.reduce`); :class:`Plan` shows the result
+and turns it into the run layout of :mod:`probekit.run.schema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+from torch import nn
+
+from probekit.engine.points import LayerGraph
+from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN, Reducer, make_reducer, spec_for
+from probekit.run.schema import RunLayout
+
+Mode = Literal["snapshot", "online"]
+
+
+
+@dataclass
+class Plan:
+    """What a probing run will do, per layer, before any work: see :func:`plan`."""
+
+    graph: LayerGraph
+    layers: list[str]
+    reducers: dict[str, Reducer]
+    num_classes: int
+
+    def frame(self) -> pd.DataFrame:
+        rows = []
+        for name in self.layers:
+            point, reducer = self.graph.point(name), self.reducers[name]
+            d = reducer.out_features
+            rows.append({
+                "layer": name, "op": point.op, "shape": point.shape_text, "features": point.features,
+                "reduction": reducer.describe(), "feature_dim": d, "probe_params": (d + 1) * self.num_classes,
+                "cache_MiB_per_1k": round(d * 4 * 1000 / 2**20, 2),
+            })
+        return pd.DataFrame(rows)
+
+    def layout(self, metrics: list[str], attrs: dict) -> RunLayout:
+        points = [self.graph.point(n) for n in self.layers]
+        return RunLayout(
+            layers=list(self.layers), depth=[p.depth for p in points], relative_depth=[p.relative_depth for p in points],
+            op=[p.op for p in points], shape=[p.shape_text for p in points],
+            feature_dim=[self.reducers[n].out_features for n in self.layers],
+            reduction=[self.reducers[n].describe() for n in self.layers], metrics=metrics, attrs=attrs,
+        )
+
+    def __str__(self) -> str:
+        frame = self.frame()
+        total = frame.feature_dim.sum()
+        return (
+            f"probe plan: {len(frame)} layers of {type(self.graph.model).__name__}, {self.num_classes} classes, "
+            f"{total:,} probe features in all ({frame.probe_params.sum():,} probe parameters, "
+            f"{frame.cache_MiB_per_1k.sum():.1f} MiB of cache per 1,000 examples)\n{frame.to_string(index=False)}"
+        )
+
+    def _repr_html_(self) -> str:
+        return self.frame().to_html(index=False)
+
+
+def build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: int, budget: int, max_flatten: int) -> Plan:
+    names = graph.resolve(layers)
+    if isinstance(reduce, Mapping):
+        unknown = [k for k in reduce if k not in names]
+        if unknown:
+            raise ValueError(f"reduce= names layers that are not probed: {unknown}; probed layers are {names}")
+    reducers = {}
+    for name in names:
+        spec, shape = spec_for(reduce, name), graph.point(name).shape
+        if isinstance(reduce, str) and spec.startswith("pool") and len(shape) < 2:
+            spec = "auto"  # one spec for every layer: pooling applies to feature maps, vectors get the default
+        reducers[name] = make_reducer(spec, shape, layer=name, seed=seed, budget=budget, max_flatten=max_flatten)
+    return Plan(graph=graph, layers=names, reducers=reducers, num_classes=num_classes)
+
+
+def plan(
+    model: nn.Module,
+    example_input: object,
+    *,
+    layers: str | Sequence[str] | None = None,
+    reduce: str | Mapping[str, str] | None = None,
+    num_classes: int = 10,
+    budget: int = DEFAULT_BUDGET,
+    max_flatten: int = DEFAULT_MAX_FLATTEN,
+    seed: int = 0,
+) -> Plan:
+    """Per layer: shape, reduction, probe size and cache memory, before any training.
+
+    Args:
+        model: any ``nn.Module`` (left as it was).
+        example_input: one input batch.
+        layers: probe point names (see :func:`probekit.list_layers`), ``"blocks"``
+            (the default: input and each top-level block) or ``"all"``.
+        reduce: one reduction for every layer or ``{layer: reduction}``; the default
+            ``"auto"`` keeps every probe at or under ``budget`` features. A single
+            ``"pool"``/``"poolK"`` for every layer pools the feature maps and leaves
+            vectors (fully connected outputs) to ``"auto"``; a per-layer mapping is strict.
+        num_classes: classes of the probing task (sizes the probes).
+        budget: the ``"auto"`` policy's feature budget per probe.
+        max_flatten: largest layer ``"flatten"`` accepts.
+        seed: seed of random subsets and projections.
+
+    Example:
+        >>> print(pk.plan(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224), reduce="pool"))
+    """
+    graph = LayerGraph(model, example_input)
+    return build_plan(graph, layers, reduce, num_classes=num_classes, seed=seed, budget=budget, max_flatten=max_flatten)
+
+

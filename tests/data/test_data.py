@@ -114,9 +114,10 @@ def test_digits_without_test_split():
     ("kwargs", "message"),
     [
         ({"size": 0}, "size must be an integer >= 1; got 0"),
-        ({"channels": 2}, "channels must be 1 or 3; got 2"),
-        ({"limit": 0}, "limit must be an integer >= 1; got 0"),
-        ({"valid_fraction": 1.5}, r"valid_fraction must be a number in \(0, 1\); got 1.5"),
+        ({"channels": 2}, "channels must be one of 1, 3; got 2"),
+        ({"limit": 0}, "limit must be an integer >= 1 or None; got 0"),
+        ({"valid_fraction": 1.5}, r"valid_fraction must be a finite number in \(0, 1\); got 1.5"),
+        ({"test_fraction": 1}, r"test_fraction must be a finite number in \[0, 1\); got 1"),
         ({"valid_fraction": 0.5, "test_fraction": 0.5}, "must leave data to train on"),
         ({"seed": -1}, "seed must be an integer >= 0"),
     ],
@@ -150,8 +151,8 @@ def test_dataset_info_validates_itself():
 def test_load_digits_delegates_and_fits_a_model():
     splits = data.load("digits", limit=4, seed=1)
     assert torch.equal(splits.train[0], data.digits(limit=4, seed=1).train[0])
-    fitted = data.load("digits", model="inception_v3", limit=2)
-    assert fitted.train[0].shape == (2, 3, 299, 299)
+    fitted = data.load("digits", model=_Declares(), limit=2)
+    assert fitted.train[0].shape == (2, 3, 30, 30)
     assert fitted.info.mean != data.IMAGENET_MEAN
     pretrained = data.load("digits", size=16, pretrained_norm=True, limit=2)
     assert pretrained.info.input_shape == (3, 16, 16) and pretrained.info.mean == data.IMAGENET_MEAN
@@ -162,7 +163,7 @@ def test_load_rejects_unknown_names():
         data.load("mnsit")
     with pytest.raises(TypeError, match="name must be a dataset name or a folder path; got int"):
         data.load(3)
-    with pytest.raises(ValueError, match="unknown model name 'vgg'"):
+    with pytest.raises(TypeError, match="model must be an nn.Module, not a name; got 'vgg'. Pass the model itself"):
         data.load("digits", model="vgg")
 
 
@@ -324,15 +325,17 @@ class _Fixed(nn.Module):
     pretrained = True
 
 
-def test_transforms_for_models():
-    from torchvision.models import resnet18
+class _Declares(nn.Module):
+    input_shape = (3, 30, 30)
+    pretrained = False
 
+
+def test_transforms_for_models():
     mnist = data.dataset_info("mnist")
     image = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
     assert data.transforms_for(mnist)(image).shape == (1, 28, 28)
-    assert data.transforms_for(mnist, model="resnet50")(image).shape == (3, 224, 224)
-    assert data.transforms_for(mnist, model="inception_v3")(image).shape == (3, 299, 299)
-    assert data.transforms_for(mnist, model=resnet18())(image).shape == (3, 224, 224)
+    assert data.transforms_for(mnist, model=_Declares())(image).shape == (3, 30, 30)
+    assert data.transforms_for(mnist, model=nn.Linear(2, 2))(image).shape == (1, 28, 28)  # declares no input
     assert data.transforms_for(mnist, model=_Fixed(), size=16)(image).shape == (3, 16, 16)
 
     out = data.transforms_for(mnist, model=_Fixed())(image)
@@ -360,5 +363,7 @@ def test_transforms_for_errors():
         data.transforms_for(data.dataset_info("cifar10"), channels=1)
     with pytest.raises(ValueError, match="pretrained normalisation .* got channels=1"):
         data.transforms_for(data.dataset_info("mnist"), channels=1, pretrained=True)
-    with pytest.raises(TypeError, match="model must be an nn.Module or a model name; got int"):
+    with pytest.raises(TypeError, match="model must be an nn.Module that declares its input_shape; got int"):
         data.transforms_for(data.dataset_info("mnist"), model=3)
+    with pytest.raises(TypeError, match="not a name; got 'resnet50'.*every probekit.zoo model declares its input_shape"):
+        data.transforms_for(data.dataset_info("mnist"), model="resnet50")

@@ -118,7 +118,7 @@ def test_skip_into_the_output_layer_and_other_activations():
         ({"depth": 8, "skip": (2, 9)}, r"got \(2, 9\)"),
         ({"skip": (-1, 4)}, r"got \(-1, 4\)"),
         ({"skip": "0-64"}, "skip must be a pair .* got '0-64'"),
-        ({"activation": "gelu"}, "activation must be one of relu, tanh, sigmoid; got 'gelu'"),
+        ({"activation": "gelu"}, "activation must be one of 'relu', 'tanh', 'sigmoid'; got 'gelu'"),
         ({"depth": 0}, "depth must be an integer >= 1; got 0"),
     ],
 )
@@ -183,6 +183,8 @@ def test_resnet50_default_probe_points_resolve():
     assert shapes["layer1.2"] == (256, 16, 16) and shapes["layer4.2"] == (2048, 2, 2)
     assert shapes["maxpool"] == (64, 16, 16) and shapes["fc"] == (10,)
     assert model.input_shape == (3, 224, 224) and model.pretrained is False
+    image = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
+    assert data.transforms_for(data.dataset_info("mnist"), model=model)(image).shape == (3, 224, 224)  # declared input
 
 
 @pytest.mark.slow
@@ -203,6 +205,11 @@ def test_inception_v3_without_aux_head_at_75_px():
     shapes = _resolved(model, torch.randn(2, 3, 75, 75))
     assert shapes["fc"] == (7,)
     assert zoo.default_layers("inception_v3", aux_logits=False) == model.probe_layers
+    image = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
+    assert data.transforms_for(data.dataset_info("mnist"), model=model)(image).shape == (3, 299, 299)  # declared input
+    fitted = data.load("digits", model=model, limit=2)
+    assert fitted.train[0].shape == (2, 3, 299, 299)
+    assert fitted.info.mean != data.IMAGENET_MEAN  # random weights: the data's own statistics
 
 
 def test_default_layers_errors():
@@ -275,7 +282,7 @@ def test_a_weights_file_carrying_code_is_refused(tmp_path):
     state = zoo.paper_convnet(input_size=8).state_dict()
     state["payload"] = _RunsCode(marker)
     torch.save(state, path)
-    with pytest.raises(ValueError, match="refused to load .*evil.pth.*holds pickled Python objects"):
+    with pytest.raises(ValueError, match="refusing to load .*evil.pth.*holds pickled Python objects"):
         zoo.resnet50(weights=path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the file really carries code: an unsafe load runs it
@@ -297,7 +304,7 @@ def test_weights_argument_errors(tmp_path):
         zoo.resnet50(weights=not_state)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read weights from .*garbage.pth|refused to load"):
+    with pytest.raises(ValueError, match="could not read weights from .*garbage.pth|refusing to load .*garbage.pth"):
         zoo.resnet50(weights=garbage)
 
 

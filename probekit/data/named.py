@@ -23,7 +23,7 @@ from probekit.data.embedded import digits
 from probekit.data.downloads import download_guard
 from probekit.data.splits import CONSTRAINTS, DatasetInfo, Splits, stratified_order
 from probekit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, model_input, target_info
-from probekit.params import check_params
+from probekit.params import check_params, choices
 
 __all__ = ["DATASETS", "dataset_info", "load"]
 
@@ -203,7 +203,7 @@ def load(
         train_dir, test_dir = _folder_layout(name)
         if root is not None:
             raise ValueError(
-                f"root= is where named datasets ({', '.join(DATASETS)}) are kept; for a folder, pass the folder "
+                f"root= is where named datasets ({choices(DATASETS)}) are kept; for a folder, pass the folder "
                 f"itself as name. Got name={str(name)!r} and root={str(root)!r}"
             )
         native = dataset_info(name)
@@ -250,7 +250,7 @@ def _folder_layout(folder: str | os.PathLike) -> tuple[Path, Path]:
         close = difflib.get_close_matches(str(folder).lower(), DATASETS, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"unknown dataset {str(folder)!r}: not one of {', '.join(DATASETS)} and not a folder; {hint}"
+            f"unknown dataset {str(folder)!r}: not one of {choices(DATASETS)} and not a folder; {hint}"
             "pass a dataset name, or a folder with train/<class>/ and val/<class>/ image subfolders"
         )
     test_dir = next((path / sub for sub in ("val", "test") if (path / sub).is_dir()), None)

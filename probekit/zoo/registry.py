@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from probekit.params import choices
 from probekit.zoo.paper import bypass_mlp, paper_convnet, residual_mlp
 from probekit.zoo.vision import inception_v3, resnet50
 
@@ -58,7 +59,7 @@ def build(name: str, **kwargs) -> nn.Module:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"unknown model {name!r}; {hint}available: {', '.join(_REGISTRY)}, "
+            f"unknown model {name!r}; {hint}available: {choices(_REGISTRY)}, "
             "or 'package.module:callable' for your own factory"
         )
     return _REGISTRY[name](**kwargs)

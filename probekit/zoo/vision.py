@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from probekit.engine.checkpoints import load_state, read_state_dict
-from probekit.params import Interval, check_params
+from probekit.params import Interval, check_params, choices
 
 __all__ = [
     "INCEPTION_V3_EXTRAS",
@@ -95,7 +95,7 @@ def default_layers(model: str, *, extras: bool = False, aux_logits: bool = True)
         ['input', 'maxpool', 'layer1.0']
     """
     if model not in _DEFAULTS:
-        raise ValueError(f"default_layers knows {', '.join(_DEFAULTS)}; got {model!r}")
+        raise ValueError(f"default_layers knows {choices(_DEFAULTS)}; got {model!r}")
     base, optional = _DEFAULTS[model]
     wanted = set(base) | (set(optional) if extras else set())
     if not aux_logits:
@@ -218,7 +218,7 @@ def _weights_source(weights: object, enum_class: type, arch: str):
         return path
     if isinstance(weights, str) and not path.suffix and os.sep not in weights:
         raise ValueError(
-            f"unknown weights {weights!r} for {arch}; use None (random), one of {', '.join(repr(n) for n in names)}, "
+            f"unknown weights {weights!r} for {arch}; use None (random), one of {choices([repr(n) for n in names])}, "
             "or the path of a saved state dict"
         )
     raise FileNotFoundError(f"weights file {str(path)!r} does not exist; pass the path of a state dict saved with torch.save")

@@ -19,7 +19,11 @@ layers x epochs would exceed ``max_rows``. Layers whose features were
 nonfinite have NaN metrics; they appear as gaps (lines) or grey cells
 (heatmap), never as errors.
 
-This module imports numpy, pandas, xarray and altair only, never torch.
+Run validation, split and measure names, measure labels, epoch positions and
+layer order come from :mod:`probekit.run.schema`.
+
+This module imports numpy, pandas, xarray and altair only: never torch, never
+zarr, never ipywidgets.
 """
 
 from __future__ import annotations
@@ -33,9 +37,15 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from probekit.run.schema import epoch_position
+from probekit.params import Interval, Options, check_params, choices
+from probekit.run.schema import (
+    MEASURE_LABELS, check_in_run, check_run, epoch_position, forward_order, measures_of, splits_of,
+)
 
 __all__ = [
+    "FINDING_COLUMNS",
+    "MAX_ROWS",
+    "TIDY_COLUMNS",
     "comparison",
     "depth_profile",
     "diagnosis_overlay",
@@ -66,20 +76,10 @@ MAX_ROWS = 5000
 #: Columns a findings frame needs (see ``probekit.diagnose``).
 FINDING_COLUMNS = ("kind", "layers", "evidence", "suggestion")
 
-_REQUIRED_COORDS = (
-    "layer",
-    "depth",
-    "relative_depth",
-    "shape",
-    "feature_dim",
-    "reduction",
-    "epoch",
-    "step",
-    "metric",
-    "split",
-    "measure",
-)
-_MEASURE_TITLES = {"error": "error", "loss": "loss (nats)", "top5": "top-5 error"}
+#: What each chart's arguments may be, besides the names a run must have (see :func:`probekit.params.check_params`).
+_CURVES_CONSTRAINTS = {"x": [Options("epoch", "step")], "max_rows": [Interval(int, 1, None)]}
+_PROFILE_CONSTRAINTS = {"x": [Options("layer", "relative_depth")]}
+_HEATMAP_CONSTRAINTS = {"max_rows": [Interval(int, 1, None)]}
 _DEPTH_SCHEME = alt.SchemeParams(name="viridis", extent=[0.0, 0.85])
 _MISSING_COLOUR = "#d9d9d9"
 _LINE_COLOUR = "#333333"
@@ -91,30 +91,8 @@ _HEIGHT = 260
 # Reading a run
 
 
-def _choices(values: Sequence[object], limit: int = 12) -> str:
-    """``a, b, c`` for error messages, shortened for long lists."""
-    items = [str(v) for v in values]
-    if len(items) <= limit:
-        return ", ".join(items)
-    return ", ".join(items[: limit - 2]) + f", ..., {items[-1]} ({len(items)} in all)"
-
-
-def _check_run(ds: object) -> None:
-    if not isinstance(ds, xr.Dataset):
-        raise TypeError(f"expected a probekit run (an xarray.Dataset, see docs/store.md); got {type(ds).__name__}")
-    missing = [name for name in ("probe", *_REQUIRED_COORDS) if name not in ds.variables]
-    if missing:
-        raise ValueError(
-            f"this dataset is not a probekit run: it lacks {', '.join(missing)}; open runs with probekit.open_run"
-        )
-
-
 def _strings(ds: xr.Dataset, name: str) -> np.ndarray:
     return np.asarray(ds[name].values).astype(str)
-
-
-def _unique(values: np.ndarray) -> list[str]:
-    return list(dict.fromkeys(values.tolist()))
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
@@ -127,19 +105,14 @@ def _pick(name: str, wanted: list[str] | None, available: list[str]) -> list[str
     if wanted is None:
         return available
     for value in wanted:
-        if value not in available:
-            raise ValueError(f"{name}={value!r} is not in this run; choose from: {_choices(available)}")
+        check_in_run(name, value, available)
     return list(dict.fromkeys(wanted))
 
 
 def _layer_indices(ds: xr.Dataset, layers: str | Sequence[str] | None) -> np.ndarray:
     """Indices of the chosen layers (all when None), in forward (depth) order."""
-    names = _strings(ds, "layer")
-    chosen = _pick("layer", _as_list(layers), names.tolist())
-    index = {name: i for i, name in enumerate(names)}
-    positions = np.array([index[name] for name in chosen], dtype=int)
-    depth = np.asarray(ds["depth"].values)
-    return positions[np.argsort(depth[positions], kind="stable")]
+    chosen = _pick("layer", _as_list(layers), _strings(ds, "layer").tolist())
+    return forward_order(ds, chosen)
 
 
 def _epoch_indices(ds: xr.Dataset, epoch: int | Sequence[int] | None) -> np.ndarray:
@@ -154,8 +127,8 @@ def _metric_indices(
     ds: xr.Dataset, measure: str | Sequence[str] | None, split: str | Sequence[str] | None
 ) -> np.ndarray:
     splits, measures = _strings(ds, "split"), _strings(ds, "measure")
-    chosen_measures = _pick("measure", _as_list(measure), _unique(measures))
-    chosen_splits = _pick("split", _as_list(split), _unique(splits))
+    chosen_measures = _pick("measure", _as_list(measure), measures_of(ds))
+    chosen_splits = _pick("split", _as_list(split), splits_of(ds))
     keep = np.isin(splits, chosen_splits) & np.isin(measures, chosen_measures)
     return np.flatnonzero(keep)
 
@@ -191,7 +164,7 @@ def tidy(
     Example:
         >>> tidy(ds, measure="error", split="valid", epoch=-1).head()
     """
-    _check_run(ds)
+    check_run(ds)
     li = _layer_indices(ds, layers)
     ei = _epoch_indices(ds, epoch)
     mi = _metric_indices(ds, measure, split)
@@ -259,7 +232,7 @@ def thin_epochs(n_epochs: int, n_layers: int, *, max_rows: int = MAX_ROWS) -> np
 
 
 def _value_title(split: str, measure: str) -> str:
-    return f"{split} {_MEASURE_TITLES.get(measure, measure)}"
+    return f"{split} {MEASURE_LABELS.get(measure, measure)}"
 
 
 def _title(ds: xr.Dataset, text: str, subtitle: str | None = None) -> alt.TitleParams:
@@ -348,8 +321,7 @@ def training_curves(
     Example:
         >>> training_curves(ds, measure="loss", layers=["conv1", "fc1"])
     """
-    if x not in ("epoch", "step"):
-        raise ValueError(f"x={x!r} is not a time axis; choose from: epoch, step")
+    check_params(_CURVES_CONSTRAINTS, x=x, max_rows=max_rows)
     frame = tidy(ds, measure=measure, split=split, layers=layers)
     order = _layer_order(ds, layers)
     if x == "step":
@@ -432,12 +404,11 @@ def depth_profile(
     Example:
         >>> depth_profile(ds, epoch=0, splits=("train", "valid", "test"))
     """
-    if x not in ("layer", "relative_depth"):
-        raise ValueError(f"x={x!r} is not a depth axis; choose from: layer, relative_depth")
-    _check_run(ds)
+    check_params(_PROFILE_CONSTRAINTS, x=x)
+    check_run(ds)
     splits = _as_list(splits)
     if not splits:
-        raise ValueError("splits is empty; choose from: " + _choices(_unique(_strings(ds, "split"))))
+        raise ValueError("splits is empty; choose from: " + choices(splits_of(ds)))
     frame = tidy(ds, measure=measure, split=splits, layers=layers, epoch=epoch)
     frame = frame.drop(columns=["measure"])
     order = _layer_order(ds, layers)
@@ -521,6 +492,7 @@ def heatmap(
     Example:
         >>> heatmap(ds, measure="loss", split="train")
     """
+    check_params(_HEATMAP_CONSTRAINTS, max_rows=max_rows)
     frame = tidy(ds, measure=measure, split=split, layers=layers)
     order = _layer_order(ds, layers)
     epochs = np.asarray(ds["epoch"].values, dtype=np.int64)
@@ -717,8 +689,8 @@ def _explode_findings(findings: pd.DataFrame, names: list[str]) -> pd.DataFrame:
         unknown = [layer for layer in covered if layer not in known]
         if unknown:
             raise ValueError(
-                f"finding {number} ({finding.kind}) names layers not in this run: {_choices(unknown)}; "
-                f"this run has: {_choices(names)}"
+                f"finding {number} ({finding.kind}) names layers not in this run: {choices(unknown)}; "
+                f"this run has: {choices(names)}"
             )
         for layer in covered:
             rows.append(

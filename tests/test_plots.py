@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import altair as alt
@@ -198,7 +197,7 @@ def test_training_curves_over_steps(run):
     assert sorted({r["step"] for r in rows}) == [0, 100, 200, 300]
     with pytest.raises(ValueError, match=r"x='step' needs training steps, but this run records none"):
         plots.training_curves(make_run(steps=False), x="step")
-    with pytest.raises(ValueError, match=r"x='time' is not a time axis; choose from: epoch, step"):
+    with pytest.raises(ValueError, match=r"x must be one of 'epoch', 'step'; got 'time'"):
         plots.training_curves(run, x="time")
 
 
@@ -266,7 +265,7 @@ def test_depth_profile_arguments_change_the_data(run):
 
 
 def test_depth_profile_rejects_bad_arguments(run):
-    with pytest.raises(ValueError, match=r"x='depth' is not a depth axis; choose from: layer, relative_depth"):
+    with pytest.raises(ValueError, match=r"x must be one of 'layer', 'relative_depth'; got 'depth'"):
         plots.depth_profile(run, x="depth")
     with pytest.raises(ValueError, match=r"split='holdout' is not in this run; choose from: train, valid, test"):
         plots.depth_profile(run, splits=("train", "holdout"))
@@ -317,9 +316,8 @@ def test_heatmap_greys_missing_cells():
 # Large runs stay under Altair's row limit
 
 
-def test_large_run_is_thinned_and_renders_quickly(tmp_path):
+def test_large_run_is_thinned_and_renders(tmp_path):
     ds = make_run(300, 300, splits=("train", "valid"))
-    start = time.perf_counter()
     heat = plots.heatmap(ds)
     spec = heat.to_dict()
     rows = spec["datasets"][spec["data"]["name"]]
@@ -335,7 +333,6 @@ def test_large_run_is_thinned_and_renders_quickly(tmp_path):
     plots.save(heat, tmp_path / "heat.png")
     plots.save(heat, tmp_path / "heat.svg")
     plots.save(curves, tmp_path / "curves.png")
-    assert time.perf_counter() - start < 20
     assert (tmp_path / "heat.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert (tmp_path / "heat.svg").read_text().count("<path") > 0
 

@@ -5,8 +5,10 @@ A run is an ``xarray.Dataset`` with a data variable ``probe`` of dims
 coordinate and attribute. This module owns the names (splits, measures and
 metric naming), the layout and row types the engine fills, building a run
 dataset from rows, validating one (:func:`check_run`), the position of an epoch
-on the epoch axis (:func:`epoch_position`) and the forward order of layers
-(:func:`forward_order`). Every reader (the store, charts, diagnosis, explorers
+on the epoch axis (:func:`epoch_position`, :func:`epoch_index`), the forward
+order of layers (:func:`forward_order`), the splits and measures a run has
+(:func:`splits_of`, :func:`measures_of`) and the one "not in this run" error
+(:func:`check_in_run`). Every reader (the store, charts, diagnosis, explorers
 and the accessor) takes these from here.
 
 This module imports numpy and xarray only: never torch, never zarr.
@@ -24,13 +26,16 @@ from probekit.params import choices
 
 __all__ = [
     "EPOCH_VARIABLES", "MEASURES", "MEASURE_LABELS", "RUN_COORDS", "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS",
-    "SPLITS", "EpochRow", "RunLayout", "build_dataset", "check_run", "epoch_arrays", "epoch_position",
-    "forward_order",
-    "layout_of", "metric_names", "row_values", "rows_of",
+    "SPLITS", "SPLITS_SHOWN_FIRST", "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run",
+    "epoch_arrays", "epoch_index", "epoch_position", "forward_order", "layout_of", "measures_of", "metric_name",
+    "metric_names", "row_values", "rows_of", "splits_of",
 ]
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "valid", "test")
+#: The split a reader shows when none is asked for: the first of these that the run has
+#: (the held-out split the paper reads, then test, then train).
+SPLITS_SHOWN_FIRST = ("valid", "test", "train")
 MEASURES = ("error", "loss", "top5")
 #: Axis titles of each measure, for charts and widgets.
 MEASURE_LABELS = {"error": "error", "loss": "loss (nats)", "top5": "top-5 error"}
@@ -47,10 +52,20 @@ EPOCH_VARIABLES = ("probe", "nonfinite", "iterations", "converged", "model_loss"
 SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
 
 
+def metric_name(split: str, measure: str) -> str:
+    """The name on the ``metric`` coordinate of ``measure`` on ``split``.
+
+    Example:
+        >>> metric_name("valid", "error")
+        'valid_error'
+    """
+    return f"{split}_{measure}"
+
+
 def metric_names(splits: Sequence[str], num_classes: int) -> list[str]:
     """The metric coordinate for a run over ``splits`` with ``num_classes`` classes."""
     measures = MEASURES if num_classes > 5 else MEASURES[:2]
-    return [f"{split}_{measure}" for split in SPLITS if split in splits for measure in measures]
+    return [metric_name(split, measure) for split in SPLITS if split in splits for measure in measures]
 
 
 @dataclass
@@ -174,18 +189,23 @@ def rows_of(ds: xr.Dataset) -> list[EpochRow]:
     ]
 
 
-def epoch_position(ds: xr.Dataset, epoch: int) -> int:
-    """The position on the epoch axis of ``epoch`` (an epoch number, or negative to count from the end).
+def epoch_index(epochs: Sequence[int], epoch: int) -> int:
+    """The position of ``epoch`` on an epoch axis: an epoch number, or negative to count from the end.
+
+    The one meaning of an ``epoch=`` argument: a number ``>= 0`` is an epoch
+    number present on the axis; ``-1`` is the last position, ``-2`` the one
+    before, and so on.
 
     Args:
-        ds: a run.
-        epoch: an epoch number present in the run, or ``-1`` for the last, ``-2``
-            for the one before, ...
+        epochs: the epoch numbers of the axis, in order (a run's ``epoch``
+            coordinate, or the epochs several runs share).
+        epoch: an epoch number on it, or a negative position.
 
     Example:
-        >>> ds.probe.isel(epoch=epoch_position(ds, -1))
+        >>> epoch_index([0, 5, 10], 5), epoch_index([0, 5, 10], -1)
+        (1, 2)
     """
-    epochs = np.asarray(ds["epoch"].values)
+    epochs = np.asarray(epochs)
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
         raise TypeError(f"epoch must be an int (an epoch number, or -1 for the last); got {epoch!r}")
     if epochs.size == 0:
@@ -198,6 +218,20 @@ def epoch_position(ds: xr.Dataset, epoch: int) -> int:
     if hits.size == 0:
         raise ValueError(f"epoch={epoch} is not in this run; choose from: {choices(epochs.tolist())} (or -1 for the last)")
     return int(hits[0])
+
+
+def epoch_position(ds: xr.Dataset, epoch: int) -> int:
+    """The position on the epoch axis of ``epoch`` (an epoch number, or negative to count from the end).
+
+    Args:
+        ds: a run.
+        epoch: an epoch number present in the run, or ``-1`` for the last, ``-2``
+            for the one before, ... (see :func:`epoch_index`).
+
+    Example:
+        >>> ds.probe.isel(epoch=epoch_position(ds, -1))
+    """
+    return epoch_index(ds["epoch"].values, epoch)
 
 
 def check_run(ds: object) -> None:
@@ -253,3 +287,37 @@ def forward_order(ds: xr.Dataset, layers: Sequence[str] | None = None) -> np.nda
         positions = np.array([index[name] for name in layers], dtype=int)
     depth = np.asarray(ds["depth"].values)
     return positions[np.argsort(depth[positions], kind="stable")]
+
+
+def splits_of(ds: xr.Dataset) -> list[str]:
+    """The splits a run has, in :data:`SPLITS` order (others, if any, after them).
+
+    Example:
+        >>> splits_of(pk.open_run("runs/demo.zarr"))
+        ['train', 'valid', 'test']
+    """
+    present = list(dict.fromkeys(str(v) for v in np.asarray(ds["split"].values).tolist()))
+    return sorted(present, key=lambda split: SPLITS.index(split) if split in SPLITS else len(SPLITS))
+
+
+def measures_of(ds: xr.Dataset) -> list[str]:
+    """The measures a run has, in :data:`MEASURES` order (others, if any, after them).
+
+    Example:
+        >>> measures_of(pk.open_run("runs/demo.zarr"))
+        ['error', 'loss', 'top5']
+    """
+    present = list(dict.fromkeys(str(v) for v in np.asarray(ds["measure"].values).tolist()))
+    return sorted(present, key=lambda measure: MEASURES.index(measure) if measure in MEASURES else len(MEASURES))
+
+
+def check_in_run(name: str, value: object, present: Sequence[object]) -> None:
+    """Raise the one-line error for a ``name=value`` that the run does not have, listing what it has.
+
+    Example:
+        >>> check_in_run("split", "dev", splits_of(ds))
+        Traceback (most recent call last):
+        ValueError: split='dev' is not in this run; choose from: train, valid, test
+    """
+    if value not in present:
+        raise ValueError(f"{name}={value!r} is not in this run; choose from: {choices(present)}")

@@ -27,7 +27,12 @@ the split's size from the run's attributes (``n_valid``, ``n_train``,
 ``n_test``). Two errors differ clearly when the gap exceeds ``z`` standard
 errors of the difference *and* ``min_delta``.
 
-This module imports numpy, pandas and xarray only, never torch.
+Run validation, split names, metric naming, epoch positions and layer order
+come from :mod:`probekit.run.schema`; the thresholds are checked against one
+declarative table (:func:`probekit.params.check_params`).
+
+This module imports numpy, pandas and xarray only: never torch, never zarr,
+never altair or ipywidgets.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from probekit.run.schema import check_run, epoch_position
+from probekit.params import Interval, Options, check_params, choices
+from probekit.run.schema import SPLITS, check_run, epoch_position, forward_order, metric_name, splits_of
 
-__all__ = ["KINDS", "Finding", "Findings", "check_run", "diagnose"]
+__all__ = ["FRAME_COLUMNS", "KINDS", "Finding", "Findings", "diagnose"]
 
 #: Finding kinds, in the order :func:`diagnose` reports them for one layer.
 KINDS = ("dead_segment", "non_monotonic", "chance_level", "probe_overfitting", "stalled", "nonfinite")
@@ -51,14 +57,25 @@ KINDS = ("dead_segment", "non_monotonic", "chance_level", "probe_overfitting", "
 #: Columns of :meth:`Findings.to_frame`.
 FRAME_COLUMNS = ("kind", "layers", "first", "last", "evidence", "suggestion")
 
-_SPLITS = ("train", "valid", "test")
+#: What :func:`diagnose`'s arguments may be (see :func:`probekit.params.check_params`).
+_CONSTRAINTS = {
+    "split": [Options(*SPLITS)],
+    "z": [Interval(float, 0, None)],
+    "min_delta": [Interval(float, 0, None)],
+    "min_layers": [Interval(int, 1, None)],
+    "overfit_gap": [Interval(float, 0, None)],
+    "overfit_ratio": [Interval(float, 0, None)],
+    "stall_epochs": [Interval(int, 1, None)],
+    "loss_drop": [Interval(float, 0, None)],
+    "n_examples": [Interval(int, 1, None), None],
+}
 #: Layers a per-layer finding may skip and still be reported as one stretch.
 _BRIDGE = 1
 
 
 # ----------------------------------------------------------------------------- reading a run
 def _metric(ds: xr.Dataset, split: str, measure: str = "error") -> xr.DataArray | None:
-    name = f"{split}_{measure}"
+    name = metric_name(split, measure)
     metrics = [str(m) for m in ds["metric"].values]
     return ds["probe"].sel(metric=name) if name in metrics else None
 
@@ -202,8 +219,6 @@ class _Noise:
 
 def _split_size(ds: xr.Dataset, split: str, n_examples: int | None) -> int:
     if n_examples is not None:
-        if isinstance(n_examples, bool) or not isinstance(n_examples, (int, np.integer)) or n_examples < 1:
-            raise ValueError(f"n_examples must be a positive integer (the size of the {split} split); got {n_examples!r}")
         return int(n_examples)
     value = ds.attrs.get(f"n_{split}")
     try:
@@ -358,14 +373,11 @@ def diagnose(
         >>> findings.to_frame()[["kind", "first", "last"]]
     """
     check_run(ds)
-    _check_settings(z=z, min_delta=min_delta, min_layers=min_layers, overfit_gap=overfit_gap,
-                    overfit_ratio=overfit_ratio, stall_epochs=stall_epochs, loss_drop=loss_drop)
-    if split not in _SPLITS:
-        raise ValueError(f"split={split!r} is not a split name; choose from: {', '.join(_SPLITS)}")
+    check_params(_CONSTRAINTS, split=split, z=z, min_delta=min_delta, min_layers=min_layers, overfit_gap=overfit_gap,
+                 overfit_ratio=overfit_ratio, stall_epochs=stall_epochs, loss_drop=loss_drop, n_examples=n_examples)
     errors = _metric(ds, split)
     if errors is None:
-        present = sorted({str(s) for s in ds["split"].values}, key=_SPLITS.index)
-        raise ValueError(f"this run has no {split} error; choose split= from: {', '.join(present) or 'none'}")
+        raise ValueError(f"this run has no {split} error; choose split= from: {choices(splits_of(ds)) or 'none'}")
     noise = _Noise(n=_split_size(ds, split, n_examples), z=float(z), min_delta=float(min_delta))
     position = epoch_position(ds, epoch)
     run = _read(ds, errors, split, position)
@@ -388,19 +400,8 @@ def diagnose(
                     settings=settings, model=str(ds.attrs.get("model", "")))
 
 
-def _check_settings(**values) -> None:
-    for name in ("z", "min_delta", "overfit_gap", "overfit_ratio", "loss_drop"):
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    for name in ("min_layers", "stall_epochs"):
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
 def _read(ds: xr.Dataset, errors: xr.DataArray, split: str, position: int) -> _Run:
-    order = np.argsort(np.asarray(ds["depth"].values), kind="stable")
+    order = forward_order(ds)
     upto = slice(0, position + 1)
     values = errors.transpose("layer", "epoch").values[order, upto].astype(float)
     nonfinite = ds["nonfinite"].transpose("layer", "epoch").values[order, upto].astype(bool)

@@ -14,7 +14,8 @@ from conftest import layer_names, make_run
 
 import probekit.accessor  # noqa: F401 - registers ds.probekit
 from probekit import plots
-from probekit.diagnosis import FRAME_COLUMNS, KINDS, Finding, Findings, check_run, diagnose
+from probekit.diagnosis import FRAME_COLUMNS, KINDS, Finding, Findings, diagnose
+from probekit.run.schema import check_run
 
 
 def run_with(valid, *, train=None, model_loss=None, n_valid: int = 400, chance: float = 0.9, steps=None) -> xr.Dataset:
@@ -275,7 +276,7 @@ def test_bad_split_size_and_thresholds_say_what_to_do():
     ds = make_run(splits=("train", "valid"))
     with pytest.raises(ValueError, match="this run has no test error; choose split= from: train, valid"):
         diagnose(ds, split="test")
-    with pytest.raises(ValueError, match="split='val' is not a split name"):
+    with pytest.raises(ValueError, match="split must be one of 'train', 'valid', 'test'; got 'val'"):
         diagnose(ds, split="val")
     ds.attrs["n_valid"] = -1
     with pytest.raises(ValueError, match="pass n_examples="):
@@ -285,7 +286,7 @@ def test_bad_split_size_and_thresholds_say_what_to_do():
         diagnose(make_run(), z=-1)
     with pytest.raises(ValueError, match="min_layers must be an integer >= 1; got 0"):
         diagnose(make_run(), min_layers=0)
-    with pytest.raises(ValueError, match="n_examples must be a positive integer"):
+    with pytest.raises(ValueError, match="n_examples must be an integer >= 1 or None; got 0"):
         diagnose(make_run(), n_examples=0)
 
 
@@ -314,9 +315,16 @@ def test_accessor_wraps_diagnose_and_the_charts():
     assert overlay["title"]["subtitle"] == "1 findings"
 
 
-def test_accessor_refuses_a_dataset_that_is_not_a_run():
-    with pytest.raises(ValueError, match="not a probekit run: it lacks probe"):
-        xr.Dataset({"x": ("a", [1, 2])}).probekit
+def test_accessor_refuses_a_dataset_that_is_not_a_run_when_a_method_is_called():
+    plain = xr.Dataset({"a": ("x", [0, 1, 2])})
+    assert hasattr(plain, "probekit")  # completion, dir() and attribute probes work on every dataset
+    assert "probekit" in dir(plain)
+    with pytest.raises(ValueError, match="not a probekit run: it lacks probe") as info:
+        plain.probekit.errors()
+    assert "\n" not in str(info.value)
+    for method in ("diagnose", "depth_profile", "heatmap", "training_curves", "diagnosis_overlay"):
+        with pytest.raises(ValueError, match="not a probekit run: it lacks probe"):
+            getattr(plain.probekit, method)()
 
 
 def test_diagnose_and_accessor_do_not_import_torch():

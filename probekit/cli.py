@@ -1,9 +1,14 @@
-"""The ``probekit`` command: ``demo``, ``run``, ``reproduce`` and ``show``.
+"""The ``probekit`` command: ``demo``, ``run``, ``reproduce`` and ``show``; every argparse definition of the package.
 
     probekit demo                      # the paper's convnet on embedded digits, probed while it trains
-    probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments.reproductions)
+    probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments)
     probekit run --model resnet50 --dataset digits --size 64 --epochs 0 --out runs/r50.zarr
+    probekit run --epochs 3 --lr 0.05 --mode online --probe-lr 0.001 --out runs/o.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
+
+Flags are checked with :func:`probekit.params.check_params` before any work, so
+a bad value is one line naming the flag (``--epochs must be an integer >= 0;
+got -1``). Heavy modules (torch, the engine) are imported by the command that needs them.
 """
 
 from __future__ import annotations
@@ -11,9 +16,37 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
+
+from probekit.params import Interval, Options, check_params, choices
+
+__all__ = ["main", "parser"]
+
+_POSITIVE_INT = [Interval(int, 1, None)]
+_POSITIVE_RATE = [Interval(float, 0, None, closed="neither")]
+#: What each numeric flag may be, when given.
+_FLAGS = {
+    "--epochs": [Interval(int, 0, None)],
+    "--seed": [Interval(int, 0, None)],
+    "--size": _POSITIVE_INT,
+    "--channels": [Options(1, 3)],
+    "--limit": _POSITIVE_INT,
+    "--budget": _POSITIVE_INT,
+    "--lr": _POSITIVE_RATE,
+    "--probe-lr": _POSITIVE_RATE,
+    "--momentum": [Interval(float, 0, None)],
+    "--l2": [Interval(float, 0, None)],
+    "--batch-size": _POSITIVE_INT,
+    "--train-batch-size": _POSITIVE_INT,
+}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Check every flag of ``args`` that has a constraint and was given (not None)."""
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in _FLAGS}
+    check_params(_FLAGS, **{flag: value for flag, value in given.items() if value is not None})
 
 
 def _summary(ds, metric: str) -> pd.DataFrame:
@@ -86,7 +119,7 @@ def cmd_demo(args) -> int:
     model = zoo.paper_convnet(in_channels=1, num_classes=10, input_size=splits.info.input_shape[-1])
     ds = train_and_probe(
         model, splits, epochs=args.epochs, store=args.out, overwrite=True, lr=0.05, momentum=0.9, seed=args.seed,
-        device="cpu", quiet=args.quiet, name="paper_convnet", channels_last=False,
+        device="cpu", quiet=args.quiet, model_name="paper_convnet", channels_last=False,
     )
     _print_summary(ds, "valid_error", f"demo run in {args.out}")
     print(f"done in {time.perf_counter() - start:.1f} s; explore it with pk.open_run({args.out!r}) or `probekit show {args.out}`")
@@ -104,15 +137,17 @@ def cmd_run(args) -> int:
     torch.manual_seed(args.seed)
     model = _model(args, splits)
     layers = args.layers.split(",") if args.layers and "," in args.layers else args.layers
-    options = dict(layers=layers, reduce=args.reduce, quiet=args.quiet, name=args.name or args.model.split(":")[-1],
-                   batch_size=args.batch_size, mode=args.mode, budget=args.budget, l2=args.l2)
+    model_name = args.name or args.model.split(":")[-1]
+    shared: Mapping[str, object] = dict(
+        layers=layers, reduce=args.reduce, quiet=args.quiet, batch_size=args.batch_size, budget=args.budget,
+        l2=args.l2, store=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, seed=args.seed,
+    )
     if args.epochs == 0 and args.mode == "snapshot":
-        ds = probe(model, splits, store=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                   seed=args.seed, **options)
+        ds = probe(model, splits, name=model_name, **shared)
     else:
-        ds = train_and_probe(model, splits, epochs=args.epochs, store=args.out, resume=args.resume,
-                             overwrite=args.overwrite, lr=args.lr, momentum=args.momentum, optimizer=args.optimizer,
-                             train_batch_size=args.train_batch_size, seed=args.seed, device=args.device, **options)
+        ds = train_and_probe(model, splits, epochs=args.epochs, mode=args.mode, probe_lr=args.probe_lr, lr=args.lr,
+                             momentum=args.momentum, optimizer=args.optimizer,
+                             train_batch_size=args.train_batch_size, model_name=model_name, **shared)
     _print_summary(ds, "valid_error" if "valid_error" in ds["metric"].values else "train_error", f"run in {args.out}")
     return 0
 
@@ -125,7 +160,40 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from probekit.experiments import reproduce
+
+    reproduce(args.name, out=args.out, dataset=args.dataset, pretrained=args.pretrained, full=args.full,
+              quick=args.quick, device=args.device, quiet=args.quiet)
+    return 0
+
+
+def _add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    """``NAME [--dataset D] [--pretrained] [--full] [--out DIR] [--quick] [--device D] [--quiet]``."""
+    from probekit.experiments import REPRODUCTIONS
+
+    parser.add_argument("name", choices=list(REPRODUCTIONS), metavar="NAME",
+                        help="one of: " + choices(REPRODUCTIONS))
+    parser.add_argument("--dataset", default="digits",
+                        help="digits (embedded, default), mnist, fashion-mnist, cifar10, imagenette "
+                             "or an ImageNet-layout folder")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="resnet-vs-inception: probe torchvision's ImageNet weights (downloaded) "
+                             "instead of training from scratch")
+    parser.add_argument("--full", action="store_true", help="the paper's sizes: the whole dataset and longer training")
+    parser.add_argument("--out", default="runs", help="folder for the stores and the figure (default: runs)")
+    parser.add_argument("--quick", action="store_true", help="a reduced size for tests and smoke runs")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
+
+
 def parser() -> argparse.ArgumentParser:
+    """The ``probekit`` argument parser, with one subcommand per command.
+
+    Example:
+        >>> parser().parse_args(["reproduce", "bypass", "--quick"]).quick
+        True
+    """
     top = argparse.ArgumentParser(prog="probekit", description="Linear classifier probes for the layers of PyTorch models.")
     sub = top.add_subparsers(dest="command", required=True)
 
@@ -150,11 +218,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("snapshot", "online"), default="snapshot")
     run.add_argument("--epochs", type=int, default=0, help="training epochs (0: probe the model as it is)")
     run.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    run.add_argument("--lr", type=float, default=0.05)
-    run.add_argument("--momentum", type=float, default=0.9)
+    run.add_argument("--lr", type=float, default=0.05, help="the model's learning rate (default: 0.05)")
+    run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the model's optimiser")
+    run.add_argument("--probe-lr", type=float, default=1e-3,
+                     help="the online probes' learning rate, --mode online (default: 0.001); not the model's (--lr)")
     run.add_argument("--l2", type=float, default=1e-3, help="probe L2 strength")
     run.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
-    run.add_argument("--train-batch-size", type=int, default=64)
+    run.add_argument("--train-batch-size", type=int, default=64, help="the model's training minibatch size")
     run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--name", help="model name recorded in the store")
@@ -164,10 +234,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
 
-    from probekit.experiments import reproductions
-
     reproduce = sub.add_parser("reproduce", help="run one of the paper's experiments: run store(s), figure and summary")
-    reproductions.add_arguments(reproduce).set_defaults(func=reproductions.command)
+    _add_reproduce_arguments(reproduce)
+    reproduce.set_defaults(func=cmd_reproduce)
 
     show = sub.add_parser("show", help="per-layer summary of a run store (works while it is written)")
     show.add_argument("run")
@@ -177,8 +246,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``probekit`` command with ``argv`` (default: the process's); returns the exit code.
+
+    Errors are one line on stderr and exit code 2; an interrupt exits with 130.
+
+    Example:
+        >>> main(["show", "runs/demo.zarr"])
+        0
+    """
     args = parser().parse_args(argv)
     try:
+        _check_flags(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("probekit: interrupted; completed epochs are in the store (continue with --resume)", file=sys.stderr)

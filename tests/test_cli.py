@@ -58,9 +58,42 @@ def test_run_a_fixed_model_from_a_package_path(tmp_path, capsys):
     (["show", "nowhere.zarr"], "no run store at"),
     (["run", "--model", "paper_convnet", "--layers", "conv9", "--out", "x.zarr", "--quiet"], "unknown layer 'conv9'"),
     (["run", "--model", "no_such_model", "--out", "x.zarr", "--quiet"], "no_such_model"),
+    (["run", "--epochs", "-1", "--out", "x.zarr", "--quiet"], "--epochs must be an integer >= 0; got -1"),
+    (["run", "--probe-lr", "0", "--out", "x.zarr", "--quiet"], "--probe-lr must be a finite number > 0; got 0.0"),
+    (["run", "--channels", "2", "--out", "x.zarr", "--quiet"], "--channels must be one of 1, 3; got 2"),
 ])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("probekit: error:") and message in err and "\n" not in err
+
+
+def test_reproduce_arguments():
+    parser = cli.parser()
+    args = parser.parse_args(
+        ["reproduce", "resnet-vs-inception", "--dataset", "imagenette", "--pretrained", "--out", "r", "--device", "cpu"]
+    )
+    assert (args.name, args.dataset, args.pretrained, args.full, args.quick, args.out, args.device) == (
+        "resnet-vs-inception", "imagenette", True, False, False, "r", "cpu")
+    assert args.func is cli.cmd_reproduce
+    with pytest.raises(SystemExit):
+        parser.parse_args(["reproduce", "nope"])
+
+
+def test_lr_trains_the_model_and_probe_lr_the_probes(tmp_path, monkeypatch):
+    from probekit.engine import training
+
+    received = {}
+
+    def fake_train_and_probe(model, data, **kwargs):
+        received.update(kwargs)
+        raise KeyboardInterrupt  # stop before any work: the arguments are what this test checks
+
+    monkeypatch.setattr(training, "train_and_probe", fake_train_and_probe)
+    argv = ["run", "--epochs", "2", "--mode", "online", "--lr", "0.2", "--probe-lr", "0.01", "--limit", "50",
+            "--out", str(tmp_path / "o.zarr"), "--quiet"]
+    assert cli.main(argv) == 130
+    assert (received["lr"], received["probe_lr"], received["mode"], received["epochs"]) == (0.2, 0.01, "online", 2)
+    assert received["model_name"] == "paper_convnet"
+

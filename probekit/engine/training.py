@@ -1,20 +1,30 @@
-"""Train a model while a :class:`~probekit.engine.ProbeMonitor` probes it, resumably.
+"""The package's one training loop, and :func:`train_and_probe`: train a model while a monitor probes it, resumably.
 
-This is the loop behind ``probekit demo`` and ``probekit run``; your own loop
-can do the same with a monitor and a few lines. Each epoch ``e`` (0 is the
-untrained model) ends with a checkpoint of the model and optimiser, written
-atomically beside the store, and only then with the monitor's epoch row. A
-run killed at any moment therefore resumes (``resume=True``) from its last
-checkpoint, and because shuffling and dropout are seeded per epoch, the
-resumed run writes the same values as one that was never interrupted.
+:func:`train_epoch` is the loop itself: one pass of minibatch training over a
+loader, with an optional callback after every minibatch and an optional step
+to stop at. :func:`train_and_probe` (behind ``probekit demo`` and ``probekit
+run``) and the paper's reproductions (:mod:`probekit.experiments`, which probe
+at given minibatch steps) both train through it; your own loop can do the same
+with a :class:`~probekit.engine.ProbeMonitor` and a few lines.
+
+Each epoch ``e`` of :func:`train_and_probe` (0 is the untrained model) ends
+with a checkpoint of the model and optimiser, written atomically beside the
+store, and only then with the
+monitor's epoch row. A run killed at any moment therefore resumes
+(``resume=True``) from its last checkpoint, and because shuffling and dropout
+are seeded per epoch, the resumed run writes the same values as one that was
+never interrupted. This module never imports the diagnosis, the charts, the
+explorers, the data or the zoo.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import xarray as xr
@@ -22,13 +32,125 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from probekit.engine.checkpoints import safe_load
 from probekit.engine.devices import resolve_device
+from probekit.engine.features import DEFAULT_CACHE_BYTES, as_splits
 from probekit.engine.monitor import ProbeMonitor
-from probekit.engine.features import as_splits
+from probekit.engine.probes import DEFAULT_L2
+from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
+from probekit.params import Interval, Options, check_params
+
+__all__ = ["EpochResult", "Minibatch", "resume_path", "train_and_probe", "train_epoch"]
+
+#: What :func:`train_and_probe`'s own arguments may be (the monitor checks the ones it receives).
+_CONSTRAINTS = {
+    "epochs": [Interval(int, 0, None)],
+    "optimizer": [Options("sgd", "adam")],
+    "lr": [Interval(float, 0, None, closed="neither")],
+    "momentum": [Interval(float, 0, None)],
+    "train_batch_size": [Interval(int, 1, None)],
+}
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """One minibatch just trained on, as :func:`train_epoch` passes it to its ``on_step`` callback."""
+
+    step: int
+    """Global step after this minibatch (minibatches trained on so far)."""
+    loss: float
+    """The model's mean loss on the minibatch."""
+    error: float
+    """Share of the minibatch the model misclassified."""
+    labels: torch.Tensor
+    """The minibatch's labels (on the training device)."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What one call of :func:`train_epoch` did."""
+
+    loss: float
+    """Mean loss per example over the minibatches trained on (NaN if none)."""
+    error: float
+    """Share of those examples the model misclassified (NaN if none)."""
+    step: int
+    """Global step after the last minibatch."""
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    *,
+    device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    step: int = 0,
+    stop_at: int | None = None,
+    on_step: Callable[[Minibatch], None] | None = None,
+) -> EpochResult:
+    """One pass of minibatch training over ``loader``: the package's one training loop.
+
+    The model is put in training mode; each ``(x, y)`` minibatch is moved to
+    ``device``, scored by ``loss_fn`` (a model returning a tuple, like Inception
+    v3 in training mode, is scored on its first output) and stepped by
+    ``optimizer``. A loss that is not finite stops training with a
+    ``FloatingPointError``.
+
+    Args:
+        model: the model to train (in place).
+        optimizer: its optimiser.
+        loader: an iterable of ``(x, y)`` minibatches, e.g. a shuffling ``DataLoader``.
+        device: where the model is.
+        loss_fn: the model's loss; ``F.cross_entropy`` by default.
+        step: the global step before this pass (minibatches already trained on).
+        stop_at: stop as soon as the global step reaches this, mid-pass if need be.
+        on_step: called after every minibatch with a :class:`Minibatch` (to probe
+            at chosen steps, or step online probes).
+
+    Returns:
+        An :class:`EpochResult`: mean loss and error per example, and the new global step.
+
+    Example:
+        >>> loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+        >>> result = train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01), loader, device=torch.device("cpu"))
+        >>> result.loss, result.step
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    model.train()
+    total_loss = total_error = seen = 0.0
+    for x, y in ([] if stop_at is not None and step >= stop_at else loader):
+        x, y = x.to(device), y.to(device).long()
+        optimizer.zero_grad()
+        out = model(x)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        loss = loss_fn(logits, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the model's training loss became {value} at step {step}; lower the learning rate")
+        loss.backward()
+        optimizer.step()
+        step += 1
+        wrong = (logits.argmax(1) != y).sum().item()
+        total_loss += value * y.shape[0]
+        total_error += wrong
+        seen += y.shape[0]
+        if on_step is not None:
+            on_step(Minibatch(step=step, loss=value, error=wrong / y.shape[0], labels=y))
+        if stop_at is not None and step >= stop_at:
+            break
+    if not seen:
+        return EpochResult(loss=float("nan"), error=float("nan"), step=step)
+    return EpochResult(loss=total_loss / seen, error=total_error / seen, step=step)
 
 
 def resume_path(store: str | os.PathLike) -> Path:
-    """Where the training checkpoint of the run in ``store`` lives (beside it, not in it)."""
+    """Where the training checkpoint of the run in ``store`` lives (beside it, not in it).
+
+    Example:
+        >>> resume_path("runs/demo.zarr")
+        PosixPath('runs/.demo.zarr.resume.pt')
+    """
     store = Path(store)
     return store.with_name(f".{store.name}.resume.pt")
 
@@ -42,14 +164,8 @@ def _train_dataset(split: object) -> Dataset:
     return TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _load_resume(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path)
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "step"} <= set(state):
         raise ValueError(f"{str(path)!r} is not a probekit training checkpoint; delete it and run without --resume")
     return state
@@ -63,16 +179,34 @@ def train_and_probe(
     store: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    optimizer: str = "sgd",
+    optimizer: Literal["sgd", "adam"] = "sgd",
     lr: float = 0.05,
     momentum: float = 0.9,
     train_batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    **monitor_options,
+    layers: str | Sequence[str] | None = None,
+    reduce: str | Mapping[str, str] | None = None,
+    mode: Literal["snapshot", "online"] = "snapshot",
+    num_classes: int | None = None,
+    l2: float = DEFAULT_L2,
+    probe_lr: float = 1e-3,
+    batch_size: int = 256,
+    budget: int = DEFAULT_BUDGET,
+    max_flatten: int = DEFAULT_MAX_FLATTEN,
+    max_iter: int = 1000,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    quiet: bool = False,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    channels_last: bool = False,
 ) -> xr.Dataset:
     """Train ``model`` for ``epochs`` epochs, probing it before training and after each epoch.
+
+    Two learning rates, two optimisers: ``lr`` (with ``optimizer`` and
+    ``momentum``) trains the model; ``probe_lr`` trains the online probes
+    (``mode="online"``; snapshot probes are fitted to their optimum and need none).
 
     Args:
         model: the model to train (trained in place).
@@ -81,39 +215,54 @@ def train_and_probe(
         store: Zarr store of the run; its checkpoint is kept beside it for resuming.
         resume: continue a killed or finished run from its checkpoint.
         overwrite: replace an existing store.
-        optimizer: ``"sgd"`` (with ``momentum``; 0 gives plain SGD) or ``"adam"``.
-        lr: learning rate.
-        train_batch_size: training minibatch size.
-        seed: seeds shuffling and dropout per epoch (and the probes' reductions).
+        optimizer: the model's optimiser, ``"sgd"`` (with ``momentum``; 0 gives plain SGD) or ``"adam"``.
+        lr: the model's learning rate (not the probes': see ``probe_lr``).
+        momentum: SGD momentum of the model's optimiser.
+        train_batch_size: the model's training minibatch size.
+        seed: seeds shuffling and dropout per epoch, and the probes' random reductions.
         device: where the model trains (default: CUDA when available).
         loss_fn: the model's loss, ``F.cross_entropy`` by default (a model returning
             a tuple, like Inception v3 in training mode, is scored on its first output).
-        **monitor_options: options of :class:`~probekit.engine.ProbeMonitor`.
+        layers: probe points (see :class:`~probekit.engine.ProbeMonitor`); default the model's ``probe_layers``.
+        reduce: reduction for every layer, or ``{layer: spec}``.
+        mode: ``"snapshot"`` (probes fitted after each epoch) or ``"online"`` (one probe
+            step per training minibatch, with ``probe_lr``).
+        num_classes: classes; when given it wins over the number the data implies.
+        l2: the probes' L2 strength.
+        probe_lr: the online probes' learning rate (never the model's: see ``lr``).
+        batch_size: the probes' feature-extraction batch size (not the training one: see ``train_batch_size``).
+        budget, max_flatten: limits of the automatic reduction.
+        max_iter: most L-BFGS iterations per probe fit.
+        cache_bytes: above this, cached features go to disk.
+        quiet: no progress bars, plan printout or epoch lines.
+        model_name, dataset_name: names recorded in the run.
+        channels_last: the model's tensors are in channels-last memory.
 
     Returns:
         The run dataset.
 
     Example:
-        >>> ds = train_and_probe(pk.zoo.paper_convnet(input_size=8), pk.data.digits(), epochs=3, store="runs/c.zarr")
+        >>> ds = train_and_probe(pk.zoo.paper_convnet(input_size=8), pk.data.digits(), epochs=3, store="runs/c.zarr",
+        ...                      lr=0.05, probe_lr=1e-3, mode="online")
     """
-
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0; got {epochs}")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {optimizer!r}")
+    check_params(_CONSTRAINTS, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
+                 train_batch_size=train_batch_size)
     device = resolve_device(device)
-    loss_fn = loss_fn or F.cross_entropy
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.SGD(params, lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.Adam(params, lr=lr))
-    splits = as_splits(data)
-    train_set = _train_dataset(splits["train"])
+    train_set = _train_dataset(as_splits(data)["train"])
     checkpoint = resume_path(store) if store is not None else None
     if checkpoint is not None and not resume and checkpoint.exists() and not Path(store).exists():
         checkpoint.unlink()
 
-    with ProbeMonitor(model, data, store=store, resume=resume, overwrite=overwrite, seed=seed, **monitor_options) as monitor:
+    with ProbeMonitor(
+        model, data, layers=layers, reduce=reduce, store=store, mode=mode, resume=resume, overwrite=overwrite,
+        num_classes=num_classes, l2=l2, lr=probe_lr, batch_size=batch_size, budget=budget,
+        max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
+        name=model_name, dataset=dataset_name, channels_last=channels_last,
+    ) as monitor:
         start, step = 0, 0
         if monitor.rows:
             if checkpoint is None or not checkpoint.exists():
@@ -136,11 +285,16 @@ def train_and_probe(
             _checkpoint(checkpoint, model, opt, epoch=0, step=0)
             monitor.update(epoch=0, step=0)
             start = 1
+        on_step = (lambda batch: monitor.step(batch.labels)) if mode == "online" else None
         for epoch in range(start, epochs + 1):
-            loss, error, step = _train_epoch(model, opt, train_set, loss_fn, epoch=epoch, seed=seed, step=step,
-                                             batch_size=train_batch_size, device=device)
-            _checkpoint(checkpoint, model, opt, epoch=epoch, step=step, model_loss=loss, model_error=error)
-            row = monitor.update(epoch=epoch, step=step, model_loss=loss, model_error=error)
+            epoch_seed = seed * 100_003 + epoch
+            loader = DataLoader(train_set, batch_size=train_batch_size, shuffle=True,
+                                generator=torch.Generator().manual_seed(epoch_seed))
+            torch.manual_seed(epoch_seed)  # dropout
+            result = train_epoch(model, opt, loader, device=device, loss_fn=loss_fn, step=step, on_step=on_step)
+            step = result.step
+            _checkpoint(checkpoint, model, opt, epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
+            row = monitor.update(epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
             if not monitor.quiet:
                 print(_epoch_line(row, epochs))
         return monitor.dataset
@@ -163,28 +317,7 @@ def _checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
         _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), **info}, path)
 
 
-def _train_epoch(model, opt, dataset, loss_fn, *, epoch, seed, step, batch_size, device) -> tuple[float, float, int]:
-    """One epoch of minibatch training; returns mean loss, training error and the new global step."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
-    torch.manual_seed(seed * 100_003 + epoch)
-    model.train()
-    total_loss = total_error = seen = 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device).long()
-        opt.zero_grad()
-        out = model(x)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        loss = loss_fn(logits, y)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"the model's training loss became {loss.item()} at epoch {epoch}, step {step}; lower the learning rate"
-            )
-        loss.backward()
-        opt.step()
-        step += 1
-        total_loss += loss.item() * y.shape[0]
-        total_error += (logits.argmax(1) != y).sum().item()
-        seen += y.shape[0]
-    return total_loss / max(seen, 1), total_error / max(seen, 1), step
-
+def _save_atomic(state: dict, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

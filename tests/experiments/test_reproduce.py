@@ -1,8 +1,7 @@
-"""probekit.experiments.reproductions: each reproduction's qualitative finding at quick size, and the committed stores."""
+"""probekit.experiments: each reproduction's qualitative finding at quick size, and the committed stores."""
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -10,11 +9,12 @@ import numpy as np
 import pytest
 
 import probekit.accessor  # noqa: F401 - registers ds.probekit
-from probekit.experiments import reproductions as rp
+from probekit import experiments
+from probekit.experiments.bypass import BYPASS_QUICK_STEPS, BYPASS_STEPS
 from probekit.diagnosis import check_run, diagnose
 from probekit.run.store import open_run
 
-RUNS = Path(__file__).resolve().parent.parent / "data" / "runs"
+RUNS = Path(__file__).resolve().parents[2] / "data" / "runs"
 #: The stores committed under data/runs, by the reproduction that wrote them.
 COMMITTED = {
     "mnist-convnet": ["mnist-convnet.zarr"],
@@ -30,9 +30,9 @@ def quick(tmp_path_factory):
     """Runs a reproduction at quick size once per module; returns its Reproduction."""
     done = {}
 
-    def run(name: str) -> rp.Reproduction:
+    def run(name: str) -> experiments.Reproduction:
         if name not in done:
-            done[name] = rp.reproduce(name, out=tmp_path_factory.mktemp(name), quick=True, quiet=True, device="cpu")
+            done[name] = experiments.reproduce(name, out=tmp_path_factory.mktemp(name), quick=True, quiet=True, device="cpu")
         return done[name]
 
     return run
@@ -57,7 +57,7 @@ def test_bypass_shows_a_dead_segment_in_the_bypassed_half(quick):
     result = quick("bypass")
     ds = open_run(result.stores["bypass"])
     check_run(ds)
-    assert ds["step"].values.tolist() == list(rp.BYPASS_QUICK_STEPS)
+    assert ds["step"].values.tolist() == list(BYPASS_QUICK_STEPS)
     assert_dead_segment_in_bypassed_half(ds)
     assert result.numbers["dead_inside_bypassed"] and result.numbers["deeper_half_covered"] > 0.5
     assert ds["model_loss"].values[-1] < ds["model_loss"].values[1]  # the model trains through the skip
@@ -120,31 +120,20 @@ def test_resnet_vs_inception_from_scratch_share_data_and_train_deep_layers_first
 
 # --------------------------------------------------------------------- the API
 def test_reproductions_are_listed_with_descriptions():
-    assert list(rp.REPRODUCTIONS) == ["mnist-convnet", "bypass", "resnet-vs-inception", "random-init"]
-    assert all(len(text) > 40 for text in rp.REPRODUCTIONS.values())
+    assert list(experiments.REPRODUCTIONS) == ["mnist-convnet", "bypass", "resnet-vs-inception", "random-init"]
+    assert all(len(text) > 40 for text in experiments.REPRODUCTIONS.values())
 
 
 def test_bad_names_and_options_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="unknown reproduction 'bypas'; did you mean 'bypass'"):
-        rp.reproduce("bypas", out=tmp_path)
+        experiments.reproduce("bypas", out=tmp_path)
     with pytest.raises(ValueError, match="pretrained=True .* applies to resnet-vs-inception only"):
-        rp.reproduce("bypass", pretrained=True, out=tmp_path)
+        experiments.reproduce("bypass", pretrained=True, out=tmp_path)
     with pytest.raises(ValueError, match="contradict"):
-        rp.reproduce("bypass", quick=True, full=True, out=tmp_path)
+        experiments.reproduce("bypass", quick=True, full=True, out=tmp_path)
     with pytest.raises(TypeError, match="dataset must be a dataset name"):
-        rp.reproduce("bypass", dataset=None, out=tmp_path)
+        experiments.reproduce("bypass", dataset=None, out=tmp_path)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_command_line_arguments():
-    parser = rp.add_arguments(argparse.ArgumentParser(prog="probekit reproduce"))
-    args = parser.parse_args(
-        ["resnet-vs-inception", "--dataset", "imagenette", "--pretrained", "--out", "r", "--device", "cpu"]
-    )
-    assert (args.name, args.dataset, args.pretrained, args.full, args.quick, args.out, args.device) == (
-        "resnet-vs-inception", "imagenette", True, False, False, "r", "cpu")
-    with pytest.raises(SystemExit):
-        parser.parse_args(["nope"])
 
 
 def test_pretrained_path_probes_the_loaded_weights_once(tmp_path, monkeypatch):
@@ -166,7 +155,7 @@ def test_pretrained_path_probes_the_loaded_weights_once(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(zoo, "build", fake_build)
-    result = rp.reproduce("resnet-vs-inception", pretrained=True, out=tmp_path, quiet=True, device="cpu")
+    result = experiments.reproduce("resnet-vs-inception", pretrained=True, out=tmp_path, quiet=True, device="cpu")
     assert [name for name, _ in built] == ["resnet50", "inception_v3"]
     assert all(kwargs == {"weights": "DEFAULT"} for _, kwargs in built)
     for arch, reduction in (("resnet50", "pool"), ("inception_v3", "subset1000(seed=0)")):
@@ -190,7 +179,7 @@ def test_committed_stores_open_with_the_current_schema_and_have_their_command():
 
 def test_committed_bypass_run_shows_the_dead_segment():
     ds = open_run(RUNS / "bypass.zarr")
-    assert ds["step"].values.tolist() == list(rp.BYPASS_STEPS)
+    assert ds["step"].values.tolist() == list(BYPASS_STEPS)
     assert ds.sizes["layer"] == 130  # every layer of the model is probed
     assert_dead_segment_in_bypassed_half(ds)
 

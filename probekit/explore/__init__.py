@@ -4,11 +4,15 @@
 axis. Each explorer is a state object with one owner, the explorer, which is also
 the controller; views hold no data, and charts come from :mod:`probekit.plots`.
 
-This package imports numpy, pandas, xarray, altair and ipywidgets, never torch.
+The package follows the app's parts: ``selection`` (which layers a shortcut
+keeps), ``live`` (reading stores, live off the event loop), ``widgets`` (the
+views), ``explorer`` (one run) and ``compare`` (several runs).
+
+This package imports numpy, pandas, xarray, altair and ipywidgets: never torch.
 """
 
-from probekit.explore.explorer import (
-    CompareState, Comparison, ExploreState, Explorer, block_layers, compare, explore,
-)
+from probekit.explore.compare import CompareState, Comparison, compare
+from probekit.explore.explorer import ExploreState, Explorer, explore
+from probekit.explore.selection import merge_layers
 
-__all__ = ["CompareState", "Comparison", "ExploreState", "Explorer", "block_layers", "compare", "explore"]
+__all__ = ["CompareState", "Comparison", "ExploreState", "Explorer", "compare", "explore", "merge_layers"]

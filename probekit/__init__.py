@@ -52,9 +52,10 @@ __all__ = sorted(_LAZY) + list(_SUBMODULES)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(_importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
+        module = _importlib.import_module(_LAZY[name])
+        # every name of that module at once: importing probekit.explore set pk.explore to the subpackage
+        globals().update({lazy: getattr(module, lazy) for lazy, source in _LAZY.items() if source == _LAZY[name]})
+        return globals()[name]
     if name in _SUBMODULES:
         return _importlib.import_module(f"probekit.{name}")
     raise AttributeError(f"module 'probekit' has no attribute {name!r}")

@@ -8,15 +8,20 @@ metadata, the epoch axis preallocated in blocks, each epoch written into its
 region first and only then counted in the root attribute ``completed_epochs``
 (one atomic file), and readers cut the epoch axis at that count.
 
+It also owns the one atomic file writer, :func:`write_atomic`, which the
+training checkpoints use too, and the writer's lock (``fcntl`` on POSIX,
+``msvcrt`` on Windows, imported only when a writer takes it, so that reading
+needs no POSIX-only module).
+
 This module does not import torch.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import uuid
@@ -31,9 +36,14 @@ from probekit.run.schema import (
     row_values, rows_of,
 )
 
+__all__ = ["EPOCH_BLOCK", "LOCK_FILE", "RunWriter", "StoreError", "StoreLockedError", "open_run", "write_atomic"]
+
 #: Epochs are preallocated, and chunked, in blocks of this many.
 EPOCH_BLOCK = 64
 LOCK_FILE = ".writer.lock"
+#: Test hook (docs/reliability.md): a writer made while this is set to k kills its own
+#: process with SIGKILL right after its k-th file write, so tests kill at chosen points.
+_KILL_AFTER_WRITES = "PROBEKIT_KILL_AFTER_WRITES"
 
 
 class StoreError(ValueError):
@@ -131,17 +141,43 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
 
 
 # --------------------------------------------------------------------- writing
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace the file ``path`` with ``data`` in one step: a reader sees the old file or the new one, whole.
+
+    The bytes go to a temporary file in the same folder, are flushed and
+    fsynced, and the temporary file is renamed over ``path``; then the folder
+    is fsynced (where the system allows it) so that the rename survives a
+    power cut.
+
+    Example:
+        >>> write_atomic(Path("runs/a.zarr/.zattrs"), b"{}")
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are durable on their own
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class _Lock:
-    """An exclusive, process-lifetime lock on a store (``fcntl.flock``)."""
+    """An exclusive lock on a store that dies with its process (``flock`` on POSIX, ``msvcrt.locking`` on Windows).
+
+    The lock modules are imported here, not at the top of the module, so that
+    reading a store never needs them.
+    """
 
     def __init__(self, path: Path):
         self.path = path / LOCK_FILE
@@ -149,12 +185,11 @@ class _Lock:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(fd):
+            os.lseek(fd, 0, os.SEEK_SET)
             try:
-                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
+                holder = json.loads(os.read(fd, 4096) or b"{}")
+            except (OSError, ValueError):
                 holder = {}
             os.close(fd)
             who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('command', 'unknown command')})"
@@ -164,14 +199,52 @@ class _Lock:
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            _unlock(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+#: Windows locks a byte range, and a locked range cannot be read by others: lock one
+#: byte far past the holder's description, so that a refused writer can still name it.
+_LOCKED_BYTE = 1 << 20
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, _LOCKED_BYTE, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, _LOCKED_BYTE, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _describe_mismatch(old: RunLayout, new: RunLayout) -> str | None:
@@ -212,6 +285,8 @@ class RunWriter:
         self.layout = layout
         self.rows: list[EpochRow] = []
         self._lock = _Lock(self.path)
+        self._writes = 0
+        self._kill_after = int(os.environ.get(_KILL_AFTER_WRITES) or 0)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store path {str(self.path)!r} is a file; pass a folder path such as 'runs/a.zarr'")
         if self.path.is_dir() and any(self.path.iterdir()):
@@ -239,6 +314,7 @@ class RunWriter:
             trash = parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, trash)
             os.rename(tmp, self.path)
+            self._wrote()
             shutil.rmtree(trash, ignore_errors=True)
         else:
             try:
@@ -248,6 +324,7 @@ class RunWriter:
                 raise FileExistsError(
                     f"run store {str(self.path)!r} appeared while this run was creating it; another process is using that path"
                 ) from None
+            self._wrote()
         self._lock.acquire()
 
     @staticmethod
@@ -299,13 +376,13 @@ class RunWriter:
             self._resize(group[name], name, capacity)
         self._commit(len(self.rows), resized=True)
 
-    @staticmethod
-    def _resize(array, name: str, capacity: int) -> None:
+    def _resize(self, array, name: str, capacity: int) -> None:
         shape = list(array.shape)
         axis = 1 if name == "probe" else len(shape) - 1
         if shape[axis] != capacity:
             shape[axis] = capacity
             array.resize(tuple(shape))
+            self._wrote()
 
     # appending ---------------------------------------------------------------
     def append(self, row: EpochRow) -> None:
@@ -324,6 +401,7 @@ class RunWriter:
                 array[:, index, :] = value
             else:
                 array[..., index] = value
+            self._wrote()  # one chunk file: the epoch axis is chunked in blocks, the others whole
         self._commit(index + 1, resized=resized)
         self.rows.append(row)
 
@@ -339,8 +417,16 @@ class RunWriter:
             for name in EPOCH_VARIABLES:
                 entries[f"{name}/.zarray"] = json.loads((self.path / name / ".zarray").read_text())
         entries[".zattrs"]["completed_epochs"] = completed
-        _write_atomic(self.path / ".zattrs", json.dumps(entries[".zattrs"], indent=4))
-        _write_atomic(self.path / ".zmetadata", json.dumps(meta, indent=4))
+        write_atomic(self.path / ".zattrs", json.dumps(entries[".zattrs"], indent=4).encode())
+        self._wrote()
+        write_atomic(self.path / ".zmetadata", json.dumps(meta, indent=4).encode())
+        self._wrote()
+
+    def _wrote(self) -> None:
+        """Count one file write; the test hook ``PROBEKIT_KILL_AFTER_WRITES=k`` dies right after the k-th."""
+        self._writes += 1
+        if self._writes == self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self) -> None:
         self._lock.release()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import probekit as pk
-from probekit.run.store import RunWriter, StoreError, open_run
+from probekit.run.store import RunWriter, StoreError, open_run, write_atomic
 from tests.conftest import tiny_convnet
 
 
@@ -150,3 +154,37 @@ def test_writer_refuses_a_store_killed_while_being_created(tmp_path):
     layout = RunLayout(["input"], [0], [0.0], ["input"], ["4"], [4], ["flatten"], metric_names(["train"], 3), {})
     RunWriter(tmp_path / "r.zarr", layout).close()
     assert open_run(tmp_path / "r.zarr").sizes["epoch"] == 0
+
+
+_WITHOUT_POSIX_MODULES = """
+import sys
+sys.modules["fcntl"] = None  # as on Windows: importing it raises ImportError
+sys.modules["msvcrt"] = None  # and no Windows lock either: reading must need neither
+import probekit
+from probekit import plots
+ds = probekit.open_run(sys.argv[1])
+plots.depth_profile(ds).to_dict()
+probekit.explore(ds)
+print("read, charted and explored", ds.sizes["epoch"], "epochs")
+"""
+
+
+def test_reading_and_charts_work_without_posix_only_modules():
+    """``import probekit``, ``open_run``, the charts and the explorers never import ``fcntl``: only a writer locks."""
+    root = Path(__file__).resolve().parents[2]
+    store = root / "data" / "runs" / "mnist-convnet.zarr"
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_POSIX_MODULES, str(store)], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"read, charted and explored {open_run(store).sizes['epoch']} epochs" in proc.stdout
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "a.json"
+    write_atomic(target, b"old")
+    write_atomic(target, b'{"new": 1}')
+    assert target.read_bytes() == b'{"new": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    with pytest.raises(FileNotFoundError):
+        write_atomic(tmp_path / "missing" / "b.json", b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

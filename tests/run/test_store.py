@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import random
 import signal
 import time
 import warnings
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import probekit as pk
-from probekit.run.schema import EpochRow, RunLayout, metric_names
+from probekit.run.schema import EPOCH_VARIABLES, EpochRow, RunLayout, metric_names
 from probekit.run.store import EPOCH_BLOCK, RunWriter, StoreError, StoreLockedError, open_run
 from tests.conftest import tiny_convnet
 
@@ -152,21 +151,35 @@ def test_second_writer_is_refused_naming_the_holder_and_a_killed_holder_does_not
     RunWriter(path, _layout(), resume=True).close()  # the lock died with its process
 
 
-def _write_epochs(path, count, pause):
+def _write_epochs(path, count, seen):
+    """Write ``count`` epochs; after each, wait until the reader has seen it in the store (a generous timeout for hangs)."""
     layout = _layout()
     with RunWriter(path, layout) as writer:
         for epoch in range(count):
             writer.append(_row(layout, epoch))
-            time.sleep(pause)
+            observed = 0
+            while observed < epoch + 1:
+                if not seen.poll(120):
+                    raise TimeoutError(f"the reader did not see epoch {epoch} within 120 s")
+                observed = seen.recv()
 
 
 def test_reader_in_another_process_never_errors_nor_sees_half_an_epoch(tmp_path):
+    """The writer waits for the reader to see each epoch, so the reader reads across every one of them.
+
+    Every state a reader can meet between two file writes is checked by the kill-point test below.
+    """
     path = tmp_path / "live.zarr"
-    writer = FORK.Process(target=_write_epochs, args=(path, 2 * EPOCH_BLOCK + 10, 0.01))
+    count = 2 * EPOCH_BLOCK + 10
+    seen_by_reader, seen_by_writer = FORK.Pipe()
+    writer = FORK.Process(target=_write_epochs, args=(path, count, seen_by_writer))
     writer.start()
-    reads, seen, errors = 0, [], []
+    seen, errors = [], []
     layout = _layout()
-    while writer.is_alive() or reads == 0:
+    deadline = time.monotonic() + 600  # only to catch a hang
+    while not seen or seen[-1] < count:
+        assert time.monotonic() < deadline, f"the reader saw {seen[-1:]} of {count} epochs before the deadline"
+        assert writer.is_alive() or writer.exitcode == 0, f"the writer died (exit code {writer.exitcode})"
         if not path.exists():
             continue
         try:
@@ -174,66 +187,78 @@ def test_reader_in_another_process_never_errors_nor_sees_half_an_epoch(tmp_path)
         except Exception as error:  # noqa: BLE001 - counted, the test fails on any
             errors.append(repr(error))
             continue
-        reads += 1
         n = ds.sizes["epoch"]
-        seen.append(n)
         if n:
             np.testing.assert_array_equal(ds.probe.values[:, -1], _row(layout, n - 1).probe)
             assert ds.epoch.values.tolist() == list(range(n))
+        if not seen or n > seen[-1]:
+            seen_by_reader.send(n)
+        seen.append(n)
     writer.join()
-    assert errors == []
-    assert reads >= 100 and seen == sorted(seen) and open_run(path).sizes["epoch"] == 2 * EPOCH_BLOCK + 10
+    assert writer.exitcode == 0 and errors == []
+    assert seen == sorted(seen) and set(range(1, count + 1)) <= set(seen)  # every epoch count, in order
+    assert open_run(path).sizes["epoch"] == count
 
 
 # ----------------------------------------------------------------------------- SIGKILL
 RUN = ["run", "--model", "paper_convnet", "--dataset", "digits", "--limit", "120", "--epochs", "3",
        "--layers", "input,relu1,fc2", "--device", "cpu", "--quiet"]
+#: File writes of that run: the store's creation, then per epoch one chunk per epoch variable,
+#: ``.zattrs`` and ``.zmetadata`` (which counts the epoch for readers).
+EPOCHS = 4
+WRITES_PER_EPOCH = len(EPOCH_VARIABLES) + 2
+WRITES = 1 + EPOCHS * WRITES_PER_EPOCH
 
 
-def _run_cli(path, *extra):
+def _run_cli(path, kill_after, *extra):
     from probekit import cli
 
     torch.set_num_threads(1)
+    os.environ["PROBEKIT_KILL_AFTER_WRITES"] = str(kill_after)
     os._exit(cli.main([*RUN, "--out", str(path), *extra]))
 
 
+def _cli(path, *extra, kill_after=0) -> int:
+    proc = FORK.Process(target=_run_cli, args=(path, kill_after, *extra))
+    proc.start()
+    proc.join(600)  # only to catch a hang
+    assert proc.exitcode is not None, "probekit run hung"
+    return proc.exitcode
+
+
+def _kill_points() -> list[int]:
+    """Right after the creation, then in each epoch after a middle chunk, after ``.zattrs`` (ahead of the
+    metadata readers use) and after ``.zmetadata``: every kind of state a kill can leave."""
+    within = (WRITES_PER_EPOCH // 2, WRITES_PER_EPOCH - 1, WRITES_PER_EPOCH)
+    return [1] + [1 + epoch * WRITES_PER_EPOCH + j for epoch in range(EPOCHS) for j in within]
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_keeps_every_completed_epoch_and_resume_completes(tmp_path):
-    """``probekit run`` killed 20 times at random moments; every store opens, equals the reference, resumes."""
+def test_sigkill_after_any_file_write_keeps_every_completed_epoch_and_resume_completes(tmp_path):
+    """``probekit run`` killed right after chosen file writes (spanning the whole run, mid-epoch included):
+    every store opens with exactly the epochs counted before the kill, equal to the reference, and resumes."""
     reference = tmp_path / "reference.zarr"
-    run = FORK.Process(target=_run_cli, args=(reference,))
-    run.start()
-    run.join()
-    assert run.exitcode == 0
+    assert _cli(reference, kill_after=WRITES + 1) == 0  # the run makes no more than WRITES writes
     expected = open_run(reference)
-    assert expected.sizes["epoch"] == 4
-    rng = random.Random(0)
-    survived, resumed, partial, absent = 0, 0, 0, 0
-    start = time.monotonic()
-    for trial in range(20):
-        path = tmp_path / f"killed{trial}.zarr"
-        proc = FORK.Process(target=_run_cli, args=(path,))
-        proc.start()
-        time.sleep(rng.uniform(0.05, 2.0))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        if path.exists():
-            ds = open_run(path)  # always opens
-            n = ds.sizes["epoch"]
-            partial += n < 4
-            for name in ("probe", "step", "epoch", "iterations", "nonfinite", "model_loss", "model_error"):
-                np.testing.assert_array_equal(ds[name].values, expected[name].isel(epoch=slice(0, n)).values)
-        else:
-            absent += 1
-        survived += 1
-        if trial % 4 == 0:
-            proc = FORK.Process(target=_run_cli, args=(path, "--resume"))
-            proc.start()
-            proc.join()
-            assert proc.exitcode == 0
+    assert expected.sizes["epoch"] == EPOCHS
+    points = _kill_points()
+    assert points[-1] == WRITES
+    partial, resumed = 0, 0
+    for trial, k in enumerate(points):
+        path = tmp_path / f"killed{k}.zarr"
+        assert _cli(path, kill_after=k) == -signal.SIGKILL, f"the run was not killed after write {k}"
+        ds = open_run(path)  # always opens
+        n = ds.sizes["epoch"]
+        assert n == (k - 1) // WRITES_PER_EPOCH, (k, n)  # the epochs whose .zmetadata was written, no more
+        partial += n < EPOCHS
+        for name in ("probe", "step", "epoch", "iterations", "nonfinite", "model_loss", "model_error"):
+            np.testing.assert_array_equal(ds[name].values, expected[name].isel(epoch=slice(0, n)).values)
+        if trial % 3 == 0:
+            if trial == 3:  # a resume killed mid-epoch (after healing the store and one chunk) resumes again
+                assert _cli(path, "--resume", kill_after=3) == -signal.SIGKILL
+            assert _cli(path, "--resume") == 0
             done = open_run(path)
             for name in ("probe", "step", "epoch", "model_loss", "model_error"):
                 np.testing.assert_array_equal(done[name].values, expected[name].values)
             resumed += 1
-    assert survived == 20 and resumed == 5 and partial >= 5, (partial, absent)
-    assert time.monotonic() - start < 150
+    assert len(points) == 13 and partial == 12 and resumed == 5

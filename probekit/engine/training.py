@@ -304,7 +304,7 @@ def _epoch_line(row: xr.Dataset, epochs: int) -> str:
     """One line per epoch: the model's own figures and the best probe."""
     metric = "valid_error" if "valid_error" in row["metric"].values else "train_error"
     errors = row["probe"].sel(metric=metric).isel(epoch=0)
-    best = errors.fillna(float("inf")).argmin().item()
+    best = errors.fillna(float("inf")).argmin("layer").item()
     return (
         f"epoch {int(row.epoch.values[0])}/{epochs}: model loss {float(row.model_loss.values[0]):.4f}, "
         f"model training error {float(row.model_error.values[0]):.3f}; lowest probe {metric} "

@@ -26,6 +26,7 @@ FIGURES = {
     "4": "benchmarks.memory",
     "5": "benchmarks.monitoring",
     "6": "benchmarks.scaling",
+    "8": "benchmarks.notebooks",
 }
 
 

@@ -6,7 +6,8 @@ nbclient in this interpreter's kernel, and fails on the first failing cell.
 A last cell reports the kernel's peak memory (``VmHWM``), which must
 stay under Binder's budget. Children are reported, not counted: a forked
 child's peak includes pages it shares with the kernel, and no notebook starts
-a long-lived child process.
+a long-lived child process. How long each notebook takes is a benchmark
+figure (``python -m benchmarks --only 8``), not an assertion here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -28,8 +28,8 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ["01-quickstart", "02-monitor-training", "03-inception-vs-resnet", "04-dead-layers", "05-workshop"]
 #: Peak memory a notebook's kernel may use (Binder gives 1-2 GB).
 MEMORY_LIMIT_MB = 1536
-#: Wall time a notebook may take with CI's parameters.
-TIME_LIMIT_S = 180
+#: Seconds one cell may run before the run counts as hung.
+CELL_TIMEOUT_S = 900
 
 #: CI's parameters, by notebook; every name must be a parameter of that notebook.
 #: ``{tmp}`` becomes the run's working folder, ``{root}`` this checkout.
@@ -51,10 +51,9 @@ print("PEAK_MEMORY_MB", json.dumps({"kernel": hwm,
                                     "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))"""
 
 
-@pytest.fixture(scope="session")
-def kernel_environment(tmp_path_factory):
-    """A ``python3`` kernelspec that runs this interpreter, ahead of any other on the Jupyter path."""
-    home = tmp_path_factory.mktemp("jupyter")
+def jupyter_home(home: Path) -> dict[str, str]:
+    """Jupyter's folders under ``home``, with a ``python3`` kernelspec that runs this interpreter;
+    returns the environment variables that point Jupyter there."""
     spec_dir = home / "data" / "kernels" / "python3"
     spec_dir.mkdir(parents=True)
     spec = {
@@ -63,13 +62,19 @@ def kernel_environment(tmp_path_factory):
         "language": "python",
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    values = {
+    return {
         "JUPYTER_PATH": str(home / "data"),
         "JUPYTER_DATA_DIR": str(home / "data"),
         "JUPYTER_CONFIG_DIR": str(home / "config"),
         "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
         "IPYTHONDIR": str(home / "ipython"),
     }
+
+
+@pytest.fixture(scope="session")
+def kernel_environment(tmp_path_factory):
+    """A ``python3`` kernelspec that runs this interpreter, ahead of any other on the Jupyter path."""
+    values = jupyter_home(tmp_path_factory.mktemp("jupyter"))
     with pytest.MonkeyPatch.context() as patch:
         for name, value in values.items():
             patch.setenv(name, value)
@@ -97,22 +102,28 @@ def with_parameters(nb: nbformat.NotebookNode, values: dict[str, object]) -> nbf
     return nb
 
 
-def run_notebook(path: Path, values: dict[str, object], workdir: Path) -> tuple[float, dict[str, float]]:
-    """Execute a notebook with ``values`` in ``workdir``; returns seconds taken and peak memory in MB."""
+def ci_values(path: Path, tmp: Path) -> dict[str, object]:
+    """CI's parameters for the notebook at ``path``, with ``{tmp}`` and ``{root}`` filled in."""
+    return {
+        name: value.format(tmp=tmp, root=ROOT) if isinstance(value, str) else value
+        for name, value in CI_PARAMETERS[path.stem].items()
+    }
+
+
+def run_notebook(path: Path, values: dict[str, object], workdir: Path) -> dict[str, float]:
+    """Execute a notebook with ``values`` in ``workdir``; returns the peak memory in MB of its kernel and children."""
     nb = with_parameters(nbformat.read(path, as_version=4), values)
     nb.cells.append(nbformat.v4.new_code_cell(_PEAK_MEMORY_CELL))
     nb.cells[-1]["id"] = "peak-memory"
     client = NotebookClient(
-        nb, kernel_name="python3", timeout=TIME_LIMIT_S, store_widget_state=True,
+        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, store_widget_state=True,
         resources={"metadata": {"path": str(workdir)}},
     )
-    start = time.perf_counter()
     client.execute()
-    seconds = time.perf_counter() - start
     text = "".join(output.get("text", "") for output in nb.cells[-1].outputs)
     memory = json.loads(text.split("PEAK_MEMORY_MB", 1)[1])
     nbformat.validate(nb)
-    return seconds, memory
+    return memory
 
 
 def test_the_five_notebooks_are_there():
@@ -135,15 +146,9 @@ def test_notebook_is_stored_without_outputs(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path, kernel_environment, capsys):
-    values = {
-        name: value.format(tmp=tmp_path, root=ROOT) if isinstance(value, str) else value
-        for name, value in CI_PARAMETERS[path.stem].items()
-    }
     before = sorted(os.listdir(NOTEBOOK_DIR))
-    seconds, memory = run_notebook(path, values, tmp_path)
+    memory = run_notebook(path, ci_values(path, tmp_path), tmp_path)
     with capsys.disabled():
-        print(f"\n{path.stem}: {seconds:.1f} s, peak memory {memory['kernel']:.0f} MB "
-              f"(children {memory['children']:.0f} MB)")
-    assert seconds < TIME_LIMIT_S
+        print(f"\n{path.stem}: peak memory {memory['kernel']:.0f} MB (children {memory['children']:.0f} MB)")
     assert memory["kernel"] < MEMORY_LIMIT_MB
     assert sorted(os.listdir(NOTEBOOK_DIR)) == before, "the notebook wrote into notebooks/; write under its workdir"

@@ -210,7 +210,7 @@ class Comparison(LiveApp):
         )
         self.widget.add_class("probekit-compare")
         self.state = CompareState(runs=tuple((s.label, s.dataset) for s in self._sources), version=1)
-        _, splits = self._choices()
+        _, splits = self._shared_choices()
         self.select(
             layers=None if every is not None else layers, every=every, depth_range=depth_range, measure=measure,
             split=split or (default_split(splits) if splits else None), epoch=epoch,
@@ -259,7 +259,7 @@ class Comparison(LiveApp):
             shown[name] = None if position is None else epoch_numbers(ds)[position]
         return shown
 
-    def _choices(self) -> tuple[list[str], list[str]]:
+    def _shared_choices(self) -> tuple[list[str], list[str]]:
         ready = [ds for _, ds in self.state.ready]
         return _common([measures_of(ds) for ds in ready]), _common([splits_of(ds) for ds in ready])
 
@@ -298,7 +298,7 @@ class Comparison(LiveApp):
         check_params(_CONSTRAINTS, layers=layers, every=every, depth_range=depth_range, epoch=epoch)
         if layers is not None and every is not None:
             raise ValueError("pass layers= or every=, not both (every=k keeps every k-th layer of each run)")
-        measures, splits = self._choices()
+        measures, splits = self._shared_choices()
         changes: dict[str, object] = {}
         if layers is not None:
             changes["rule"] = layers
@@ -339,7 +339,7 @@ class Comparison(LiveApp):
         state = replace(self.state, runs=tuple((s.label, s.dataset) for s in self._sources),
                         version=self.state.version + 1, status="", alert=False)
         self.state = state
-        measures, splits = self._choices()
+        measures, splits = self._shared_choices()
         fixes = {}
         if measures and state.measure not in measures:
             fixes["measure"] = measures[0]
@@ -376,7 +376,7 @@ class Comparison(LiveApp):
     # -- rendering -------------------------------------------------------------
     def _render(self) -> None:
         state = self.state
-        measures, splits = self._choices()
+        measures, splits = self._shared_choices()
         self.controls.show(
             rule=state.rule, every=state.every, depth_range=state.depth_range, measures=measures,
             measure=state.measure, splits=splits, split=state.split, epochs=state.epochs, epoch=state.epoch_shown,

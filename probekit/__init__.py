@@ -14,7 +14,7 @@ Heavy modules (torch) load on first use, so ``probekit.plots``, the explorers
 and the run store readers work without importing torch. The package follows
 the data's path: :mod:`probekit.engine` (model to epoch rows), :mod:`probekit.run`
 (schema and store), :mod:`probekit.diagnosis`, :mod:`probekit.plots`,
-:mod:`probekit.explore`, with :mod:`probekit.data`, :mod:`probekit.zoo` and
+:mod:`probekit.explorers`, with :mod:`probekit.data`, :mod:`probekit.zoo` and
 :mod:`probekit.experiments` beside them (see ``docs/architecture.md``). Importing the package
 registers the ``ds.probekit`` accessor on xarray datasets (``ds.probekit.diagnose()``).
 """
@@ -39,23 +39,22 @@ _LAZY = {
     "StoreError": "probekit.run",
     "diagnose": "probekit.diagnosis",
     "Findings": "probekit.diagnosis",
-    "explore": "probekit.explore",
-    "compare": "probekit.explore",
-    "Explorer": "probekit.explore",
-    "Comparison": "probekit.explore",
+    "explore": "probekit.explorers",
+    "compare": "probekit.explorers",
+    "Explorer": "probekit.explorers",
+    "Comparison": "probekit.explorers",
 }
 #: Subpackages and modules reachable as attributes (``pk.data.digits()``, ``pk.experiments.reproduce("bypass")``).
-_SUBMODULES = ("data", "diagnosis", "engine", "experiments", "explore", "plots", "run", "zoo")
+_SUBMODULES = ("data", "diagnosis", "engine", "experiments", "explorers", "plots", "run", "zoo")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = _importlib.import_module(_LAZY[name])
-        # every name of that module at once: importing probekit.explore set pk.explore to the subpackage
-        globals().update({lazy: getattr(module, lazy) for lazy, source in _LAZY.items() if source == _LAZY[name]})
-        return globals()[name]
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     if name in _SUBMODULES:
         return _importlib.import_module(f"probekit.{name}")
     raise AttributeError(f"module 'probekit' has no attribute {name!r}")

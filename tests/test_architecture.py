@@ -1,6 +1,6 @@
 """The package's layout rules, read from the source: data flows one way, and each part imports only what it says.
 
-docs/architecture.md draws the path (model -> engine -> run -> diagnosis / plots -> explore);
+docs/architecture.md draws the path (model -> engine -> run -> diagnosis / plots -> explorers);
 these tests keep the code to it without importing anything heavy.
 """
 
@@ -24,14 +24,14 @@ ALLOWED = {
     "engine": {"run"},
     "diagnosis": {"run"},
     "plots": {"run"},
-    "explore": {"run", "plots", "diagnosis"},
+    "explorers": {"run", "plots", "diagnosis"},
     "accessor": {"run", "plots", "diagnosis"},
     "data": set(),
     "zoo": {"engine"},
     "experiments": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "accessor"},
     "integrations": {"probekit", "engine", "run"},
     "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor"},
-    "probekit": {"accessor", "engine", "run", "diagnosis", "explore", "plots", "data", "zoo", "experiments"},
+    "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).
 FORBIDDEN = {
@@ -39,7 +39,7 @@ FORBIDDEN = {
     "run": {"torch", "altair", "ipywidgets"},
     "diagnosis": {"torch", "zarr", "altair", "ipywidgets"},
     "plots": {"torch", "zarr", "ipywidgets"},
-    "explore": {"torch"},
+    "explorers": {"torch"},
     "accessor": {"torch", "zarr", "ipywidgets"},
     "params": {"torch", "numpy", "xarray", "zarr"},
     "engine": {"altair", "ipywidgets"},
@@ -175,3 +175,10 @@ def test_dir_of_the_package_is_its_public_api():
         assert getattr(pk, name) is not None
     for name in ("Plan", "StoreError", "Explorer", "Comparison", "experiments"):
         assert name in names
+
+
+def test_explore_and_compare_stay_functions_after_their_subpackage_is_imported():
+    code = ("import probekit as pk, probekit.explorers, probekit.explorers.compare; "
+            "import sys; sys.exit(0 if callable(pk.explore) and callable(pk.compare) else 1)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr or "pk.explore or pk.compare became a module"

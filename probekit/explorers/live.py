@@ -24,7 +24,7 @@ from typing import Union
 
 import xarray as xr
 
-from probekit.explore.widgets import close_tree
+from probekit.explorers.widgets import close_tree
 from probekit.params import Interval, check_params
 from probekit.run.schema import check_run
 from probekit.run.store import StoreError, open_run

@@ -6,7 +6,7 @@ import pytest
 from conftest import layer_names, make_run
 from vega_specs import encoding, rows, spec
 
-from probekit.explore import compare
+from probekit.explorers import compare
 from probekit.run.schema import layout_of, rows_of
 from probekit.run.store import RunWriter
 

@@ -5,7 +5,7 @@ relative-depth axis (Inception v3 against ResNet-50) with the same selections
 applied to every run: a layer rule (*all*, *merge points only*, *every k-th*),
 a relative-depth window, the metric, the split and an epoch. The comparison
 owns one :class:`CompareState` and is its controller; its views are
-:mod:`probekit.explore.widgets`' and its chart is
+:mod:`probekit.explorers.widgets`' and its chart is
 :func:`probekit.plots.comparison`.
 
 This module imports pandas, xarray, altair and ipywidgets: never torch.
@@ -24,11 +24,11 @@ import pandas as pd
 import xarray as xr
 
 from probekit import plots
-from probekit.explore.live import DEFAULT_INTERVAL, LiveApp, Poller, RunLike, Source, as_source, read_now
-from probekit.explore.selection import (
+from probekit.explorers.live import DEFAULT_INTERVAL, LiveApp, Poller, RunLike, Source, as_source, read_now
+from probekit.explorers.selection import (
     SELECTION_CONSTRAINTS, LayerRule, default_split, epoch_numbers, fits_epoch, rule_layers,
 )
-from probekit.explore.widgets import ChartPanel, CompareControls, table_html
+from probekit.explorers.widgets import ChartPanel, CompareControls, table_html
 from probekit.params import Interval, Options, check_params
 from probekit.run.schema import check_in_run, epoch_index, measures_of, splits_of
 
@@ -277,7 +277,7 @@ class Comparison(LiveApp):
 
         Args:
             layers: ``"all"`` or ``"merges"`` (the merge points, see
-                :func:`probekit.explore.selection.merge_layers`), for every run.
+                :func:`probekit.explorers.selection.merge_layers`), for every run.
             every: Keep every k-th layer of each run (and its last layer).
             depth_range: ``(low, high)`` relative depths to keep, within [0, 1].
             measure: A measure every run has.
@@ -454,10 +454,10 @@ def compare(
         runs: A list of runs (datasets or store paths), or a dict from name to run.
         names: Names for a list of runs; by default each run's ``model``
             attribute (numbered when two share one).
-        live: Follow stores that runs are still writing (see :func:`probekit.explore.explore`).
+        live: Follow stores that runs are still writing (see :func:`probekit.explorers.explore`).
         interval: Seconds between two checks of live stores.
         layers: ``"all"`` or ``"merges"`` (the merge points, see
-            :func:`probekit.explore.selection.merge_layers`).
+            :func:`probekit.explorers.selection.merge_layers`).
         every: Keep every k-th layer of each run instead.
         depth_range: ``(low, high)``: keep layers at these relative depths.
         measure: A measure every run has.

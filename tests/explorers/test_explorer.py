@@ -6,7 +6,7 @@ import pytest
 from conftest import layer_names, make_run
 from vega_specs import encoding, layers_drawn, mark, rows, rows_or_none, spec, units
 
-from probekit.explore import explore
+from probekit.explorers import explore
 from probekit.run.schema import layout_of, rows_of
 from probekit.run.store import RunWriter
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import make_run
 
-from probekit.explore import explore, merge_layers
-from probekit.explore.selection import default_layers, default_split, fits_epoch, resolve_layers
+from probekit.explorers import explore, merge_layers
+from probekit.explorers.selection import default_layers, default_split, fits_epoch, resolve_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ("selection", "live", "widgets", "explorer", "compare")
@@ -67,8 +67,8 @@ def test_the_split_shown_first_and_epochs_that_fit():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_explore_modules_do_not_import_torch_and_list_their_names(name):
-    code = f"import sys, probekit.explore.{name}; sys.exit('torch' in sys.modules)"
+    code = f"import sys, probekit.explorers.{name}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
-    module = importlib.import_module(f"probekit.explore.{name}")  # pk.explore is the function, this the module
+    module = importlib.import_module(f"probekit.explorers.{name}")  # pk.explore is the function, this the module
     assert module.__all__ == sorted(module.__all__)
     assert "never torch" in module.__doc__

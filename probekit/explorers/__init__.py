@@ -11,8 +11,8 @@ views), ``explorer`` (one run) and ``compare`` (several runs).
 This package imports numpy, pandas, xarray, altair and ipywidgets: never torch.
 """
 
-from probekit.explore.compare import CompareState, Comparison, compare
-from probekit.explore.explorer import ExploreState, Explorer, explore
-from probekit.explore.selection import merge_layers
+from probekit.explorers.compare import CompareState, Comparison, compare
+from probekit.explorers.explorer import ExploreState, Explorer, explore
+from probekit.explorers.selection import merge_layers
 
 __all__ = ["CompareState", "Comparison", "ExploreState", "Explorer", "compare", "explore", "merge_layers"]

@@ -13,10 +13,10 @@ heatmap and the diagnosis panel follow.
 
 The explorer owns one :class:`ExploreState` and is its controller: every change
 from a widget or from :meth:`Explorer.select` builds a new state and renders it
-into views (:mod:`probekit.explore.widgets`) that hold no data. Charts are pure
+into views (:mod:`probekit.explorers.widgets`) that hold no data. Charts are pure
 functions of the state, built with :mod:`probekit.plots`; the Vega JavaScript
 is inlined (:func:`probekit.plots.enable_offline`), so nothing is fetched from
-a CDN. Live reading is :mod:`probekit.explore.live`'s.
+a CDN. Live reading is :mod:`probekit.explorers.live`'s.
 
 This module imports pandas, xarray, altair and ipywidgets: never torch.
 """
@@ -33,11 +33,11 @@ import pandas as pd
 import xarray as xr
 
 from probekit import plots
-from probekit.explore.live import DEFAULT_INTERVAL, LiveApp, Poller, RunLike, as_source, read_now
-from probekit.explore.selection import (
+from probekit.explorers.live import DEFAULT_INTERVAL, LiveApp, Poller, RunLike, as_source, read_now
+from probekit.explorers.selection import (
     default_layers, default_split, epoch_numbers, fits_epoch, resolve_layers, run_layers,
 )
-from probekit.explore.widgets import ChartPanel, ExploreControls, findings_html, status_html
+from probekit.explorers.widgets import ChartPanel, ExploreControls, findings_html, status_html
 from probekit.run.schema import check_in_run, epoch_position, measures_of, splits_of
 
 __all__ = ["ExploreState", "Explorer", "explore"]
@@ -234,7 +234,7 @@ class Explorer(LiveApp):
 
         Args:
             layers: Layer names, ``"all"`` or ``"merges"`` (see
-                :func:`probekit.explore.selection.merge_layers`).
+                :func:`probekit.explorers.selection.merge_layers`).
             every: Keep every k-th layer from the input (and the last layer).
             measure: ``"error"``, ``"loss"`` or ``"top5"``.
             split: ``"train"``, ``"valid"`` or ``"test"``.
@@ -433,7 +433,7 @@ def explore(
         interval: Seconds between two checks of a live store.
         layers: Layers selected at first: names, ``"all"`` or ``"merges"``
             (the merge points: residual sums and concatenations, see
-            :func:`probekit.explore.selection.merge_layers`); by default all
+            :func:`probekit.explorers.selection.merge_layers`); by default all
             of them, or every k-th for runs of more than 24.
         every: Select every k-th layer instead (the last layer is always kept).
         measure: ``"error"``, ``"loss"`` or ``"top5"``.

@@ -193,7 +193,7 @@ class ExploreControls:
 
     Args:
         on_change: Called with the user's change as keyword arguments of
-            :meth:`probekit.explore.Explorer.select` (``layers=``, ``every=``,
+            :meth:`probekit.explorers.Explorer.select` (``layers=``, ``every=``,
             ``measure=``, ``split=`` or ``epoch=``).
 
     Example:

@@ -9,7 +9,7 @@ import pytest
 from conftest import layer_names, make_run
 from vega_specs import layers_drawn, rows, spec
 
-from probekit.explore import compare, explore, live
+from probekit.explorers import compare, explore, live
 from probekit.run.schema import layout_of, rows_of
 from probekit.run.store import RunWriter, open_run
 

@@ -155,7 +155,10 @@ def test_quickstart_renders_and_reacts_in_jupyterlab(lab):
             page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
             explorer = page.locator(".jp-OutputArea-output .probekit-explorer")
-            explorer.wait_for(timeout=600_000)
+            traceback = page.locator(".jp-OutputArea-output", has_text="Traceback (most recent call last)")
+            explorer.or_(traceback).first.wait_for(timeout=600_000)
+            if traceback.count():
+                raise AssertionError(f"a cell failed:\n{traceback.first.inner_text()[-3000:]}")
             _wait_for_lines(page, len(QUICKSTART_LAYERS), timeout_s=300)
             for name in ("profile", "heatmap", "diagnosis"):
                 marks = page.locator(f".probekit-explorer .probekit-{name} svg .role-mark")

@@ -41,7 +41,7 @@ __all__ = ["EPOCH_BLOCK", "LOCK_FILE", "RunWriter", "StoreError", "StoreLockedEr
 #: Epochs are preallocated, and chunked, in blocks of this many.
 EPOCH_BLOCK = 64
 LOCK_FILE = ".writer.lock"
-#: Test hook (docs/reliability.md): a writer made while this is set to k kills its own
+#: Test hook (docs/store.md): a writer made while this is set to k kills its own
 #: process with SIGKILL right after its k-th file write, so tests kill at chosen points.
 _KILL_AFTER_WRITES = "PROBEKIT_KILL_AFTER_WRITES"
 

@@ -14,6 +14,7 @@ import torch
 from benchmarks.measure import Row, interleave
 from benchmarks.workloads import NUM_CLASSES, SIZES, build, images
 from probekit.engine import plan
+from probekit.engine.extract import build_extractor
 from probekit.engine.features import extract
 
 CONFIG = {
@@ -29,7 +30,7 @@ def extraction_pair(name: str, size: int, batch: int):
     probe_plan = plan(model, x[:2], num_classes=NUM_CLASSES)
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
-    extractor = probe_plan.graph.extractor(probe_plan.reducers)
+    extractor = build_extractor(probe_plan.graph, probe_plan.reducers)
     dims = {n: r.out_features for n, r in probe_plan.reducers.items()}
 
     def bare():

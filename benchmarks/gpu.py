@@ -21,6 +21,7 @@ from benchmarks.measure import Row, interleave, load_average, machine
 from benchmarks.workloads import NUM_CLASSES, SIZES, build, feature_split, images
 from benchmarks.fitting import RESNET50_DIMS
 from probekit.engine import plan
+from probekit.engine.extract import build_extractor
 from probekit.engine.features import extract
 from probekit.engine.probes import fit_probes
 
@@ -53,7 +54,7 @@ def extraction_rows(batch: int, reps: int, device: torch.device) -> list[Row]:
         model = model.to(device, memory_format=torch.channels_last)
         for reducer in probe_plan.reducers.values():
             reducer.to(device)
-        extractor = probe_plan.graph.extractor(probe_plan.reducers)
+        extractor = build_extractor(probe_plan.graph, probe_plan.reducers)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         dims = {n: r.out_features for n, r in probe_plan.reducers.items()}
 

@@ -116,13 +116,14 @@ def test_standardiser_matches_the_two_pass_formula():
 
 def test_extraction_under_bf16_autocast_caches_float32_features(digits_tensors):
     from probekit.engine import plan
+    from probekit.engine.extract import build_extractor
     from probekit.engine.features import extract
     from tests.conftest import tiny_convnet
 
     model = tiny_convnet().eval()
     x, y = digits_tensors["valid"]
     probe_plan = plan(model, x[:2], layers="all")
-    extractor = probe_plan.graph.extractor(probe_plan.reducers)
+    extractor = build_extractor(probe_plan.graph, probe_plan.reducers)
     dims = {n: r.out_features for n, r in probe_plan.reducers.items()}
     common = dict(name="valid", dims=dims, num_classes=10, batch_size=128, device=torch.device("cpu"))
     exact = extract(extractor, (x, y), **common)
@@ -149,13 +150,14 @@ def test_in_place_residual_adds_change_no_probed_value():
     import torchvision
 
     from probekit.engine import plan
+    from probekit.engine.extract import build_extractor
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     names = ["layer1.0.bn2", "layer1.0", "layer2.0", "layer4.1"]  # bn2 feeds layer1.0's add: it must not change
     probe_plan = plan(model, x, layers=names, reduce="flatten")
-    extractor = probe_plan.graph.extractor(probe_plan.reducers)
+    extractor = build_extractor(probe_plan.graph, probe_plan.reducers)
     seen = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, out.clone()))
              for n in names]

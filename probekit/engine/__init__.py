@@ -3,14 +3,17 @@
 Data flows one way through its modules:
 
 - :mod:`~probekit.engine.points`: probe points of a model (tracing or hooks), their
-  shapes and depth, and the extractor that feeds every probe from one forward pass;
+  names, shapes and depth, and the tracer's configuration (``tracer_kwargs=``);
 - :mod:`~probekit.engine.reduce`: per-layer reductions of large feature maps;
+- :mod:`~probekit.engine.extract`: one forward pass feeding every probe (graph or hooks);
 - :mod:`~probekit.engine.features`: data splits in, cached reduced features out;
 - :mod:`~probekit.engine.probes`: softmax probes fitted to their optimum, and online probes;
 - :mod:`~probekit.engine.plan`: what a run will do, per layer, before any work;
 - :mod:`~probekit.engine.monitor`: :class:`ProbeMonitor`, one epoch row at a time;
 - :mod:`~probekit.engine.fixed`: :func:`probe` and :func:`probe_checkpoints` for fixed models;
-- :mod:`~probekit.engine.training`: :func:`train_and_probe`, the one training loop.
+- :mod:`~probekit.engine.training`: :func:`train_and_probe`, the one training loop;
+- beside them, :mod:`~probekit.engine.devices` (device, threads, channels-last) and
+  :mod:`~probekit.engine.checkpoints` (the one checkpoint loader).
 
 The engine writes runs through :mod:`probekit.run` and never imports the
 diagnosis, the charts or the explorers.

@@ -5,6 +5,12 @@
 object with ``train``/``valid``/``test`` attributes (``probekit.data.Splits``).
 Each split is a ``DataLoader``, a torch ``Dataset`` of ``(x, y)`` pairs, or an
 ``(X, y)`` pair of tensors or arrays.
+
+This module owns the ``data=`` forms, label checks and the feature cache (in
+memory, or memory-mapped files above ``cache_bytes``). It runs an
+:class:`~probekit.engine.extract.Extractor` it is given and imports nothing
+after it on the engine's path (no probes, plan or monitor); never the run
+store, the diagnosis, the charts or the explorers.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from probekit.engine.points import Extractor, as_args, torch_threads
+from probekit.engine.devices import torch_threads
+from probekit.engine.extract import Extractor
+from probekit.engine.points import as_args
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES", "SplitFeatures", "as_splits", "batches", "check_labels", "extract", "labels_of", "split_size",
+]
 
 _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
 #: Above this many bytes of cached features, the cache goes to disk.
@@ -217,6 +229,3 @@ def extract(
             features[layer] = torch.cat(store.pop(layer))
     return SplitFeatures(features=features, labels=labels_all.to(device).long(), nonfinite=nonfinite, _tmp=tmp)
 
-
-def estimate_bytes(n: int | None, dims: Mapping[str, int]) -> float:
-    return math.nan if n is None else n * sum(dims.values()) * 4

@@ -1,11 +1,16 @@
-"""Fixed models: ``probe`` (one model, probed to convergence) and ``probe_checkpoints`` (a series of snapshots)."""
+"""Fixed models: ``probe`` (one model, probed to convergence) and ``probe_checkpoints`` (a series of snapshots).
+
+Both run one :class:`~probekit.engine.monitor.ProbeMonitor` in snapshot mode and
+take its parameters by name; this module owns only placing the model on its
+device for the call and walking the checkpoints. It never imports the
+diagnosis, the charts or the explorers.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 import xarray as xr
@@ -13,10 +18,23 @@ from torch import nn
 
 from probekit.engine.checkpoints import load_checkpoint
 from probekit.engine.devices import placed, resolve_device, wants_channels_last
-from probekit.engine.monitor import ProbeMonitor
+from probekit.engine.features import DEFAULT_CACHE_BYTES
+from probekit.engine.monitor import MONITOR_CONSTRAINTS, UPDATE_CONSTRAINTS, ProbeMonitor
+from probekit.engine.probes import DEFAULT_L2
+from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
+from probekit.params import check_params
 
-Mode = Literal["snapshot", "online"]
+__all__ = ["probe", "probe_checkpoints"]
 
+#: The monitor's checks, less its mode (these calls fit every probe to its optimum, so they
+#: have no online probes and no probe_lr), with the device and the row's labels.
+_SHARED = {k: v for k, v in MONITOR_CONSTRAINTS.items() if k not in ("mode", "probe_lr", "channels_last")}
+_PLACEMENT = {"device": [str, torch.device, None], "channels_last": [bool, None]}
+_PROBE_CONSTRAINTS = {**_SHARED, **_PLACEMENT, **UPDATE_CONSTRAINTS}
+_CHECKPOINTS_CONSTRAINTS = {
+    **{k: v for k, v in _SHARED.items() if k != "model"}, **_PLACEMENT,
+    "build_model": [Callable],
+}
 
 
 def probe(
@@ -28,27 +46,52 @@ def probe(
     store: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    num_classes: int | None = None,
+    l2: float = DEFAULT_L2,
+    batch_size: int = 256,
+    budget: int = DEFAULT_BUDGET,
+    max_flatten: int = DEFAULT_MAX_FLATTEN,
+    seed: int = 0,
+    max_iter: int = 1000,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    quiet: bool = False,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    tracer_kwargs: Mapping[str, object] | None = None,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
     epoch: int = 0,
-    step: int = -1,
-    **options,
+    step: int | None = None,
 ) -> xr.Dataset:
     """Probe a fixed model to convergence: one forward pass over the data, every probe fitted.
 
     Args:
         model: any ``nn.Module``; it is moved to ``device`` for the call and put
             back, with its parameters, buffers and train/eval flags unchanged.
-        data: train/valid(/test) splits.
-        layers, reduce: see :class:`ProbeMonitor`.
-        store: Zarr store to write (optional).
+        data: train/valid(/test) splits (see :mod:`probekit.engine.features`).
+        layers: probe point names (see :func:`probekit.list_layers`), ``"blocks"`` or ``"all"``;
+            default: the model's ``probe_layers`` attribute, else ``"blocks"``.
+        reduce: one reduction for every layer or ``{layer: spec}`` (see :mod:`probekit.engine.reduce`).
+        store: Zarr store folder to write; ``None`` keeps the run in memory only.
         resume: with an existing complete store, return it without recomputing.
         overwrite: replace an existing store.
+        num_classes: classes of the probing task; when not given, ``data.info.num_classes``,
+            else inferred from the labels.
+        l2: probe L2 strength (per example, standardised features).
+        batch_size: extraction batch size for splits that are not DataLoaders.
+        budget: the ``"auto"`` reduction's feature budget per probe.
+        max_flatten: largest layer ``"flatten"`` accepts.
+        seed: seed of random reductions (recorded in the store).
+        max_iter: most L-BFGS iterations per probe fit.
+        cache_bytes: above this many bytes, cached features go to disk.
+        quiet: no progress display and no plan printout.
+        model_name: the model's name recorded in the run (default: its class name).
+        dataset_name: the data's name recorded in the run (default: ``data.info.name``, else ``"user data"``).
+        tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`).
         device: ``"cuda"`` when available, else ``"cpu"``, by default.
         channels_last: channels-last memory for conv nets; default on CPU (faster there).
-        epoch, step: the row's epoch and step labels.
-        **options: any other :class:`ProbeMonitor` option (``num_classes``, ``l2``,
-            ``batch_size``, ``budget``, ``seed``, ``quiet``, ...).
+        epoch: the row's epoch number (0 or more).
+        step: the row's training step; ``None`` when unknown.
 
     Returns:
         The run: an ``xarray.Dataset`` with one epoch.
@@ -57,11 +100,21 @@ def probe(
         >>> ds = pk.probe(model, (train, valid, test), store="runs/a.zarr", reduce="pool")
         >>> ds.probe.sel(metric="valid_error").squeeze("epoch").to_series()
     """
+    check_params(
+        _PROBE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
+        max_flatten=max_flatten, seed=seed, store=store, resume=resume, overwrite=overwrite, l2=l2,
+        batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
+        dataset_name=dataset_name, device=device, channels_last=channels_last, epoch=epoch, step=step,
+    )
     device = resolve_device(device)
     use_cl = wants_channels_last(model, device, channels_last)
     with placed(model, device, use_cl):
-        with ProbeMonitor(model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
-                          channels_last=use_cl, **options) as monitor:
+        with ProbeMonitor(
+            model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
+            num_classes=num_classes, l2=l2, batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
+            max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
+            channels_last=use_cl, tracer_kwargs=tracer_kwargs,
+        ) as monitor:
             if not monitor.rows:
                 monitor.update(epoch=epoch, step=step)
             return monitor.dataset
@@ -73,28 +126,51 @@ def probe_checkpoints(
     data: object,
     *,
     epochs: Sequence[int] | None = None,
-    steps: Sequence[int] | None = None,
+    steps: Sequence[int | None] | None = None,
+    layers: str | Sequence[str] | None = None,
+    reduce: str | Mapping[str, str] | None = None,
     store: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    num_classes: int | None = None,
+    l2: float = DEFAULT_L2,
+    batch_size: int = 256,
+    budget: int = DEFAULT_BUDGET,
+    max_flatten: int = DEFAULT_MAX_FLATTEN,
+    seed: int = 0,
+    max_iter: int = 1000,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    quiet: bool = False,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    tracer_kwargs: Mapping[str, object] | None = None,
     device: str | torch.device | None = None,
-    **options,
+    channels_last: bool | None = None,
 ) -> xr.Dataset:
     """Probe a series of saved snapshots of one model, one epoch row each.
 
-    Each checkpoint is a state dict (or a dict holding one under ``"model"``,
-    ``"state_dict"`` or ``"model_state_dict"``), loaded with
-    ``torch.load(weights_only=True)``: a file that carries code is refused.
+    Each checkpoint is read by :func:`probekit.engine.checkpoints.load_checkpoint`
+    (``torch.load(weights_only=True)``: a file that carries code is refused).
 
     Args:
         build_model: returns a fresh model of the right architecture.
         checkpoints: paths, in training order.
-        epochs, steps: labels of each checkpoint's row (default 0, 1, 2, ... and unknown).
+        epochs: each checkpoint's epoch number (default 0, 1, 2, ...).
+        steps: each checkpoint's training step (default: unknown, ``None``).
         store, resume: as for :func:`probe`; resuming skips checkpoints already written.
-        **options: any :class:`ProbeMonitor` option.
+        layers, reduce, overwrite, num_classes, l2, batch_size, budget, max_flatten, seed, max_iter,
+            cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, device, channels_last:
+            as for :func:`probe`.
 
     Example:
-        >>> ds = pk.probe_checkpoints(lambda: pk.zoo.paper_convnet(), ["c0.pt", "c1.pt"], data)
+        >>> ds = pk.probe_checkpoints(lambda: pk.zoo.paper_convnet(), ["c0.pt", "c1.pt"], data, steps=[0, 500])
     """
+    check_params(
+        _CHECKPOINTS_CONSTRAINTS, build_model=build_model, tracer_kwargs=tracer_kwargs,
+        num_classes=num_classes, budget=budget, max_flatten=max_flatten, seed=seed, store=store, resume=resume,
+        overwrite=overwrite, l2=l2, batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
+        model_name=model_name, dataset_name=dataset_name, device=device, channels_last=channels_last,
+    )
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:
         raise ValueError("checkpoints= is empty; pass the paths of saved state dicts, in training order")
@@ -102,22 +178,27 @@ def probe_checkpoints(
     if missing:
         raise FileNotFoundError(f"checkpoint files not found: {missing[:3]}; check the paths")
     epochs = list(range(len(checkpoints))) if epochs is None else list(epochs)
-    steps = [-1] * len(checkpoints) if steps is None else list(steps)
+    steps = [None] * len(checkpoints) if steps is None else list(steps)
     if len(epochs) != len(checkpoints) or len(steps) != len(checkpoints):
-        raise ValueError(f"epochs= and steps= need one entry per checkpoint ({len(checkpoints)})")
+        raise ValueError(
+            f"epochs= and steps= need one entry per checkpoint ({len(checkpoints)}); got {len(epochs)} and {len(steps)}"
+        )
     device = resolve_device(device)
     model = build_model()
     load_checkpoint(model, checkpoints[0])
     model.to(device)
-    use_cl = wants_channels_last(model, device, options.pop("channels_last", None))
+    use_cl = wants_channels_last(model, device, channels_last)
     if use_cl:
         model.to(memory_format=torch.channels_last)
-    with ProbeMonitor(model, data, store=store, resume=resume, channels_last=use_cl, **options) as monitor:
+    with ProbeMonitor(
+        model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
+        num_classes=num_classes, l2=l2, batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
+        max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
+        channels_last=use_cl, tracer_kwargs=tracer_kwargs,
+    ) as monitor:
         for path, epoch, step in zip(checkpoints, epochs, steps):
             if monitor.rows and epoch <= monitor.rows[-1].epoch:
                 continue
             load_checkpoint(model, path)
             monitor.update(epoch=epoch, step=step)
         return monitor.dataset
-
-

@@ -1,9 +1,14 @@
 """``ProbeMonitor``: probes a model's layers while it trains, one epoch row at a time.
 
-Data flows one way: model -> :mod:`~probekit.engine.points` (probe points and one
-forward pass) -> :mod:`~probekit.engine.reduce` -> :mod:`~probekit.engine.features`
-(cache) -> :mod:`~probekit.engine.probes` (fits) -> :mod:`probekit.run.store` (the run).
-Every call leaves the model exactly as it found it.
+Data flows one way: model -> :mod:`~probekit.engine.points` (probe points) ->
+:mod:`~probekit.engine.extract` (one forward pass) with :mod:`~probekit.engine.reduce`
+-> :mod:`~probekit.engine.features` (cache) -> :mod:`~probekit.engine.probes` (fits)
+-> :mod:`probekit.run.store` (the run). Every call leaves the model exactly as it
+found it.
+
+This module owns :class:`ProbeMonitor`, the run's provenance attributes and the
+progress display of each extraction stage. It never imports the diagnosis, the
+charts or the explorers.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import torch
@@ -25,19 +30,48 @@ import xarray as xr
 from torch import nn
 
 from probekit import __version__
+from probekit.engine.devices import model_device
+from probekit.engine.extract import HookExtractor, build_extractor
 from probekit.engine.features import (
     DEFAULT_CACHE_BYTES, as_splits, batches, check_labels, extract, labels_of, split_size,
 )
-from probekit.engine.points import INPUT, LayerGraph, as_args, preserved_state
+from probekit.engine.plan import PLAN_CONSTRAINTS, build_plan
+from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, as_args, preserved_state
 from probekit.engine.probes import DEFAULT_L2, OnlineProbes, fit_probes, score
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
+from probekit.params import Interval, Options, check_params
 from probekit.run.schema import EpochRow, build_dataset, metric_names
 from probekit.run.store import RunWriter
-from probekit.engine.devices import model_device
-from probekit.engine.plan import build_plan
+
+__all__ = ["MONITOR_CONSTRAINTS", "Mode", "ProbeMonitor", "UPDATE_CONSTRAINTS"]
 
 Mode = Literal["snapshot", "online"]
 
+#: Argument checks of :class:`ProbeMonitor` (those of tracing and of the plan included);
+#: :func:`~probekit.engine.fixed.probe` and :func:`~probekit.engine.fixed.probe_checkpoints` share them.
+MONITOR_CONSTRAINTS = {
+    **TRACE_CONSTRAINTS,
+    **PLAN_CONSTRAINTS,
+    "num_classes": [*PLAN_CONSTRAINTS["num_classes"], None],
+    "store": [str, os.PathLike, None],
+    "mode": [Options("snapshot", "online")],
+    "resume": [bool],
+    "overwrite": [bool],
+    "l2": [Interval(float, 0, None)],
+    "probe_lr": [Interval(float, 0, None, closed="neither")],
+    "batch_size": [Interval(int, 1, None)],
+    "max_iter": [Interval(int, 1, None)],
+    "cache_bytes": [Interval(int, 0, None)],
+    "quiet": [bool],
+    "model_name": [str, None],
+    "dataset_name": [str, None],
+    "channels_last": [bool],
+}
+#: Argument checks of :meth:`ProbeMonitor.update`. An epoch number is never negative (readers
+#: take a negative ``epoch=`` to count from the end); ``step=None`` is an unknown step.
+UPDATE_CONSTRAINTS = {"epoch": [Interval(int, 0, None), None], "step": [Interval(int, 0, None), None]}
+#: What the run store records for an unknown step (``step=None``); see docs/store.md.
+_UNKNOWN_STEP = -1
 
 
 def _first_batch(split: object, batch_size: int) -> object:
@@ -56,8 +90,6 @@ def _infer_classes(splits: dict, num_classes: int | None, batch_size: int) -> in
                 check_labels(name, labels, 2)
         # At least 2, so that a single-class split is reported as such by check_labels.
         num_classes = max(int(max(int(labels.max()) for labels in cheap if labels.numel())) + 1, 2)
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer of at least 2; got {num_classes!r}")
     for name, split in splits.items():
         if isinstance(split, (tuple, list)) or (hasattr(split, "targets") and not isinstance(split, torch.utils.data.DataLoader)):
             check_labels(name, labels_of(split, batch_size), int(num_classes))
@@ -73,14 +105,14 @@ def _chance_error(splits: dict, num_classes: int, batch_size: int) -> float:
 
 
 def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, l2: float, seed: int, device,
-                batch_size: int, budget: int, name: str | None, dataset: str | None, chance: float) -> dict:
+                batch_size: int, budget: int, model_name: str | None, dataset_name: str | None, chance: float) -> dict:
     sizes = {f"n_{k}": int(split_size(v) or -1) for k, v in splits.items()}
     return {
         "mode": mode,
-        "model": name or type(model).__name__,
+        "model": model_name or type(model).__name__,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_parameters": int(sum(p.numel() for p in model.parameters())),
-        "dataset": dataset or "user data",
+        "dataset": dataset_name or "user data",
         **{f"n_{k}": sizes.get(f"n_{k}", 0) for k in ("train", "valid", "test")},
         "num_classes": num_classes,
         "chance_error": chance,
@@ -97,10 +129,44 @@ def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, 
     }
 
 
-def _progress(total: int | None, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
+def _progress(total: int | None, desc: str, quiet: bool, file: IO[str] | None = None):
+    """The progress display of one stage (``update(n)``, a context manager).
 
-    return tqdm(total=total, desc=desc, unit="ex", leave=False, disable=quiet)
+    In Jupyter: tqdm's widget bar. On a terminal: a tqdm bar that clears itself
+    when done. Anywhere else (a CI log, ``probekit demo > log``): one line when
+    the stage ends, never a stream of carriage-return updates. ``quiet``: nothing.
+    """
+    from tqdm import auto, std
+
+    file = sys.stderr if file is None else file
+    if quiet:
+        return std.tqdm(total=total, disable=True)
+    if "ipykernel" in sys.modules:  # maybe a notebook: tqdm.auto decides (a console kernel gets the text bar)
+        from tqdm.notebook import tqdm as widget_bar
+
+        if issubclass(auto.tqdm, widget_bar):
+            return auto.tqdm(total=total, desc=desc, unit="ex", leave=False)
+    if getattr(file, "isatty", lambda: False)():
+        return std.tqdm(total=total, desc=desc, unit="ex", leave=False, file=file)
+    return _StageLine(desc, file)
+
+
+class _StageLine:
+    """Progress for output that is not a terminal: one line per stage, written when it ends."""
+
+    def __init__(self, desc: str, file: IO[str]):
+        self.desc, self.file, self.n = desc, file, 0
+        self._start = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def __enter__(self) -> _StageLine:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            print(f"{self.desc}: {self.n:,} examples in {time.monotonic() - self._start:.1f} s", file=self.file, flush=True)
 
 
 # ----------------------------------------------------------------------------- monitor
@@ -132,16 +198,25 @@ class ProbeMonitor:
         mode: ``"snapshot"`` or ``"online"``.
         resume: continue an existing store made by the same setup.
         overwrite: replace an existing store.
-        num_classes: classes; inferred from the labels when not given.
+        num_classes: classes of the probing task; when not given, ``data.info.num_classes``
+            (a :class:`probekit.data.Splits`), else inferred from the labels.
         l2: probe L2 strength (per example, standardised features).
-        lr: online probes' learning rate.
+        probe_lr: the online probes' learning rate (``mode="online"``; never the model's).
         batch_size: extraction batch size for splits that are not DataLoaders.
-        budget, max_flatten: reduction policy limits.
+        budget: the ``"auto"`` reduction's feature budget per probe.
+        max_flatten: largest layer ``"flatten"`` accepts.
         seed: seed of random reductions (recorded in the store).
         max_iter: most L-BFGS iterations per probe fit.
-        cache_bytes: above this, cached features go to disk.
-        quiet: no progress bars or plan printout.
-        name, dataset: names recorded in the store's attributes.
+        cache_bytes: above this many bytes, cached features go to disk.
+        quiet: no progress display and no plan printout.
+        model_name: the model's name recorded in the run (default: its class name).
+        dataset_name: the data's name recorded in the run (default: ``data.info.name``, else ``"user data"``).
+        channels_last: extract with channels-last inputs (a conv net whose weights are channels-last).
+        tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`), e.g.
+            ``{"leaf_modules": [MyBlock]}``.
+
+    Progress goes to stderr: a widget bar in Jupyter, a bar on a terminal, and
+    one line per extraction stage when stderr is not a terminal (a log file).
 
     Example:
         >>> mon = pk.ProbeMonitor(model, (train, valid), store="runs/b.zarr")
@@ -164,7 +239,7 @@ class ProbeMonitor:
         overwrite: bool = False,
         num_classes: int | None = None,
         l2: float = DEFAULT_L2,
-        lr: float = 1e-3,
+        probe_lr: float = 1e-3,
         batch_size: int = 256,
         budget: int = DEFAULT_BUDGET,
         max_flatten: int = DEFAULT_MAX_FLATTEN,
@@ -172,29 +247,32 @@ class ProbeMonitor:
         max_iter: int = 1000,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         quiet: bool = False,
-        name: str | None = None,
-        dataset: str | None = None,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
         channels_last: bool = False,
+        tracer_kwargs: Mapping[str, object] | None = None,
     ):
-        if mode not in ("snapshot", "online"):
-            raise ValueError(f"mode must be 'snapshot' or 'online'; got {mode!r}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if not (isinstance(l2, (int, float)) and l2 >= 0 and math.isfinite(l2)):
-            raise ValueError(f"l2 must be a finite number >= 0; got {l2!r}")
+        check_params(
+            MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
+            max_flatten=max_flatten, seed=seed, store=store, mode=mode, resume=resume, overwrite=overwrite, l2=l2,
+            probe_lr=probe_lr, batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
+            model_name=model_name, dataset_name=dataset_name, channels_last=channels_last,
+        )
         self.model, self.mode, self.quiet = model, mode, quiet
         self.l2, self.max_iter, self.batch_size, self.cache_bytes = float(l2), int(max_iter), int(batch_size), cache_bytes
         self.channels_last = channels_last
         self.splits = as_splits(data)
-        if dataset is None:
-            info = getattr(data, "info", None)
-            dataset = getattr(info, "name", None)
-        self.num_classes = int(getattr(getattr(data, "info", None), "num_classes", 0) or 0) or num_classes
-        self.num_classes = _infer_classes(self.splits, self.num_classes, self.batch_size)
+        info = getattr(data, "info", None)
+        # What the caller says wins over what the data implies.
+        if dataset_name is None:
+            dataset_name = getattr(info, "name", None)
+        if num_classes is None:
+            num_classes = getattr(info, "num_classes", None)
+        self.num_classes = _infer_classes(self.splits, num_classes, self.batch_size)
         self.device = model_device(model)
         example = _first_batch(self.splits["train"], 2)
         example = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in as_args(example))
-        self.graph = LayerGraph(model, example if len(example) > 1 else example[0])
+        self.graph = LayerGraph(model, example if len(example) > 1 else example[0], tracer_kwargs=tracer_kwargs)
         self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
                                 max_flatten=max_flatten)
         for reducer in self.plan.reducers.values():
@@ -203,8 +281,8 @@ class ProbeMonitor:
         self.metrics = metric_names(list(self.splits), self.num_classes)
         chance = _chance_error(self.splits, self.num_classes, self.batch_size)
         attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
-                            device=self.device, batch_size=self.batch_size, budget=budget, name=name, dataset=dataset,
-                            chance=chance)
+                            device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
+                            dataset_name=dataset_name, chance=chance)
         self.layout = self.plan.layout(self.metrics, attrs)
         self._writer = RunWriter(store, self.layout, resume=resume, overwrite=overwrite) if store is not None else None
         self.store = Path(store) if store is not None else None
@@ -214,11 +292,9 @@ class ProbeMonitor:
             print(self.plan)
         self._online: OnlineProbes | None = None
         if mode == "online":
-            self._start_online(lr)
+            self._start_online(probe_lr)
 
-    def _start_online(self, lr: float) -> None:
-        from probekit.engine.points import HookExtractor
-
+    def _start_online(self, probe_lr: float) -> None:
         modules = {}
         for name in self.layers:
             point = self.graph.point(name)
@@ -232,10 +308,10 @@ class ProbeMonitor:
                     f"probe {hint} instead, or use mode='snapshot'"
                 )
             modules[name] = module
-        self._hooks = HookExtractor(self.graph, self.plan.reducers, modules=modules)
+        self._hooks = HookExtractor(self.model, self.plan.reducers, modules)
         self._hooks.attach()
         dims = {n: self.plan.reducers[n].out_features for n in self.layers}
-        self._online = OnlineProbes(dims, self.num_classes, lr=lr, l2=self.l2).to(self.device)
+        self._online = OnlineProbes(dims, self.num_classes, lr=probe_lr, l2=self.l2).to(self.device)
 
     def _is_module(self, name: str) -> bool:
         try:
@@ -276,18 +352,23 @@ class ProbeMonitor:
         self._online.step(features, labels)
 
     # ---------------------------------------------------------------- update
-    def update(self, *, epoch: int | None = None, step: int = -1, model_loss: float | None = None,
+    def update(self, *, epoch: int | None = None, step: int | None = None, model_loss: float | None = None,
                model_error: float | None = None) -> xr.Dataset:
         """Probe the model as it is now and write one epoch row.
 
         Args:
-            epoch: the row's epoch number (default: one more than the last).
-            step: the global training step (minibatches seen), if known.
+            epoch: the row's epoch number, 0 or more (default: one more than the last).
+            step: the global training step (minibatches seen); ``None`` when unknown
+                (the store records an unknown step as -1).
             model_loss, model_error: the model's own figures for this epoch.
 
         Returns:
             The new row as a one-epoch dataset.
+
+        Example:
+            >>> mon.update(epoch=3, step=3 * steps_per_epoch, model_loss=0.41)
         """
+        check_params(UPDATE_CONSTRAINTS, epoch=epoch, step=step)
         epoch = self.next_epoch if epoch is None else int(epoch)
         if self.rows and epoch <= self.rows[-1].epoch:
             raise ValueError(f"epoch {epoch} is not after the last written epoch {self.rows[-1].epoch}; epochs must increase")
@@ -298,7 +379,7 @@ class ProbeMonitor:
             else:
                 probe, nonfinite, iterations, converged = self._online_scores()
         row = EpochRow(
-            epoch=epoch, step=int(step), probe=probe, nonfinite=nonfinite, iterations=iterations, converged=converged,
+            epoch=epoch, step=_UNKNOWN_STEP if step is None else int(step), probe=probe, nonfinite=nonfinite, iterations=iterations, converged=converged,
             model_loss=float("nan") if model_loss is None else float(model_loss),
             model_error=float("nan") if model_error is None else float(model_error),
             wall_time=time.monotonic() - self._clock,
@@ -320,21 +401,20 @@ class ProbeMonitor:
             self._online.reset_running()
         return build_dataset(self.layout, [row])
 
-    def _extract_all(self, extractor, splits: Sequence[str]) -> dict:
+    def _extract_all(self, run, splits: Sequence[str]) -> dict:
         dims = {n: self.plan.reducers[n].out_features for n in self.layers}
         out = {}
         for split in splits:
             data = self.splits[split]
             with _progress(split_size(data), f"{split} features", self.quiet) as bar:
                 out[split] = extract(
-                    extractor, data, name=split, dims=dims, num_classes=self.num_classes, batch_size=self.batch_size,
+                    run, data, name=split, dims=dims, num_classes=self.num_classes, batch_size=self.batch_size,
                     device=self.device, channels_last=self.channels_last, cache_bytes=self.cache_bytes, progress=bar,
                 )
         return out
 
     def _snapshot(self):
-        extractor = self.graph.extractor(self.plan.reducers)
-        cached = self._extract_all(extractor, list(self.splits))
+        cached = self._extract_all(build_extractor(self.graph, self.plan.reducers), list(self.splits))
         n_layers, metrics = len(self.layers), self.metrics
         probe = np.full((n_layers, len(metrics)), np.nan)
         nonfinite = np.zeros(n_layers, bool)
@@ -362,7 +442,7 @@ class ProbeMonitor:
         splits = [s for s in self.splits if s != "train"]
         self._hooks.detach()
         try:
-            cached = self._extract_all(self.graph.extractor(self.plan.reducers), splits) if splits else {}
+            cached = self._extract_all(build_extractor(self.graph, self.plan.reducers), splits) if splits else {}
         finally:
             self._hooks.attach()
         n_layers, metrics = len(self.layers), self.metrics
@@ -401,5 +481,3 @@ class ProbeMonitor:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             return
-
-

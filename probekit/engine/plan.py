@@ -3,28 +3,43 @@
 :func:`plan` traces the model once (:mod:`probekit.engine.points`) and picks a
 reducer per layer (:mod:`probekit.engine.reduce`); :class:`Plan` shows the result
 and turns it into the run layout of :mod:`probekit.run.schema`.
+
+This module owns the plan and the checks of the arguments that shape it
+(:data:`PLAN_CONSTRAINTS`). It imports the engine's points and reductions and
+the run schema; never the store, the diagnosis, the charts or the explorers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import pandas as pd
 from torch import nn
 
-from probekit.engine.points import LayerGraph
+from probekit.engine.points import TRACE_CONSTRAINTS, LayerGraph, shape_text
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN, Reducer, make_reducer, spec_for
+from probekit.params import Interval, check_params
 from probekit.run.schema import RunLayout
 
-Mode = Literal["snapshot", "online"]
+__all__ = ["PLAN_CONSTRAINTS", "Plan", "build_plan", "plan"]
 
+#: Argument checks of what shapes a plan; :class:`~probekit.engine.monitor.ProbeMonitor` shares them.
+PLAN_CONSTRAINTS = {
+    "num_classes": [Interval(int, 2, None)],
+    "budget": [Interval(int, 1, None)],
+    "max_flatten": [Interval(int, 1, None)],
+    "seed": [Interval(int, 0, None)],
+}
+_CONSTRAINTS = {**TRACE_CONSTRAINTS, **PLAN_CONSTRAINTS}
 
 
 @dataclass
 class Plan:
-    """What a probing run will do, per layer, before any work: see :func:`plan`."""
+    """What a probing run will do, per layer, before any work: see :func:`plan`.
+
+    ``print(plan)`` shows it as text, a notebook as a table; :meth:`frame` is that table.
+    """
 
     graph: LayerGraph
     layers: list[str]
@@ -32,22 +47,24 @@ class Plan:
     num_classes: int
 
     def frame(self) -> pd.DataFrame:
+        """One row per probed layer: op, shape, reduction, probe size and cache memory."""
         rows = []
         for name in self.layers:
             point, reducer = self.graph.point(name), self.reducers[name]
             d = reducer.out_features
             rows.append({
-                "layer": name, "op": point.op, "shape": point.shape_text, "features": point.features,
+                "layer": name, "op": point.op, "shape": shape_text(point.shape), "features": point.features,
                 "reduction": reducer.describe(), "feature_dim": d, "probe_params": (d + 1) * self.num_classes,
                 "cache_MiB_per_1k": round(d * 4 * 1000 / 2**20, 2),
             })
         return pd.DataFrame(rows)
 
     def layout(self, metrics: list[str], attrs: dict) -> RunLayout:
+        """The run's layout (its layer coordinates) for these metrics and attributes."""
         points = [self.graph.point(n) for n in self.layers]
         return RunLayout(
             layers=list(self.layers), depth=[p.depth for p in points], relative_depth=[p.relative_depth for p in points],
-            op=[p.op for p in points], shape=[p.shape_text for p in points],
+            op=[p.op for p in points], shape=[shape_text(p.shape) for p in points],
             feature_dim=[self.reducers[n].out_features for n in self.layers],
             reduction=[self.reducers[n].describe() for n in self.layers], metrics=metrics, attrs=attrs,
         )
@@ -66,6 +83,7 @@ class Plan:
 
 
 def build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: int, budget: int, max_flatten: int) -> Plan:
+    """The plan for an already traced model (arguments as for :func:`plan`, checked by the caller)."""
     names = graph.resolve(layers)
     if isinstance(reduce, Mapping):
         unknown = [k for k in reduce if k not in names]
@@ -90,6 +108,7 @@ def plan(
     budget: int = DEFAULT_BUDGET,
     max_flatten: int = DEFAULT_MAX_FLATTEN,
     seed: int = 0,
+    tracer_kwargs: Mapping[str, object] | None = None,
 ) -> Plan:
     """Per layer: shape, reduction, probe size and cache memory, before any training.
 
@@ -106,11 +125,12 @@ def plan(
         budget: the ``"auto"`` policy's feature budget per probe.
         max_flatten: largest layer ``"flatten"`` accepts.
         seed: seed of random subsets and projections.
+        tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`).
 
     Example:
         >>> print(pk.plan(torchvision.models.resnet50(), torch.randn(1, 3, 224, 224), reduce="pool"))
     """
-    graph = LayerGraph(model, example_input)
+    check_params(_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
+                 max_flatten=max_flatten, seed=seed)
+    graph = LayerGraph(model, example_input, tracer_kwargs=tracer_kwargs)
     return build_plan(graph, layers, reduce, num_classes=num_classes, seed=seed, budget=budget, max_flatten=max_flatten)
-
-

@@ -1,22 +1,25 @@
-"""Which points of a model can be probed, their names, shapes and depth.
+"""Which points of a model can be probed: their names, shapes and depth.
 
 A *probe point* is any intermediate value of a model's forward pass that
 holds one tensor per example: module outputs (``conv1``, ``layer3.2``) and
 functional nodes (a residual ``add``, an Inception ``cat``). Points are found
-by tracing the model with ``torch.fx`` (torchvision's ``NodePathTracer``, so
-names are the module paths users know); a model that cannot be traced falls
+by tracing the model with ``torch.fx`` (torchvision's public ``NodePathTracer``,
+so names are the module paths users know); a model that cannot be traced falls
 back to forward hooks on its modules, with a warning.
 
-:func:`list_layers` shows them; :class:`LayerGraph` resolves names and builds
-the :class:`Extractor` that feeds every probe from **one** forward pass,
-reducing each feature map right where it is produced.
+This module owns :class:`ProbePoint`, :class:`LayerGraph` (discovery and name
+resolution), :func:`list_layers`, the tracer's configuration (``tracer_kwargs=``),
+and the two facts every later stage shares about a layer's output: which tensor
+of it is probed (:func:`as_tensor`) and how its shape reads (:func:`shape_text`).
+It is the start of the engine's path: it imports no other engine module (the
+one forward pass that feeds the probes is :mod:`probekit.engine.extract`), and
+never the run store, the diagnosis, the charts or the explorers.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,11 +29,47 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from probekit.engine.reduce import Reducer
+from probekit.params import check_params, choices
 
+__all__ = [
+    "INPUT", "TRACER_KEYS", "TRACE_CONSTRAINTS", "LayerGraph", "ProbePoint", "as_args", "as_tensor", "batch_size_of",
+    "list_layers", "preserved_state", "shape_text", "tracer_options",
+]
+
+#: The name of the model's (first) input as a probe point.
 INPUT = "input"
-#: Layer selectors accepted by ``layers=`` besides explicit names.
-SELECTORS = ("blocks", "all")
+#: What ``tracer_kwargs=`` may set: keyword arguments of torchvision's ``NodePathTracer`` (a ``torch.fx.Tracer``).
+TRACER_KEYS = ("leaf_modules", "autowrap_functions", "autowrap_modules")
+#: Argument checks of everything that traces a model (:class:`LayerGraph`, :func:`list_layers`, and their callers).
+TRACE_CONSTRAINTS = {"model": [nn.Module], "tracer_kwargs": [Mapping, None]}
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A per-example shape as the package writes it: ``64x7x7``; ``scalar`` for ``()``.
+
+    Example:
+        >>> shape_text((64, 7, 7))
+        '64x7x7'
+    """
+    return "x".join(str(s) for s in shape) if len(shape) else "scalar"
+
+
+def as_tensor(output: object) -> torch.Tensor:
+    """The tensor a probe reads from a layer's output: the output, or its first tensor.
+
+    Example:
+        >>> as_tensor({"logits": torch.zeros(2, 3), "aux": None}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, Sequence):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise TypeError(f"a probed layer must output a tensor (or a tuple/dict holding one); got {type(output).__name__}")
 
 
 @dataclass(frozen=True)
@@ -50,10 +89,6 @@ class ProbePoint:
     def features(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def shape_text(self) -> str:
-        return "x".join(str(s) for s in self.shape) if self.shape else "scalar"
-
 
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
@@ -66,45 +101,55 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run torch with ``threads`` threads in this thread for the block, then as before.
-
-    Many small operations each split across cores wait at a barrier for every
-    core; on a shared machine one descheduled thread stalls them all (a
-    10-50x slowdown measured on 2 busy cores), and they are too small to gain
-    from more than one core anyway. ``torch.set_num_threads`` sets the calling
-    thread's team size and a process-wide default for threads started later,
-    which is put back on exit.
-    """
-    saved = torch.get_num_threads()
-    if saved == threads:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-def as_args(example: object) -> tuple:
+def as_args(example_input: object) -> tuple:
     """The positional arguments a model is called with for one input batch."""
-    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
 
 
-def batch_size_of(example: object) -> int:
-    first = as_args(example)[0]
+def batch_size_of(example_input: object) -> int:
+    first = as_args(example_input)[0]
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         raise TypeError(f"the example input must be a batched tensor (or a tuple starting with one); got {type(first).__name__}")
     return first.shape[0]
 
 
-def _tracer_kwargs() -> dict:
-    # torchvision's own defaults: its ops (e.g. StochasticDepth) stay leaves.
-    from torchvision.models import feature_extraction
+def tracer_options(tracer_kwargs: Mapping[str, object] | None = None) -> dict[str, object]:
+    """Keyword arguments for torchvision's ``NodePathTracer``: its documented defaults plus ``tracer_kwargs``.
 
-    return feature_extraction._set_default_tracer_kwargs(None)
+    The defaults are those ``torchvision.models.feature_extraction`` documents:
+    every module class of ``torchvision.ops`` (``StochasticDepth``,
+    ``FrozenBatchNorm2d``, ...) stays one leaf node, and calls into ``math`` and
+    ``torchvision.ops`` are kept as single calls. A user's ``leaf_modules``
+    (module classes kept whole: one probe point each, never traced into),
+    ``autowrap_functions`` (functions kept as single calls) and
+    ``autowrap_modules`` (modules whose functions are kept as single calls)
+    are added to them.
+
+    Example:
+        >>> options = tracer_options({"leaf_modules": [MyBlock]})
+        >>> MyBlock in options["leaf_modules"]
+        True
+    """
+    import torchvision.ops
+
+    given = dict(tracer_kwargs or {})
+    unknown = sorted(set(given) - set(TRACER_KEYS))
+    if unknown:
+        raise ValueError(f"tracer_kwargs has unknown keys {unknown}; it takes {choices(TRACER_KEYS)} (see torch.fx.Tracer)")
+    for key, value in given.items():
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"tracer_kwargs[{key!r}] must be a list or tuple; got {type(value).__name__}")
+    leaves = given.get("leaf_modules", ())
+    bad = [leaf for leaf in leaves if not (isinstance(leaf, type) and issubclass(leaf, nn.Module))]
+    if bad:
+        raise TypeError(f"tracer_kwargs['leaf_modules'] takes nn.Module classes (not instances); got {bad[:3]!r}")
+    ops_modules = [value for _, value in sorted(vars(torchvision.ops).items())
+                   if isinstance(value, type) and issubclass(value, nn.Module)]
+    return {
+        "leaf_modules": list(dict.fromkeys([*ops_modules, *leaves])),
+        "autowrap_modules": tuple(dict.fromkeys([math, torchvision.ops, *given.get("autowrap_modules", ())])),
+        "autowrap_functions": tuple(dict.fromkeys(given.get("autowrap_functions", ()))),
+    }
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -125,27 +170,36 @@ class LayerGraph:
 
     Args:
         model: any ``nn.Module``; it is left exactly as it was found.
-        example: one input batch (a tensor, or a tuple of the model's inputs).
+        example_input: one input batch (a tensor, or a tuple of the model's inputs);
+            only its first two examples are run.
+        tracer_kwargs: passed to torchvision's ``NodePathTracer`` on top of its
+            defaults (see :func:`tracer_options`): ``leaf_modules`` (module classes
+            kept whole, one probe point each), ``autowrap_functions``, ``autowrap_modules``.
 
     Example:
-        >>> graph = LayerGraph(model, torch.randn(2, 3, 224, 224))
-        >>> [p.name for p in graph.resolve(["input", "layer3.2"])]
+        >>> graph = LayerGraph(torchvision.models.resnet50(), torch.randn(2, 3, 224, 224))
+        >>> graph.resolve(["layer3.2", "input"])
         ['input', 'layer3.2']
+        >>> graph.point("layer3.2").name
+        'layer3.2.relu_2'
     """
 
-    def __init__(self, model: nn.Module, example: object):
+    def __init__(self, model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None):
+        check_params(TRACE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs)
         self.model = model
-        self._batch = min(batch_size_of(example), 2)
-        example = tuple(a[: self._batch] if isinstance(a, torch.Tensor) else a for a in as_args(example))
+        self._batch = min(batch_size_of(example_input), 2)
+        example = tuple(a[: self._batch] if isinstance(a, torch.Tensor) else a for a in as_args(example_input))
+        tracer = tracer_options(tracer_kwargs)
         self._graphs: dict[str, fx.Graph] = {}
         self._node_of: dict[str, str] = {}  # probe point name -> fx node name
         try:
-            self._trace_graphs()
+            self._trace_graphs(tracer)
             self.traced = True
         except Exception as error:  # noqa: BLE001 - any tracing failure falls back to hooks
             warnings.warn(
                 f"{type(model).__name__} cannot be traced with torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                "probing module outputs with forward hooks instead (functional nodes such as residual adds are not available)",
+                "probing module outputs with forward hooks instead (functional nodes such as residual adds are not available). "
+                "To trace it, keep the module that fails whole with tracer_kwargs={'leaf_modules': [ThatModule]}",
                 stacklevel=3,
             )
             self.traced = False
@@ -154,13 +208,14 @@ class LayerGraph:
         self._aliases = {alias: p for p in self.points for alias in p.aliases}
 
     # ------------------------------------------------------------------ discovery
-    def _trace_graphs(self) -> None:
-        tracer_kwargs = _tracer_kwargs()
+    def _trace_graphs(self, options: dict[str, object]) -> None:
+        from torchvision.models.feature_extraction import NodePathTracer
+
         self._names: dict[str, dict[str, str]] = {}
         with preserved_state(self.model):
             for mode in ("eval", "train"):
                 self.model.train(mode == "train")
-                tracer = torchvision_tracer(**tracer_kwargs)
+                tracer = NodePathTracer(**options)
                 self._graphs[mode] = tracer.trace(self.model)
                 self._names[mode] = {node.name: qualname for node, qualname in tracer.node_to_qualname.items()}
 
@@ -247,7 +302,7 @@ class LayerGraph:
 
     def _input_error(self, example: tuple, error: Exception) -> ValueError:
         first = example[0]
-        shape = "x".join(map(str, first.shape[1:])) if isinstance(first, torch.Tensor) else type(first).__name__
+        shape = shape_text(first.shape[1:]) if isinstance(first, torch.Tensor) else type(first).__name__
         return ValueError(
             f"{type(self.model).__name__} cannot run on an input of per-example shape {shape} "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the input's size and channels"
@@ -260,7 +315,7 @@ class LayerGraph:
         def recorder(name: str) -> Callable:
             def hook(module, args, output):
                 try:
-                    tensor = reducer_input(output)
+                    tensor = as_tensor(output)
                 except TypeError:
                     return
                 if tensor.dim() >= 1 and tensor.shape[0] == self._batch:
@@ -301,7 +356,7 @@ class LayerGraph:
             "name": [p.name for p in self.points],
             "aliases": [", ".join(p.aliases) for p in self.points],
             "op": [p.op for p in self.points],
-            "shape": [p.shape_text for p in self.points],
+            "shape": [shape_text(p.shape) for p in self.points],
             "features": [p.features for p in self.points],
             "depth": [p.depth for p in self.points],
             "relative_depth": [round(p.relative_depth, 4) for p in self.points],
@@ -319,7 +374,7 @@ class LayerGraph:
         hint = f"closest: {', '.join(repr(c) for c in close)}" if close else f"valid names start with: {', '.join(repr(c) for c in candidates[:5])}"
         raise ValueError(
             f"unknown layer {name!r} for {type(self.model).__name__}; {hint}. "
-            f"Use pk.list_layers(model, example) to see all {len(self.points)} probe points."
+            f"Use pk.list_layers(model, example_input) to see all {len(self.points)} probe points."
         )
 
     def blocks(self) -> list[str]:
@@ -364,18 +419,21 @@ class LayerGraph:
             raise ValueError(f"layers= names {dupes} more than once; name each probe point once")
         return sorted(layers, key=lambda n: self.point(n).depth)
 
-    # ------------------------------------------------------------------ extraction
-    def extractor(self, reducers: Mapping[str, Reducer]) -> Extractor:
-        """An :class:`Extractor` returning ``{name: reducers[name](output)}`` per batch."""
-        if self.traced:
-            return _GraphExtractor(self, reducers)
-        return HookExtractor(self, reducers)
+    # ------------------------------------------------------------------ for extraction
+    def source_graph(self, names: Sequence[str]) -> fx.Graph:
+        """The traced graph that computes every point in ``names``.
 
+        That is the eval-mode graph, or the train-mode one when a point exists only
+        there (an auxiliary head); either runs with the modules as the caller set them.
+        """
+        if not self.traced:
+            raise ValueError(f"{type(self.model).__name__} was not traced (it is probed with forward hooks); it has no graph")
+        mode = "train" if any(self.point(n).train_only for n in names) else "eval"
+        return self._graphs.get(mode, self._graphs[self._base])
 
-def torchvision_tracer(**kwargs):
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    return NodePathTracer(**kwargs)
+    def node_name(self, name: str) -> str:
+        """The name of the graph node that holds probe point ``name``."""
+        return self._node_of[self.point(name).name]
 
 
 def _unique_points(graph: LayerGraph, names: list[str]) -> list[str]:
@@ -388,171 +446,15 @@ def _unique_points(graph: LayerGraph, names: list[str]) -> list[str]:
     return result
 
 
-def reducer_input(output: object) -> torch.Tensor:
-    from probekit.engine.reduce import _as_tensor
-
-    return _as_tensor(output)
-
-
-class Extractor:
-    """Callable: one forward pass of the model, returning reduced features per layer."""
-
-    names: list[str]
-
-    def __call__(self, *inputs) -> dict[str, torch.Tensor]:
-        return self.run(*inputs)
-
-
-class _GraphExtractor(Extractor):
-    """Runs a copy of the traced graph whose outputs are the reduced probe points.
-
-    Each reducer is inserted right after its node, so it reads the value before
-    any later in-place op can change it, and full-size maps are freed as soon
-    as the rest of the graph no longer needs them. Nodes that no probe point
-    needs (the model's head, when only early layers are probed) are dropped.
-    """
-
-    def __init__(self, graph: LayerGraph, reducers: Mapping[str, Reducer]):
-        self.names = list(reducers)
-        points = [graph.point(n) for n in self.names]
-        mode = "train" if any(p.train_only for p in points) else "eval"
-        source = graph._graphs.get(mode, graph._graphs[graph._base])
-        new = fx.Graph()
-        value_map: dict[fx.Node, fx.Node] = {}
-        new.graph_copy(source, value_map)
-        by_name = {node.name: node for node in new.nodes}
-        outputs = {}
-        root: dict[str, object] = {}
-        for i, (name, point) in enumerate(zip(self.names, points)):
-            node = by_name[graph._node_of[point.name]]
-            target = f"probekit_reduce_{i}"
-            root[target] = reducers[name]
-            with new.inserting_after(node):
-                outputs[name] = new.call_module(target, (node,))
-        new.output(outputs)
-        _add_in_place(new, graph.model)
-        for node in new.nodes:
-            if node.op in ("call_module", "get_attr") and node.target not in root:
-                root[node.target] = _fetch(graph.model, node.target)
-        self.module = fx.GraphModule(root, new, class_name=f"{type(graph.model).__name__}Probes")
-        self.module.graph.eliminate_dead_code()
-        self.module.recompile()
-        self.module.delete_all_unused_submodules()
-
-    def run(self, *inputs) -> dict[str, torch.Tensor]:
-        return self.module(*inputs)
-
-    def to(self, device) -> _GraphExtractor:
-        for name, module in self.module.named_children():
-            if name.startswith("probekit_reduce_"):
-                module.to(device)
-        return self
-
-
-class HookExtractor(Extractor):
-    """Forward hooks on modules: used for models fx cannot trace, and for online monitoring.
-
-    While attached (``attach()`` / ``detach()``) the hooks capture reduced features
-    on every forward pass of the model, including the user's own training steps;
-    ``latest`` holds the last batch's features.
-    """
-
-    def __init__(self, graph: LayerGraph, reducers: Mapping[str, Reducer], *, modules: Mapping[str, str] | None = None):
-        self.model = graph.model
-        self.names = list(reducers)
-        self.reducers = dict(reducers)
-        self.modules = dict(modules) if modules is not None else {n: graph.point(n).module for n in self.names}
-        self.latest: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-
-    def attach(self) -> None:
-        if self._handles:
-            return
-        for name in self.names:
-            reducer = self.reducers[name]
-            module_name = self.modules[name]
-            if module_name is None:
-                self._handles.append(self.model.register_forward_pre_hook(self._pre_hook(name, reducer)))
-            else:
-                module = self.model.get_submodule(module_name)
-                self._handles.append(module.register_forward_hook(self._hook(name, reducer)))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _hook(self, name: str, reducer: Reducer) -> Callable:
-        def hook(module, args, output):
-            with torch.no_grad():
-                self.latest[name] = reducer(output)
-        return hook
-
-    def _pre_hook(self, name: str, reducer: Reducer) -> Callable:
-        def hook(module, args):
-            with torch.no_grad():
-                self.latest[name] = reducer(args[0])
-        return hook
-
-    def run(self, *inputs) -> dict[str, torch.Tensor]:
-        self.attach()
-        try:
-            self.latest = {}
-            self.model(*inputs)
-            return dict(self.latest)
-        finally:
-            self.detach()
-
-    def to(self, device) -> HookExtractor:
-        for reducer in self.reducers.values():
-            reducer.to(device)
-        return self
-
-
-#: Modules whose output is always a new tensor (never a view of their input or a parameter).
-_FRESH_OUTPUTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
-
-
-def _add_in_place(graph: fx.Graph, model: nn.Module) -> None:
-    """Let ``a + b`` reuse ``a``'s memory where nothing else can tell the difference.
-
-    Tracing records a residual ``out += identity`` as an out-of-place add, which
-    allocates a new full-size map per block (with ResNet-50 at batch 32, 100 MB
-    each in the first stage) where the model itself reuses ``out``. An add
-    whose first operand is the fresh output of a conv, linear or norm module,
-    read by nothing else (no probe either), calls :func:`_add_into_first`,
-    which adds in place when the result has ``a``'s shape and dtype anyway.
-    """
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
-            continue
-        first = node.args[0]
-        if (isinstance(first, fx.Node) and first.op == "call_module" and len(first.users) == 1
-                and isinstance(model.get_submodule(first.target), _FRESH_OUTPUTS)):
-            node.target = _add_into_first
-
-
-def _add_into_first(a: object, b: object) -> object:
-    """``a + b``, computed into ``a`` when that gives the same shape and dtype (see :func:`_add_in_place`)."""
-    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not a.requires_grad
-            and a.dtype == torch.result_type(a, b) and a.shape == torch.broadcast_shapes(a.shape, b.shape)):
-        return a.add_(b)
-    return a + b
-
-
-def _fetch(model: nn.Module, target: str) -> object:
-    value: object = model
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def list_layers(model: nn.Module, example_input: object) -> pd.DataFrame:
+def list_layers(model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None) -> pd.DataFrame:
     """Every point of ``model`` a probe can read, in forward order.
 
     Args:
         model: any ``nn.Module``; left exactly as it was.
         example_input: one batch of inputs (only its first two examples are used).
+        tracer_kwargs: added to the tracer's defaults (see :func:`tracer_options`): e.g.
+            ``{"leaf_modules": [MyBlock]}`` keeps every ``MyBlock`` as one probe point, and
+            lets a model trace whose ``MyBlock`` has data-dependent control flow.
 
     Returns:
         A DataFrame with one row per probe point: ``name`` (what ``layers=`` takes),
@@ -566,4 +468,4 @@ def list_layers(model: nn.Module, example_input: object) -> pd.DataFrame:
         >>> table[table.aliases != ""].name.tolist()[:2]
         ['layer1.0.relu_2', 'layer1.1.relu_2']
     """
-    return LayerGraph(model, example_input).frame()
+    return LayerGraph(model, example_input, tracer_kwargs=tracer_kwargs).frame()

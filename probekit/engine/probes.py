@@ -24,6 +24,11 @@ make multithreaded small products stall on a shared machine.
 
 :class:`OnlineProbes` is the cheap alternative for monitoring: one optimiser
 step per model training step on that batch's detached features.
+
+This module owns the probes and their solvers; it works on feature tensors
+only, so it imports no model-side part of the engine (only
+:mod:`~probekit.engine.devices`, for thread counts), and never the run store,
+the diagnosis, the charts or the explorers.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from probekit.engine.points import torch_threads
+from probekit.engine.devices import torch_threads
+
+__all__ = ["DEFAULT_L2", "OnlineProbes", "ProbeFit", "fit_probe", "fit_probes", "score", "standardiser"]
 
 #: Default L2 strength (on standardised features, mean loss).
 DEFAULT_L2 = 1e-3
@@ -389,7 +395,7 @@ class OnlineProbes(nn.Module):
 
         The probes' operations are small, so they run single-threaded (split
         across cores they would mostly wait for each other; see
-        :func:`probekit.engine.points.torch_threads`); the finiteness checks, losses
+        :func:`probekit.engine.devices.torch_threads`); the finiteness checks, losses
         and running metrics of all probes are computed together, and the L2
         term is the optimiser's weight decay on the weights.
         """

@@ -18,16 +18,28 @@ Reductions are named with short specs::
 
 A ``reduce=`` argument is one spec for every layer or a ``{layer: spec}``
 mapping (missing layers get ``"auto"``).
+
+This module owns the reducers, their spec grammar and the ``"auto"`` policy. It
+imports only :mod:`~probekit.engine.points` from the engine (which tensor of an
+output is probed, how a shape reads); never the run store, the diagnosis, the
+charts or the explorers.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from probekit.engine.points import as_tensor, shape_text
+
+__all__ = [
+    "DEFAULT_BUDGET", "DEFAULT_MAX_FLATTEN", "MAX_PROJECTION_ENTRIES", "Flatten", "Pool", "Project", "Reducer", "Subset",
+    "auto_spec", "make_reducer", "parse_spec", "spec_for",
+]
 
 #: Default per-probe feature budget of the ``"auto"`` policy.
 DEFAULT_BUDGET = 4096
@@ -42,22 +54,8 @@ _SMALL_MAP = 32768
 _SPEC = re.compile(r"^(flatten|pool|subset|project|auto)(\d+)?$")
 
 
-def _as_tensor(output: object) -> torch.Tensor:
-    """The tensor to probe in a layer's output: the output, or its first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, Sequence):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise TypeError(f"a probed layer must output a tensor (or a tuple/dict holding one); got {type(output).__name__}")
-
-
 class Reducer(nn.Module):
     """Base class: maps a batch of layer outputs ``(N, ...)`` to ``(N, out_features)``.
-
 
     Subclasses set ``out_features`` and define ``reduce(x)`` and ``describe()``.
     """
@@ -65,7 +63,7 @@ class Reducer(nn.Module):
     out_features: int
 
     def forward(self, output: object) -> torch.Tensor:
-        return self.reduce(_as_tensor(output).detach())
+        return self.reduce(as_tensor(output).detach())
 
 
 class Flatten(Reducer):
@@ -88,7 +86,7 @@ class Pool(Reducer):
         super().__init__()
         if len(in_shape) < 2:
             raise ValueError(
-                f"pooling needs a feature map with channels and spatial dims; got per-example shape {_shape_text(in_shape)}. "
+                f"pooling needs a feature map with channels and spatial dims; got per-example shape {shape_text(in_shape)}. "
                 "Use 'flatten', 'subsetN' or 'projectN' for this layer."
             )
         self.size = size
@@ -97,7 +95,7 @@ class Pool(Reducer):
         self._pool = {1: nn.functional.adaptive_avg_pool1d, 2: nn.functional.adaptive_avg_pool2d,
                       3: nn.functional.adaptive_avg_pool3d}.get(spatial)
         if self._pool is None:
-            raise ValueError(f"pooling supports 1 to 3 spatial dims; got per-example shape {_shape_text(in_shape)}")
+            raise ValueError(f"pooling supports 1 to 3 spatial dims; got per-example shape {shape_text(in_shape)}")
 
     def describe(self) -> str:
         return "pool" if self.size == 1 else f"pool{self.size}"
@@ -157,10 +155,6 @@ class Project(Reducer):
         return x.reshape(x.shape[0], -1).to(self.matrix.dtype) @ self.matrix
 
 
-def _shape_text(shape: Sequence[int]) -> str:
-    return "x".join(str(s) for s in shape) if len(shape) else "scalar"
-
-
 def parse_spec(spec: str) -> tuple[str, int | None]:
     """Split ``"pool4"`` into ``("pool", 4)``; raise a ValueError naming the valid forms."""
     match = _SPEC.match(str(spec).strip().lower().replace(":", "").replace("_", ""))
@@ -218,7 +212,7 @@ def make_reducer(
         if total > max_flatten:
             fits = auto_spec(in_shape, budget)
             raise ValueError(
-                f"layer {layer!r} has {total:,} features ({_shape_text(in_shape)}), more than max_flatten={max_flatten:,}; "
+                f"layer {layer!r} has {total:,} features ({shape_text(in_shape)}), more than max_flatten={max_flatten:,}; "
                 f"use a reduction such as {fits!r} (or 'pool', 'subset1000'), or raise max_flatten"
             )
         return Flatten(in_shape)

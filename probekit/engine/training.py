@@ -259,9 +259,9 @@ def train_and_probe(
 
     with ProbeMonitor(
         model, data, layers=layers, reduce=reduce, store=store, mode=mode, resume=resume, overwrite=overwrite,
-        num_classes=num_classes, l2=l2, lr=probe_lr, batch_size=batch_size, budget=budget,
+        num_classes=num_classes, l2=l2, probe_lr=probe_lr, batch_size=batch_size, budget=budget,
         max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
-        name=model_name, dataset=dataset_name, channels_last=channels_last,
+        model_name=model_name, dataset_name=dataset_name, channels_last=channels_last,
     ) as monitor:
         start, step = 0, 0
         if monitor.rows:

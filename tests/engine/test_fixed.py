@@ -1,4 +1,4 @@
-"""pk.probe, ProbeMonitor (snapshot and online) and probe_checkpoints, end to end on the embedded digits."""
+"""pk.probe and pk.probe_checkpoints end to end on the embedded digits: the model left as found, the run's schema, data checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import probekit as pk
 from tests.conftest import tiny_convnet
@@ -36,14 +35,6 @@ def test_probe_leaves_parameters_buffers_and_modes_exactly_as_found(digits_tenso
     assert ds.sizes == {"layer": 10, "epoch": 1, "metric": 9}
 
 
-def test_probe_features_are_detached_from_the_model(digits_tensors):
-    model = tiny_convnet()
-    mon = pk.ProbeMonitor(model, digits_tensors, layers=["relu1", "fc2"], quiet=True)
-    extractor = mon.graph.extractor(mon.plan.reducers)
-    out = extractor(digits_tensors["train"][0][:8])  # even outside no_grad
-    assert all(not v.requires_grad for v in out.values())
-
-
 def test_one_forward_pass_per_batch_feeds_every_layer(digits_tensors):
     model = tiny_convnet()
     calls = []
@@ -69,73 +60,11 @@ def test_store_schema_coordinates_and_provenance(digits_tensors, tmp_path):
         assert key in ds.attrs, key
     assert ds.attrs["seed"] == 7 and ds.attrs["mode"] == "snapshot" and ds.attrs["n_train"] == 1000
     stored = pk.open_run(tmp_path / "a.zarr")
-    assert stored.identical(ds) or np.array_equal(stored.probe.values, ds.probe.values)
     np.testing.assert_array_equal(stored.probe.values, ds.probe.values)
     assert stored.attrs == ds.attrs
 
 
-def test_error_falls_with_training_under_the_monitor(digits_tensors, tmp_path):
-    model = tiny_convnet()
-    mon = pk.ProbeMonitor(model, digits_tensors, store=tmp_path / "m.zarr", quiet=True, layers=["input", "relu2", "fc2"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = digits_tensors["train"]
-    mon.update(epoch=0, step=0)
-    for epoch in (1, 2):
-        model.train()
-        for i in range(0, 1000, 50):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50])
-            loss.backward()
-            opt.step()
-        mon.update(epoch=epoch, step=epoch * 20, model_loss=loss.item(), model_error=0.5)
-        assert model.training  # the monitor restored the training mode
-    ds = mon.dataset
-    mon.close()
-    fc2 = ds.probe.sel(layer="fc2", metric="valid_error").values
-    assert fc2[-1] < fc2[0] - 0.1
-    assert ds.step.values.tolist() == [0, 20, 40] and np.isnan(ds.model_loss.values[0]) and ds.model_error.values[-1] == 0.5
-    np.testing.assert_array_equal(pk.open_run(tmp_path / "m.zarr").probe.values, ds.probe.values)
-    with pytest.raises(ValueError, match="epoch 2 is not after the last written epoch 2"):
-        mon.update(epoch=2)
-
-
-def test_online_mode_steps_with_training_and_records_its_mode(digits_tensors):
-    model = tiny_convnet()
-    mon = pk.ProbeMonitor(model, digits_tensors, mode="online", layers=["input", "relu1", "fc1"], quiet=True, lr=1e-2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = digits_tensors["train"]
-    params_before = [p.clone() for p in mon._online.parameters()]
-    for epoch in range(2):
-        model.train()
-        for i in range(0, 1000, 50):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i:i + 50]), y[i:i + 50]).backward()
-            opt.step()
-            mon.step(y[i:i + 50])
-        mon.update(epoch=epoch)
-    ds = mon.dataset
-    mon.close()
-    assert ds.attrs["mode"] == "online" and ds.iterations.values[0, -1] == 40
-    assert any(not torch.equal(a, b) for a, b in zip(params_before, mon._online.parameters()))
-    assert (ds.probe.sel(metric="valid_error").isel(epoch=-1) < 0.5).all()
-    assert not model.relu1._forward_hooks  # hooks removed on close
-
-
-def test_online_mode_refuses_functional_nodes():
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=10)
-    x = torch.randn(20, 3, 32, 32)
-    y = torch.arange(20) % 10
-    with pytest.raises(ValueError, match="online mode reads module outputs.*'layer1.0.add' is a functional node \\(add\\); probe 'layer1.0' instead"):
-        pk.ProbeMonitor(model, {"train": (x, y), "valid": (x, y)}, mode="online", layers=["layer1.0.add"], quiet=True)
-
-
 def test_nan_features_flag_one_layer_and_the_others_are_probed(digits_tensors):
-    class Broken(nn.Module):
-        def forward(self, x):
-            return x * float("nan")
-
     model = tiny_convnet()
     model.fc1.register_forward_hook(lambda m, i, o: o * float("nan"))
     with pytest.warns(RuntimeWarning, match=r"layers \['fc1', 'relu2', 'fc2'\] produced NaN"):
@@ -143,7 +72,6 @@ def test_nan_features_flag_one_layer_and_the_others_are_probed(digits_tensors):
     assert ds.nonfinite.sel(layer="fc1").item() and not ds.nonfinite.sel(layer="relu1").item()
     assert np.isnan(ds.probe.sel(layer="fc1").values).all()
     assert np.isfinite(ds.probe.sel(layer="relu1").values).all()
-    del Broken
 
 
 def test_probe_checkpoints_writes_one_row_per_snapshot(digits_tensors, tmp_path):
@@ -169,17 +97,6 @@ def test_probe_checkpoints_refuses_pickled_code(digits_tensors, tmp_path):
     torch.save({"model": Payload()}, path)
     with pytest.raises(ValueError, match="refusing to load .*evil.pt.*objects other than tensors"):
         pk.probe_checkpoints(tiny_convnet, [path], digits_tensors, quiet=True)
-
-
-def test_plan_prints_the_policy_before_any_training(capsys):
-    import torchvision
-
-    plan = pk.plan(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224), layers=["input", "layer1.0", "layer4.1"])
-    frame = plan.frame()
-    assert frame.reduction.tolist() == ["pool36", "pool8", "pool2"] and (frame.feature_dim <= 4096).all()
-    assert frame.probe_params.tolist() == [(d + 1) * 10 for d in frame.feature_dim]
-    text = str(plan)
-    assert "probe plan: 3 layers of ResNet" in text and "pool8" in text
 
 
 def test_bad_data_arguments_fail_with_one_line(digits_tensors):

@@ -1,4 +1,4 @@
-"""Probe points: discovery, names, resolution, the one-pass extractor and the hook fallback."""
+"""Probe points: discovery, names, resolution, tracer_kwargs, the one-pass extractor and the hook fallback."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import probekit as pk
+from probekit.engine.extract import build_extractor
 from probekit.engine.points import LayerGraph
 from probekit.engine.reduce import make_reducer
 from tests.conftest import tiny_convnet
@@ -58,10 +59,10 @@ def test_inception_aux_head_is_probed_in_eval_mode():
     assert aux.train_only and aux.shape == (1000,)
     names = ["input", "Mixed_5b", "AuxLogits", "Mixed_7c"]
     reducers = {n: make_reducer("pool" if n != "AuxLogits" else "flatten", graph.point(n).shape, layer=n) for n in graph.resolve(names)}
-    extractor = graph.extractor(reducers)
+    run = build_extractor(graph, reducers)
     model.eval()
     with torch.no_grad():
-        out = extractor(torch.randn(3, 3, 299, 299))
+        out = run(torch.randn(3, 3, 299, 299))
     assert list(out) == names and out["AuxLogits"].shape == (3, 1000) and out["Mixed_7c"].shape == (3, 2048)
     assert not any(m.training for m in model.modules())
 
@@ -114,7 +115,7 @@ def test_untraceable_model_falls_back_to_hooks_with_a_warning():
     assert not graph.traced and graph.names == ["input", "a", "b"]
     reducers = {n: make_reducer("flatten", graph.point(n).shape, layer=n) for n in graph.names}
     x = torch.randn(3, 4)
-    out = graph.extractor(reducers)(x)
+    out = build_extractor(graph, reducers)(x)
     assert torch.equal(out["input"], x) and torch.allclose(out["b"], model(x))
     assert not model._forward_hooks and not model.a._forward_hooks  # hooks removed
 
@@ -125,7 +126,7 @@ def test_extractor_reads_values_before_inplace_ops():
     reducers = {n: make_reducer("flatten", graph.point(n).shape, layer=n) for n in ["0", "1"]}
     x = torch.randn(64, 4)
     with torch.no_grad():
-        out = graph.extractor(reducers)(x)
+        out = build_extractor(graph, reducers)(x)
         assert torch.allclose(out["0"], model[0](x))
         assert (out["0"] < 0).any() and (out["1"] >= 0).all()
 

@@ -8,6 +8,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 import probekit as pk
+from probekit.engine.extract import build_extractor
 from probekit.engine.points import LayerGraph
 from probekit.engine.probes import fit_probe, score, standardiser
 from tests.conftest import tiny_convnet
@@ -29,9 +30,9 @@ def test_probe_errors_match_sklearn_to_one_point_on_every_layer(digits_tensors, 
     from probekit.engine.reduce import make_reducer
 
     reducers = {n: make_reducer("flatten", graph.point(n).shape, layer=n) for n in graph.names}
-    extractor = graph.extractor(reducers)
+    run = build_extractor(graph, reducers)
     with torch.no_grad():
-        feats = {s: extractor(x) for s, (x, _) in digits_tensors.items()}
+        feats = {s: run(x) for s, (x, _) in digits_tensors.items()}
     worst = 0.0
     for layer in ds.layer.values:
         ours = ds.probe.sel(layer=layer, metric=["valid_error", "test_error"]).squeeze("epoch").values

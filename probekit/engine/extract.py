@@ -1,0 +1,205 @@
+"""One forward pass of the model feeds every probe: reduced features per probe point.
+
+:func:`build_extractor` builds the callable for a :class:`~probekit.engine.points.LayerGraph`
+and one reducer per layer: a copy of the traced graph whose outputs are the
+reduced probe points (:class:`GraphExtractor`), or, for a model fx cannot trace,
+forward hooks on its modules (:class:`HookExtractor`, also the online monitor's
+way of reading the user's own training steps). Each reducer runs right where
+its point is produced, so full-size feature maps are freed early and later
+in-place operations cannot change what a probe reads.
+
+This module owns the extractors and the in-place rewriting of residual adds. It
+imports :mod:`~probekit.engine.points` and :mod:`~probekit.engine.reduce` and no
+later stage of the engine; never the run store, the diagnosis, the charts or the explorers.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import fx, nn
+
+from probekit.engine.points import LayerGraph
+from probekit.engine.reduce import Reducer
+
+__all__ = ["Extractor", "GraphExtractor", "HookExtractor", "build_extractor"]
+
+
+def build_extractor(graph: LayerGraph, reducers: Mapping[str, Reducer]) -> Extractor:
+    """The one-pass extractor of ``graph``'s model: ``{name: reducers[name](output)}`` per batch.
+
+    Args:
+        graph: the model's probe points.
+        reducers: one reducer per probe point to read, by name (see :func:`probekit.engine.reduce.make_reducer`).
+
+    Example:
+        >>> graph = LayerGraph(model, x[:2])
+        >>> run = build_extractor(graph, {"fc1": make_reducer("flatten", graph.point("fc1").shape, layer="fc1")})
+        >>> run(x)["fc1"].shape
+        torch.Size([64, 32])
+    """
+    if graph.traced:
+        return GraphExtractor(graph, reducers)
+    return HookExtractor(graph.model, reducers, {name: graph.point(name).module for name in reducers})
+
+
+class Extractor:
+    """Callable: one forward pass of the model, returning reduced features per layer."""
+
+    names: list[str]
+
+    def __call__(self, *inputs) -> dict[str, torch.Tensor]:
+        return self.run(*inputs)
+
+    def run(self, *inputs) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class GraphExtractor(Extractor):
+    """Runs a copy of the traced graph whose outputs are the reduced probe points.
+
+    Each reducer is inserted right after its node, so it reads the value before
+    any later in-place op can change it, and full-size maps are freed as soon
+    as the rest of the graph no longer needs them. Nodes that no probe point
+    needs (the model's head, when only early layers are probed) are dropped.
+    """
+
+    def __init__(self, graph: LayerGraph, reducers: Mapping[str, Reducer]):
+        self.names = list(reducers)
+        source = graph.source_graph(self.names)
+        new = fx.Graph()
+        value_map: dict[fx.Node, fx.Node] = {}
+        new.graph_copy(source, value_map)
+        by_name = {node.name: node for node in new.nodes}
+        outputs = {}
+        root: dict[str, object] = {}
+        for i, name in enumerate(self.names):
+            node = by_name[graph.node_name(name)]
+            target = f"probekit_reduce_{i}"
+            root[target] = reducers[name]
+            with new.inserting_after(node):
+                outputs[name] = new.call_module(target, (node,))
+        new.output(outputs)
+        _add_in_place(new, graph.model)
+        for node in new.nodes:
+            if node.op in ("call_module", "get_attr") and node.target not in root:
+                root[node.target] = _fetch(graph.model, node.target)
+        self.module = fx.GraphModule(root, new, class_name=f"{type(graph.model).__name__}Probes")
+        self.module.graph.eliminate_dead_code()
+        self.module.recompile()
+        self.module.delete_all_unused_submodules()
+
+    def run(self, *inputs) -> dict[str, torch.Tensor]:
+        return self.module(*inputs)
+
+    def to(self, device) -> GraphExtractor:
+        for name, module in self.module.named_children():
+            if name.startswith("probekit_reduce_"):
+                module.to(device)
+        return self
+
+
+class HookExtractor(Extractor):
+    """Forward hooks on modules: used for models fx cannot trace, and for online monitoring.
+
+    Args:
+        model: the model whose modules are hooked.
+        reducers: one reducer per probe point, by name.
+        modules: the module each point reads (its output), by point name; ``None``
+            reads the model's first input.
+
+    While attached (``attach()`` / ``detach()``) the hooks capture reduced features
+    on every forward pass of the model, including the user's own training steps;
+    ``latest`` holds the last batch's features.
+    """
+
+    def __init__(self, model: nn.Module, reducers: Mapping[str, Reducer], modules: Mapping[str, str | None]):
+        self.model = model
+        self.names = list(reducers)
+        self.reducers = dict(reducers)
+        self.modules = dict(modules)
+        self.latest: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for name in self.names:
+            reducer = self.reducers[name]
+            module_name = self.modules[name]
+            if module_name is None:
+                self._handles.append(self.model.register_forward_pre_hook(self._pre_hook(name, reducer)))
+            else:
+                module = self.model.get_submodule(module_name)
+                self._handles.append(module.register_forward_hook(self._hook(name, reducer)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str, reducer: Reducer) -> Callable:
+        def hook(module, args, output):
+            with torch.no_grad():
+                self.latest[name] = reducer(output)
+        return hook
+
+    def _pre_hook(self, name: str, reducer: Reducer) -> Callable:
+        def hook(module, args):
+            with torch.no_grad():
+                self.latest[name] = reducer(args[0])
+        return hook
+
+    def run(self, *inputs) -> dict[str, torch.Tensor]:
+        self.attach()
+        try:
+            self.latest = {}
+            self.model(*inputs)
+            return dict(self.latest)
+        finally:
+            self.detach()
+
+    def to(self, device) -> HookExtractor:
+        for reducer in self.reducers.values():
+            reducer.to(device)
+        return self
+
+
+#: Modules whose output is always a new tensor (never a view of their input or a parameter).
+_FRESH_OUTPUTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _add_in_place(graph: fx.Graph, model: nn.Module) -> None:
+    """Let ``a + b`` reuse ``a``'s memory where nothing else can tell the difference.
+
+    Tracing records a residual ``out += identity`` as an out-of-place add, which
+    allocates a new full-size map per block (with ResNet-50 at batch 32, 100 MB
+    each in the first stage) where the model itself reuses ``out``. An add
+    whose first operand is the fresh output of a conv, linear or norm module,
+    read by nothing else (no probe either), calls :func:`_add_into_first`,
+    which adds in place when the result has ``a``'s shape and dtype anyway.
+    """
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (operator.add, torch.add) or node.kwargs or len(node.args) != 2:
+            continue
+        first = node.args[0]
+        if (isinstance(first, fx.Node) and first.op == "call_module" and len(first.users) == 1
+                and isinstance(model.get_submodule(first.target), _FRESH_OUTPUTS)):
+            node.target = _add_into_first
+
+
+def _add_into_first(a: object, b: object) -> object:
+    """``a + b``, computed into ``a`` when that gives the same shape and dtype (see :func:`_add_in_place`)."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and not a.requires_grad
+            and a.dtype == torch.result_type(a, b) and a.shape == torch.broadcast_shapes(a.shape, b.shape)):
+        return a.add_(b)
+    return a + b
+
+
+def _fetch(model: nn.Module, target: str) -> object:
+    value: object = model
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value

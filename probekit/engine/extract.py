@@ -68,7 +68,7 @@ class GraphExtractor(Extractor):
 
     def __init__(self, graph: LayerGraph, reducers: Mapping[str, Reducer]):
         self.names = list(reducers)
-        source = graph.source_graph(self.names)
+        source, nodes = graph.source_graph(self.names)
         new = fx.Graph()
         value_map: dict[fx.Node, fx.Node] = {}
         new.graph_copy(source, value_map)
@@ -76,7 +76,7 @@ class GraphExtractor(Extractor):
         outputs = {}
         root: dict[str, object] = {}
         for i, name in enumerate(self.names):
-            node = by_name[graph.node_name(name)]
+            node = by_name[nodes[name]]
             target = f"probekit_reduce_{i}"
             root[target] = reducers[name]
             with new.inserting_after(node):

@@ -420,20 +420,24 @@ class LayerGraph:
         return sorted(layers, key=lambda n: self.point(n).depth)
 
     # ------------------------------------------------------------------ for extraction
-    def source_graph(self, names: Sequence[str]) -> fx.Graph:
-        """The traced graph that computes every point in ``names``.
+    def source_graph(self, names: Sequence[str]) -> tuple[fx.Graph, dict[str, str]]:
+        """The traced graph that computes every point in ``names``, and each point's node name in it.
 
         That is the eval-mode graph, or the train-mode one when a point exists only
         there (an auxiliary head); either runs with the modules as the caller set them.
+        Node names differ between the two graphs (a train-only branch shifts the
+        numbering of the nodes after it), so points are matched by their qualified names.
         """
         if not self.traced:
             raise ValueError(f"{type(self.model).__name__} was not traced (it is probed with forward hooks); it has no graph")
         mode = "train" if any(self.point(n).train_only for n in names) else "eval"
-        return self._graphs.get(mode, self._graphs[self._base])
-
-    def node_name(self, name: str) -> str:
-        """The name of the graph node that holds probe point ``name``."""
-        return self._node_of[self.point(name).name]
+        mode = mode if mode in self._graphs else self._base
+        nodes = {name: self._node_of[self.point(name).name] for name in names}
+        if mode != self._base:
+            qualname = self._names[self._base]
+            node_of_qualname = {q: node for node, q in self._names[mode].items()}
+            nodes = {name: node_of_qualname.get(qualname.get(node), node) for name, node in nodes.items()}
+        return self._graphs[mode], nodes
 
 
 def _unique_points(graph: LayerGraph, names: list[str]) -> list[str]:

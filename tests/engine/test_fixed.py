@@ -59,6 +59,7 @@ def test_store_schema_coordinates_and_provenance(digits_tensors, tmp_path):
                 "n_valid", "n_test", "seed", "device", "mode", "command", "started", "chance_error", "num_classes"):
         assert key in ds.attrs, key
     assert ds.attrs["seed"] == 7 and ds.attrs["mode"] == "snapshot" and ds.attrs["n_train"] == 1000
+    assert ds.epoch.values.tolist() == [0] and ds.step.values.tolist() == [-1]  # step=None: unknown, stored as -1
     stored = pk.open_run(tmp_path / "a.zarr")
     np.testing.assert_array_equal(stored.probe.values, ds.probe.values)
     assert stored.attrs == ds.attrs
@@ -146,3 +147,17 @@ def test_feature_cache_on_disk_gives_the_same_result(digits_tensors):
     in_memory = pk.probe(tiny_convnet(), digits_tensors, quiet=True)
     on_disk = pk.probe(tiny_convnet(), digits_tensors, quiet=True, cache_bytes=1)  # every split goes to disk
     np.testing.assert_array_equal(in_memory.probe.values, on_disk.probe.values)
+
+
+def test_probe_and_probe_checkpoints_check_their_own_arguments(digits_tensors, tmp_path):
+    with pytest.raises(ValueError, match="device must be a str or a device or None; got 3"):
+        pk.probe(tiny_convnet(), digits_tensors, device=3, quiet=True)
+    with pytest.raises(ValueError, match="epoch must be an integer >= 0 or None; got -1"):
+        pk.probe(tiny_convnet(), digits_tensors, epoch=-1, quiet=True)
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0; got -1"):
+        pk.probe(tiny_convnet(), digits_tensors, l2=-1, quiet=True)
+    with pytest.raises(ValueError, match="build_model must be a Callable; got 'convnet'"):
+        pk.probe_checkpoints("convnet", [tmp_path / "c.pt"], digits_tensors, quiet=True)
+    torch.save(tiny_convnet().state_dict(), tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"epochs= and steps= need one entry per checkpoint \(1\); got 2 and 1"):
+        pk.probe_checkpoints(tiny_convnet, [tmp_path / "c.pt"], digits_tensors, epochs=[0, 1], quiet=True)

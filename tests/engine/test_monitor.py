@@ -74,3 +74,79 @@ def test_online_mode_refuses_functional_nodes():
     y = torch.arange(20) % 10
     with pytest.raises(ValueError, match="online mode reads module outputs.*'layer1.0.add' is a functional node \\(add\\); probe 'layer1.0' instead"):
         pk.ProbeMonitor(model, {"train": (x, y), "valid": (x, y)}, mode="online", layers=["layer1.0.add"], quiet=True)
+
+
+def test_explicit_arguments_win_over_what_the_data_implies(digits_tensors):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(train=digits_tensors["train"], valid=digits_tensors["valid"],
+                           info=SimpleNamespace(num_classes=12, name="digits-12"))
+    with pytest.raises(ValueError, match="the train split holds 10 of the 12 declared classes"):
+        pk.ProbeMonitor(tiny_convnet(), data, layers=["fc2"], quiet=True)  # the data's own figure, when none is given
+    mon = pk.ProbeMonitor(tiny_convnet(), data, layers=["fc2"], quiet=True, num_classes=10, dataset_name="my digits")
+    assert mon.num_classes == 10 and mon.layout.attrs["num_classes"] == 10
+    assert mon.layout.attrs["dataset"] == "my digits"
+    data.info.num_classes = 10
+    assert pk.ProbeMonitor(tiny_convnet(), data, layers=["fc2"], quiet=True).layout.attrs["dataset"] == "digits-12"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "both"}, "mode must be one of 'snapshot', 'online'; got 'both'"),
+    ({"l2": -1.0}, "l2 must be a finite number >= 0; got -1.0"),
+    ({"l2": float("nan")}, "l2 must be a finite number >= 0; got nan"),
+    ({"probe_lr": 0}, "probe_lr must be a finite number > 0; got 0"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1; got 0"),
+    ({"max_iter": 2.5}, "max_iter must be an integer >= 1; got 2.5"),
+    ({"budget": 0}, "budget must be an integer >= 1; got 0"),
+    ({"num_classes": 1}, "num_classes must be an integer >= 2 or None; got 1"),
+    ({"model_name": 3}, "model_name must be a str or None; got 3"),
+    ({"quiet": "yes"}, "quiet must be a bool; got 'yes'"),
+    ({"tracer_kwargs": ["leaf_modules"]}, "tracer_kwargs must be a Mapping or None; got ['leaf_modules']"),
+    ({"model": "convnet"}, "model must be a Module; got 'convnet'"),
+])
+def test_argument_checks_name_the_argument_what_it_must_be_and_what_it_got(digits_tensors, kwargs, message):
+    import re
+
+    model = kwargs.pop("model", tiny_convnet())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pk.ProbeMonitor(model, digits_tensors, **{"quiet": True, **kwargs})
+
+
+def test_epochs_are_never_negative_and_an_unknown_step_is_none(digits_tensors):
+    mon = pk.ProbeMonitor(tiny_convnet(), digits_tensors, layers=["fc2"], quiet=True)
+    with pytest.raises(ValueError, match=r"epoch must be an integer >= 0 or None; got -1"):
+        mon.update(epoch=-1)
+    with pytest.raises(ValueError, match=r"step must be an integer >= 0 or None; got -1"):
+        mon.update(step=-1)
+    mon.update()
+    mon.update(step=7)
+    assert mon.dataset.epoch.values.tolist() == [0, 1]
+    assert mon.dataset.step.values.tolist() == [-1, 7]  # the store's value for an unknown step
+
+
+def test_progress_is_one_line_per_stage_when_stderr_is_not_a_terminal(digits_tensors, capsys):
+    pk.probe(tiny_convnet(), digits_tensors, layers=["fc2"])
+    out, err = capsys.readouterr()
+    assert out.startswith("probe plan: ")
+    assert "\r" not in err
+    assert err.splitlines() == [line for line in err.splitlines() if line.endswith(" s")]
+    assert [line.split(":")[0] for line in err.splitlines()] == ["train features", "valid features", "test features"]
+    assert "train features: 1,000 examples in " in err
+    pk.probe(tiny_convnet(), digits_tensors, layers=["fc2"], quiet=True)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    import io
+
+    from probekit.engine.monitor import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    with _progress(100, "train features", quiet=False, file=screen) as bar:
+        bar.update(50)
+        bar.update(50)
+    assert "\r" in screen.getvalue() and "train features" in screen.getvalue()

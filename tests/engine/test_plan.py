@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import probekit as pk
+from tests.conftest import tiny_convnet
 
 
 def test_plan_prints_the_policy_before_any_training(capsys):
@@ -16,3 +18,13 @@ def test_plan_prints_the_policy_before_any_training(capsys):
     assert frame.probe_params.tolist() == [(d + 1) * 10 for d in frame.feature_dim]
     text = str(plan)
     assert "probe plan: 3 layers of ResNet" in text and "pool8" in text
+
+
+def test_plan_checks_its_arguments_before_tracing():
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="budget must be an integer >= 1; got 0"):
+        pk.plan(tiny_convnet(), x, budget=0)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2; got 1"):
+        pk.plan(tiny_convnet(), x, num_classes=1)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0; got -3"):
+        pk.plan(tiny_convnet(), x, seed=-3)

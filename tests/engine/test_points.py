@@ -137,3 +137,88 @@ def test_list_layers_needs_a_batched_tensor():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pk.list_layers(tiny_convnet(), torch.randn(1, 1, 8, 8))
+
+
+class Block(nn.Module):
+    """A conv and its activation: traced into, unless kept whole as a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x  # data-dependent: fx cannot trace into it
+
+
+def _gated_net():
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(block=Block(), gate=Gate(), flatten=nn.Flatten(), fc=nn.Linear(256, 10)))
+
+
+def test_leaf_modules_in_tracer_kwargs_are_kept_as_one_probe_point_each(digits_tensors):
+    x = digits_tensors["train"][0][:2]
+    with pytest.warns(UserWarning, match="cannot be traced.*tracer_kwargs=\\{'leaf_modules'"):
+        hooked = pk.list_layers(_gated_net(), x)
+    assert {"block.conv", "block.act"} <= set(hooked.name)
+    leaves = {"leaf_modules": [Block, Gate]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced: no fallback warning
+        table = pk.list_layers(_gated_net(), x, tracer_kwargs=leaves)
+        plan = pk.plan(_gated_net(), x, layers="all", tracer_kwargs=leaves)
+    assert table.name.tolist() == ["input", "block", "gate", "flatten", "fc"]
+    assert table.op.tolist() == ["input", "Block", "Gate", "Flatten", "Linear"]
+    assert plan.layers == table.name.tolist()
+    ds = pk.probe(_gated_net(), digits_tensors, layers="all", tracer_kwargs=leaves, quiet=True)
+    assert ds.layer.values.tolist() == table.name.tolist()
+
+
+def test_torchvision_ops_modules_stay_leaves_by_default():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), torchvision.ops.StochasticDepth(0.2, "row"), nn.Flatten())
+    table = pk.list_layers(model, torch.randn(2, 1, 8, 8))
+    assert table.op.tolist() == ["input", "Conv2d", "StochasticDepth", "Flatten"]
+
+
+def test_bad_tracer_kwargs_name_what_the_tracer_takes():
+    model = tiny_convnet()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"tracer_kwargs has unknown keys \['leaves'\]; it takes leaf_modules, autowrap_functions, autowrap_modules"):
+        pk.list_layers(model, x, tracer_kwargs={"leaves": [Block]})
+    with pytest.raises(TypeError, match=r"tracer_kwargs\['leaf_modules'\] takes nn.Module classes \(not instances\)"):
+        pk.list_layers(model, x, tracer_kwargs={"leaf_modules": [Block()]})
+    with pytest.raises(TypeError, match=r"tracer_kwargs\['autowrap_functions'\] must be a list or tuple; got function"):
+        pk.list_layers(model, x, tracer_kwargs={"autowrap_functions": lambda v: v})
+    with pytest.raises(ValueError, match="tracer_kwargs must be a Mapping or None; got"):
+        pk.list_layers(model, x, tracer_kwargs=[Block])
+    with pytest.raises(ValueError, match="model must be a Module; got 'resnet'"):
+        pk.list_layers("resnet", x)
+
+
+def test_points_after_a_train_only_head_read_their_own_nodes_in_the_eval_graph():
+    """Inception's aux head numbers the train graph's later nodes differently from the eval graph's."""
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(init_weights=False, aux_logits=True).eval()
+    graph = LayerGraph(model, torch.randn(2, 3, 299, 299))
+    names = ["Mixed_6e", "Mixed_7a.branch3x3_1.relu", "Mixed_7b.branch1x1.relu"]  # no train-only point: the eval graph
+    assert not any(graph.point(n).train_only for n in names)
+    reducers = {n: make_reducer("pool", graph.point(n).shape, layer=n) for n in names}
+    seen = {}
+    modules = {"Mixed_6e": "Mixed_6e", "Mixed_7a.branch3x3_1.relu": "Mixed_7a.branch3x3_1",
+               "Mixed_7b.branch1x1.relu": "Mixed_7b.branch1x1"}  # each relu is its BasicConv2d's output
+    hooks = [model.get_submodule(m).register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out.mean((2, 3))))
+             for n, m in modules.items()]
+    x = torch.randn(2, 3, 299, 299)
+    with torch.no_grad():
+        model(x)
+        out = build_extractor(graph, reducers)(x)
+    for hook in hooks:
+        hook.remove()
+    for name in names:
+        torch.testing.assert_close(out[name], seen[name])

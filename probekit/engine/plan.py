@@ -73,7 +73,8 @@ class Plan:
         frame = self.frame()
         total = frame.feature_dim.sum()
         return (
-            f"probe plan: {len(frame)} layers of {type(self.graph.model).__name__}, {self.num_classes} classes, "
+            f"probe plan: {len(frame)} layer{'s' if len(frame) != 1 else ''} of {type(self.graph.model).__name__}, "
+            f"{self.num_classes} classes, "
             f"{total:,} probe features in all ({frame.probe_params.sum():,} probe parameters, "
             f"{frame.cache_MiB_per_1k.sum():.1f} MiB of cache per 1,000 examples)\n{frame.to_string(index=False)}"
         )

@@ -127,7 +127,7 @@ def test_epochs_are_never_negative_and_an_unknown_step_is_none(digits_tensors):
 def test_progress_is_one_line_per_stage_when_stderr_is_not_a_terminal(digits_tensors, capsys):
     pk.probe(tiny_convnet(), digits_tensors, layers=["fc2"])
     out, err = capsys.readouterr()
-    assert out.startswith("probe plan: ")
+    assert out.startswith("probe plan: 1 layer of Sequential, 10 classes")
     assert "\r" not in err
     assert err.splitlines() == [line for line in err.splitlines() if line.endswith(" s")]
     assert [line.split(":")[0] for line in err.splitlines()] == ["train features", "valid features", "test features"]

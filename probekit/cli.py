@@ -137,17 +137,17 @@ def cmd_run(args) -> int:
     torch.manual_seed(args.seed)
     model = _model(args, splits)
     layers = args.layers.split(",") if args.layers and "," in args.layers else args.layers
-    model_name = args.name or args.model.split(":")[-1]
     shared: Mapping[str, object] = dict(
-        layers=layers, reduce=args.reduce, quiet=args.quiet, batch_size=args.batch_size, budget=args.budget,
-        l2=args.l2, store=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, seed=args.seed,
+        layers=layers, reduce=args.reduce, quiet=args.quiet, model_name=args.name or args.model.split(":")[-1],
+        batch_size=args.batch_size, budget=args.budget, l2=args.l2, store=args.out, resume=args.resume,
+        overwrite=args.overwrite, device=args.device, seed=args.seed,
     )
     if args.epochs == 0 and args.mode == "snapshot":
-        ds = probe(model, splits, name=model_name, **shared)
+        ds = probe(model, splits, **shared)
     else:
         ds = train_and_probe(model, splits, epochs=args.epochs, mode=args.mode, probe_lr=args.probe_lr, lr=args.lr,
                              momentum=args.momentum, optimizer=args.optimizer,
-                             train_batch_size=args.train_batch_size, model_name=model_name, **shared)
+                             train_batch_size=args.train_batch_size, **shared)
     _print_summary(ds, "valid_error" if "valid_error" in ds["metric"].values else "train_error", f"run in {args.out}")
     return 0
 

@@ -9,7 +9,7 @@ with a :class:`~probekit.engine.ProbeMonitor` and a few lines.
 
 Each epoch ``e`` of :func:`train_and_probe` (0 is the untrained model) ends
 with a checkpoint of the model and optimiser, written atomically beside the
-store, and only then with the
+store by :func:`probekit.run.store.write_atomic`, and only then with the
 monitor's epoch row. A run killed at any moment therefore resumes
 (``resume=True``) from its last checkpoint, and because shuffling and dropout
 are seeded per epoch, the resumed run writes the same values as one that was
@@ -19,6 +19,7 @@ explorers, the data or the zoo.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ from probekit.engine.monitor import ProbeMonitor
 from probekit.engine.probes import DEFAULT_L2
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
+from probekit.run.store import write_atomic
 
 __all__ = ["EpochResult", "Minibatch", "resume_path", "train_and_probe", "train_epoch"]
 
@@ -201,6 +203,7 @@ def train_and_probe(
     model_name: str | None = None,
     dataset_name: str | None = None,
     channels_last: bool = False,
+    tracer_kwargs: Mapping[str, object] | None = None,
 ) -> xr.Dataset:
     """Train ``model`` for ``epochs`` epochs, probing it before training and after each epoch.
 
@@ -237,6 +240,7 @@ def train_and_probe(
         quiet: no progress bars, plan printout or epoch lines.
         model_name, dataset_name: names recorded in the run.
         channels_last: the model's tensors are in channels-last memory.
+        tracer_kwargs: options of torchvision's FX tracer (e.g. ``leaf_modules``), passed to the monitor.
 
     Returns:
         The run dataset.
@@ -261,7 +265,7 @@ def train_and_probe(
         model, data, layers=layers, reduce=reduce, store=store, mode=mode, resume=resume, overwrite=overwrite,
         num_classes=num_classes, l2=l2, probe_lr=probe_lr, batch_size=batch_size, budget=budget,
         max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
-        model_name=model_name, dataset_name=dataset_name, channels_last=channels_last,
+        model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, tracer_kwargs=tracer_kwargs,
     ) as monitor:
         start, step = 0, 0
         if monitor.rows:
@@ -314,10 +318,6 @@ def _epoch_line(row: xr.Dataset, epochs: int) -> str:
 
 def _checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, **info) -> None:
     if path is not None:
-        _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), **info}, path)
-
-
-def _save_atomic(state: dict, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **info}, buffer)
+        write_atomic(path, buffer.getvalue())

@@ -66,8 +66,8 @@ def run(options: Options) -> Reproduction:
         f"bypass: bypass_mlp ({depth} tanh layers, skip {skip[0]}->{skip[1]}) on {info.name} {splits.sizes()}, plain SGD "
         f"(lr {lr}, batch {batch_size}), {len(layers)} probes after {', '.join(f'{s:,}' for s in steps)} minibatches"
     )
-    with ProbeMonitor(model, splits, layers=layers, store=store, overwrite=True, quiet=True, name="bypass_mlp",
-                      dataset=info.name) as monitor:
+    with ProbeMonitor(model, splits, layers=layers, store=store, overwrite=True, quiet=True, model_name="bypass_mlp",
+                      dataset_name=info.name) as monitor:
         _sgd_with_probes(model, splits.train, monitor, steps=steps, lr=lr, batch_size=batch_size, device=device)
         ds = monitor.dataset
     findings = diagnose(ds)

@@ -41,7 +41,7 @@ def run(options: Options) -> Reproduction:
     store = options.out / "random-init.zarr"
     options.log(f"random-init: untrained {depth}-layer ReLU MLP on {info.name} {splits.sizes()}, {len(layers)} probes")
     ds = probe(model, splits, layers=layers, store=store, overwrite=True, device=options.device, quiet=True,
-               name="untrained_mlp", dataset=info.name, step=0)
+               model_name="untrained_mlp", dataset_name=info.name, step=0)
     findings = diagnose(ds)
     chart = side_by_side(plots.depth_profile(ds, splits=("train", "valid")),
                           plots.diagnosis_overlay(ds, findings.to_frame()))

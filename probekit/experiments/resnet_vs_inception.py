@@ -107,6 +107,6 @@ def _pretrained_arch(options: Options, arch: str) -> tuple[xr.Dataset, dict]:
     store = options.out / f"{arch}.zarr"
     options.log(f"resnet-vs-inception: pretrained {arch} on {splits.info.name} {splits.sizes()}, reduce={reduce}")
     ds = probe(model, splits, store=store, overwrite=True, reduce=reduce, device=options.device, quiet=True,
-               name=arch, dataset=splits.info.name, num_classes=splits.info.num_classes)
+               model_name=arch, dataset_name=splits.info.name, num_classes=splits.info.num_classes)
     return ds, {"model": arch, "weights": "DEFAULT", "dataset": splits.info.name, "sizes": splits.sizes(),
                 "reduce": reduce, "layers": list(model.probe_layers)}

@@ -58,6 +58,18 @@ def test_train_and_probe_online_steps_the_probes_with_probe_lr(digits_tensors):
     np.testing.assert_array_equal(ds.model_loss.values[1:], runs[1e-1].model_loss.values[1:])  # lr is the model's alone
 
 
+def test_an_explicit_num_classes_wins_over_the_data(digits_tensors):
+    class Info:
+        num_classes = 12
+
+    class Splits(dict):
+        info = Info()
+
+    data = Splits(digits_tensors)
+    ds = train_and_probe(tiny_convnet(), data, epochs=0, num_classes=10, layers=["fc2"], device="cpu", quiet=True)
+    assert ds.attrs["num_classes"] == 10
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"epochs": -1}, "epochs must be an integer >= 0; got -1"),
     ({"epochs": 1, "optimizer": "rmsprop"}, "optimizer must be one of 'sgd', 'adam'; got 'rmsprop'"),

@@ -182,3 +182,23 @@ def test_explore_and_compare_stay_functions_after_their_subpackage_is_imported()
             "import sys; sys.exit(0 if callable(pk.explore) and callable(pk.compare) else 1)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr or "pk.explore or pk.compare became a module"
+
+
+@pytest.mark.parametrize("doc", ["docs/reliability.md", "docs/store.md", "docs/architecture.md", "README.md"])
+def test_the_docs_name_tests_and_modules_that_exist(doc):
+    """Every ``tests/...py::test_name`` (or ``::test_name`` after one) and probekit module a doc names is real."""
+    import re
+
+    text = (ROOT / doc).read_text()
+    last, missing = None, []
+    for match in re.finditer(r"`(tests/[\w/]+\.py)?(::[\w-]+)?[^`]*`", text):
+        path, test = match.group(1), match.group(2)
+        last = path or last
+        if path and not (ROOT / path).is_file():
+            missing.append(path)
+        elif test and last and not re.search(rf"def {re.escape(test[2:])}\b", (ROOT / last).read_text()):
+            missing.append(f"{last}{test}")
+    for module in set(re.findall(r"`(probekit(?:\.\w+)+)`", text)):
+        if not _is_module(module) and not _is_module(module.rpartition(".")[0]):
+            missing.append(module)
+    assert not missing, f"{doc} names what does not exist: {missing}"

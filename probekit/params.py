@@ -12,7 +12,8 @@ error everywhere::
 An argument passes when it satisfies any one of its constraints; ``None`` in the
 list allows ``None``. The error names the argument, what it must be, what was
 received and, for options, the choices:
-``min_layers must be an integer >= 1; got 0``.
+``min_layers must be an integer >= 1; got 0``. The two text helpers of the
+package's messages live here too: :func:`choices` and :func:`shape_text`.
 
 This module imports nothing outside the standard library.
 """
@@ -24,7 +25,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Interval", "Options", "check_params", "choices"]
+__all__ = ["Interval", "Options", "check_params", "choices", "shape_text"]
 
 
 def choices(values: Sequence[object], limit: int = 12) -> str:
@@ -38,6 +39,17 @@ def choices(values: Sequence[object], limit: int = 12) -> str:
     if len(items) <= limit:
         return ", ".join(items)
     return ", ".join(items[: limit - 2]) + f", ..., {items[-1]} ({len(items)} in all)"
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A per-example shape as the package writes it (stores, plans, messages): ``64x7x7``; ``scalar`` for ``()``.
+
+    Example:
+        >>> shape_text((64, 7, 7))
+        '64x7x7'
+    """
+    return "x".join(str(s) for s in shape) if len(shape) else "scalar"
+
 
 
 @dataclass(frozen=True)

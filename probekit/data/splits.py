@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from probekit.params import Interval, Options
+from probekit.params import Interval, Options, shape_text
 
 __all__ = ["CONSTRAINTS", "DatasetInfo", "SplitData", "Splits", "TensorPair", "stratified_order"]
 
@@ -122,8 +122,7 @@ class Splits:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{name}={n:,}" for name, n in self.sizes().items())
-        shape = "x".join(str(s) for s in self.info.input_shape)
-        return f"Splits({self.info.name!r}: {sizes}; inputs {shape}, {self.info.num_classes} classes)"
+        return f"Splits({self.info.name!r}: {sizes}; inputs {shape_text(self.info.input_shape)}, {self.info.num_classes} classes)"
 
 
 def _length(data: SplitData) -> int:

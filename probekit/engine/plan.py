@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
-from probekit.engine.points import TRACE_CONSTRAINTS, LayerGraph, shape_text
+from probekit.engine.points import TRACE_CONSTRAINTS, LayerGraph
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN, Reducer, make_reducer, spec_for
-from probekit.params import Interval, check_params
+from probekit.params import Interval, check_params, shape_text
 from probekit.run.schema import RunLayout
 
 __all__ = ["PLAN_CONSTRAINTS", "Plan", "build_plan", "plan"]

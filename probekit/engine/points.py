@@ -10,7 +10,7 @@ back to forward hooks on its modules, with a warning.
 This module owns :class:`ProbePoint`, :class:`LayerGraph` (discovery and name
 resolution), :func:`list_layers`, the tracer's configuration (``tracer_kwargs=``),
 and the two facts every later stage shares about a layer's output: which tensor
-of it is probed (:func:`as_tensor`) and how its shape reads (:func:`shape_text`).
+of it is probed (:func:`as_tensor`) and how its shape reads (:func:`probekit.params.shape_text`).
 It is the start of the engine's path: it imports no other engine module (the
 one forward pass that feeds the probes is :mod:`probekit.engine.extract`), and
 never the run store, the diagnosis, the charts or the explorers.
@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
-from probekit.params import check_params, choices
+from probekit.params import check_params, choices, shape_text
 
 __all__ = [
     "INPUT", "TRACER_KEYS", "TRACE_CONSTRAINTS", "LayerGraph", "ProbePoint", "as_args", "as_tensor", "batch_size_of",
-    "list_layers", "preserved_state", "shape_text", "tracer_options",
+    "list_layers", "preserved_state", "tracer_options",
 ]
 
 #: The name of the model's (first) input as a probe point.
@@ -42,16 +42,6 @@ INPUT = "input"
 TRACER_KEYS = ("leaf_modules", "autowrap_functions", "autowrap_modules")
 #: Argument checks of everything that traces a model (:class:`LayerGraph`, :func:`list_layers`, and their callers).
 TRACE_CONSTRAINTS = {"model": [nn.Module], "tracer_kwargs": [Mapping, None]}
-
-
-def shape_text(shape: Sequence[int]) -> str:
-    """A per-example shape as the package writes it: ``64x7x7``; ``scalar`` for ``()``.
-
-    Example:
-        >>> shape_text((64, 7, 7))
-        '64x7x7'
-    """
-    return "x".join(str(s) for s in shape) if len(shape) else "scalar"
 
 
 def as_tensor(output: object) -> torch.Tensor:

@@ -34,7 +34,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from probekit.engine.points import as_tensor, shape_text
+from probekit.engine.points import as_tensor
+from probekit.params import shape_text
 
 __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_MAX_FLATTEN", "MAX_PROJECTION_ENTRIES", "Flatten", "Pool", "Project", "Reducer", "Subset",

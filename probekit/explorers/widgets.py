@@ -188,7 +188,24 @@ def _split_buttons() -> widgets.ToggleButtons:
     return widgets.ToggleButtons(options=["valid"], description="split", style={"button_width": "64px"})
 
 
-class ExploreControls:
+class _Controls:
+    """What both explorers' controls share: widget changes reach the owner unless the owner is setting them."""
+
+    _guard: _Guard
+    _on_change: Callable[..., None]
+    epoch: EpochSlider
+
+    def _changed(self, **change: object) -> None:
+        if not self._guard.active:
+            self._on_change(**change)
+
+    def _epoch_changed(self, change: dict) -> None:
+        epoch = self.epoch.requested(change["new"])
+        if epoch is not None:
+            self._changed(epoch=epoch)
+
+
+class ExploreControls(_Controls):
     """Layer list with shortcuts, metric, split and epoch for one run.
 
     Args:
@@ -236,15 +253,6 @@ class ExploreControls:
             layout=widgets.Layout(width="320px", min_width="280px"),
         )
 
-    def _changed(self, **change: object) -> None:
-        if not self._guard.active:
-            self._on_change(**change)
-
-    def _epoch_changed(self, change: dict) -> None:
-        epoch = self.epoch.requested(change["new"])
-        if epoch is not None:
-            self._changed(epoch=epoch)
-
     def show(
         self,
         *,
@@ -273,7 +281,7 @@ class ExploreControls:
             self.status.value = status_html(status, error=alert)
 
 
-class CompareControls:
+class CompareControls(_Controls):
     """Layer rule, relative-depth window, metric, split and epoch for several runs.
 
     Args:
@@ -307,15 +315,6 @@ class CompareControls:
         self.epoch.widget.observe(self._epoch_changed, names="value")
         self.widget = widgets.VBox([self.rule, self.k, self.depth, self.measure, self.split, self.epoch.widget,
                                     self.status], layout=widgets.Layout(width="380px", min_width="320px"))
-
-    def _changed(self, **change: object) -> None:
-        if not self._guard.active:
-            self._on_change(**change)
-
-    def _epoch_changed(self, change: dict) -> None:
-        epoch = self.epoch.requested(change["new"])
-        if epoch is not None:
-            self._changed(epoch=epoch)
 
     def show(
         self,

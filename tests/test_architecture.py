@@ -36,6 +36,7 @@ ALLOWED = {
 #: Third-party packages a part must never import (it must work without them loaded).
 FORBIDDEN = {
     "run/schema.py": {"torch", "zarr", "altair", "ipywidgets"},
+    "engine/batch.py": {"numpy", "pandas", "xarray", "zarr", "torchvision", "altair", "ipywidgets"},
     "run": {"torch", "altair", "ipywidgets"},
     "diagnosis": {"torch", "zarr", "altair", "ipywidgets"},
     "plots": {"torch", "zarr", "ipywidgets"},
@@ -118,6 +119,12 @@ def test_heavy_libraries_stay_out_of_the_parts_that_promise_it(path):
     rules = FORBIDDEN.get(rel, set()) | FORBIDDEN.get(_part(path), set())
     roots = {name.split(".")[0] for name in _imports(path)}
     assert not roots & rules, f"{rel} imports {sorted(roots & rules)}, which it must never import"
+
+
+def test_the_batch_module_is_the_first_of_the_engine():
+    """engine/batch.py (what a batch is, how a model is called with it) imports no other probekit module."""
+    found = {n for n in _imports(PACKAGE / "engine" / "batch.py") if n == "probekit" or n.startswith("probekit.")}
+    assert not found, f"probekit/engine/batch.py imports {sorted(found)}; it must import only torch"
 
 
 def test_no_import_cycles_between_modules():

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import fx, nn
 
+from probekit.engine.batch import call_model
 from probekit.engine.points import LayerGraph
 from probekit.engine.reduce import Reducer
 
@@ -46,14 +47,20 @@ def build_extractor(graph: LayerGraph, reducers: Mapping[str, Reducer]) -> Extra
 
 
 class Extractor:
-    """Callable: one forward pass of the model, returning reduced features per layer."""
+    """Callable: one forward pass of the model on one batch, returning reduced features per layer.
+
+    ``extractor(inputs, *, mask=None, tokens=None)``: ``inputs`` is a batch in any of the
+    forms of :mod:`probekit.engine.batch` (a tensor, positional tuple or keyword mapping).
+    """
 
     names: list[str]
 
-    def __call__(self, *inputs) -> dict[str, torch.Tensor]:
-        return self.run(*inputs)
+    def __call__(self, inputs: object, *, mask: torch.Tensor | None = None,
+                 tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.run(inputs, mask=mask, tokens=tokens)
 
-    def run(self, *inputs) -> dict[str, torch.Tensor]:
+    def run(self, inputs: object, *, mask: torch.Tensor | None = None,
+            tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -68,6 +75,7 @@ class GraphExtractor(Extractor):
 
     def __init__(self, graph: LayerGraph, reducers: Mapping[str, Reducer]):
         self.names = list(reducers)
+        self.graph = graph
         source, nodes = graph.source_graph(self.names)
         new = fx.Graph()
         value_map: dict[fx.Node, fx.Node] = {}
@@ -91,8 +99,9 @@ class GraphExtractor(Extractor):
         self.module.recompile()
         self.module.delete_all_unused_submodules()
 
-    def run(self, *inputs) -> dict[str, torch.Tensor]:
-        return self.module(*inputs)
+    def run(self, inputs: object, *, mask: torch.Tensor | None = None,
+            tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.module(*self.graph.graph_args(inputs))
 
     def to(self, device) -> GraphExtractor:
         for name, module in self.module.named_children():
@@ -152,11 +161,12 @@ class HookExtractor(Extractor):
                 self.latest[name] = reducer(args[0])
         return hook
 
-    def run(self, *inputs) -> dict[str, torch.Tensor]:
+    def run(self, inputs: object, *, mask: torch.Tensor | None = None,
+            tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         self.attach()
         try:
             self.latest = {}
-            self.model(*inputs)
+            call_model(self.model, inputs)
             return dict(self.latest)
         finally:
             self.detach()

@@ -3,19 +3,52 @@
 ``data=`` arguments take train/valid(/test) splits as a mapping
 (``{"train": ..., "valid": ...}``), a sequence ``(train, valid[, test])`` or an
 object with ``train``/``valid``/``test`` attributes (``probekit.data.Splits``).
-Each split is a ``DataLoader``, a torch ``Dataset`` of ``(x, y)`` pairs, or an
-``(X, y)`` pair of tensors or arrays.
+Each split is one of:
 
-This module owns the ``data=`` forms, label checks and the feature cache (in
-memory, or memory-mapped files above ``cache_bytes``). It runs an
-:class:`~probekit.engine.extract.Extractor` it is given and imports nothing
-after it on the engine's path (no probes, plan or monitor); never the run
-store, the diagnosis, the charts or the explorers.
+- an ``(inputs, labels)`` pair, ``inputs`` being a tensor or array, a tuple of
+  positional arguments or a mapping of keyword arguments (all batched on dim 0);
+- a torch ``Dataset`` (map-style or ``IterableDataset``), or any sized object
+  with ``__getitem__`` such as a Hugging Face ``datasets.Dataset``; its items are
+  ``(inputs, label)`` pairs or rows (mappings) carrying their label under
+  ``label_key=``;
+- a ``DataLoader`` yielding such batches (over an ``IterableDataset`` too:
+  nothing here calls ``len()`` on it; progress then has no total).
+
+**Rows with a label key.** A mapping row's label is its ``label_key`` entry and
+the model's keyword arguments are **all its other keys**, passed as
+``model(**inputs)`` (e.g. ``input_ids``, ``attention_mask``). A key the model's
+``forward`` does not take (a ``text`` or ``idx`` column) is refused with a
+one-line error naming it: remove such columns from the rows. Rows a Dataset
+yields are collated here: numbers, lists and arrays are stacked into tensors
+(all rows of a key must have one shape: pad them), anything else (strings)
+stays a list.
+
+**Labels.** ``(N,)`` class indices label whole examples. Integer ``(N, T)``
+labels, ``-100`` marking "no label" (Hugging Face's convention), make a
+token-level run: every labelled token is one probe example, in row-major order,
+and only those tokens' features are cached (``M x d``, never ``N x T x d``).
+Splits stay split by sequence (each split is given whole), and
+:attr:`SplitFeatures.groups` holds each row's sequence for any further split.
+One-hot rows, labels of rank 3 or more and float ``(N, T)`` labels are refused
+with one line each.
+
+**Masks.** A mapping batch's ``mask_key`` entry (``"attention_mask"`` by
+default) is passed to the extractor as ``mask=`` so sequence reductions skip
+padding; a labelled token on padding is refused.
+
+This module owns the ``data=`` forms, the collation of rows, label checks and
+the feature cache (in memory, or files on disk above ``cache_bytes``). It runs
+an :class:`~probekit.engine.extract.Extractor` it is given, imports
+:mod:`~probekit.engine.batch` for the batch forms and nothing after it on the
+engine's path (no probes, plan or monitor); never the run store, the
+diagnosis, the charts or the explorers.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -23,19 +56,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from probekit.engine.batch import MASK_KEY, attention_mask, to_device
 from probekit.engine.devices import torch_threads
 from probekit.engine.extract import Extractor
-from probekit.engine.points import as_args
+from probekit.params import choices
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES", "SplitFeatures", "as_splits", "batches", "check_labels", "extract", "labels_of", "split_size",
+    "DEFAULT_CACHE_BYTES", "IGNORE_INDEX", "LabelSummary", "SplitFeatures", "as_splits", "batches", "check_inputs",
+    "check_labels", "collate", "example_kind", "extract", "label_summary", "labels_of", "split_size",
 ]
 
 _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
 #: Above this many bytes of cached features, the cache goes to disk.
 DEFAULT_CACHE_BYTES = 2 * 2**30
+#: The label of a token that has none (per-token labels; Hugging Face's convention).
+IGNORE_INDEX = -100
+_FORMS = (
+    "Each split is a DataLoader, a Dataset of (inputs, label) or of rows with label_key=, "
+    "or an (inputs, labels) pair"
+)
 
 
 def as_splits(data: object) -> dict[str, object]:
@@ -53,7 +95,7 @@ def as_splits(data: object) -> dict[str, object]:
     else:
         raise TypeError(
             f"data= must be a dict of splits, a (train, valid[, test]) tuple or a Splits object; got {type(data).__name__}. "
-            "Each split is a DataLoader, a Dataset of (x, y) or an (X, y) pair"
+            + _FORMS
         )
     splits = {k: v for k, v in splits.items() if v is not None}
     if "train" not in splits:
@@ -63,67 +105,300 @@ def as_splits(data: object) -> dict[str, object]:
     return splits
 
 
+def _is_array(value: object) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _positional(inputs: object, n: int) -> bool:
+    """Whole-split inputs given as positional arguments: a tuple or list of arrays, each with ``n`` rows.
+
+    Any other list (python lists, a list of per-example arrays) is one input, stacked as an array.
+    """
+    return (isinstance(inputs, (tuple, list)) and bool(inputs)
+            and all(_is_array(v) and v.ndim >= 1 and len(v) == n for v in inputs))
+
+
+def _is_inputs(value: object, n: int) -> bool:
+    """A whole split's inputs for ``n`` labels: an array, a mapping of arrays or positional arrays."""
+    if _is_array(value):
+        return True
+    if isinstance(value, Mapping):
+        return any(_is_array(v) for v in value.values())
+    return _positional(value, n)
+
+
 def _is_pair(data: Sequence) -> bool:
-    """An ``(X, y)`` pair passed where a tuple of splits was expected."""
-    return len(data) == 2 and all(isinstance(d, (torch.Tensor, np.ndarray)) for d in data)
+    """An ``(inputs, labels)`` pair passed where a tuple of splits was expected."""
+    return len(data) == 2 and _is_array(data[1]) and data[1].ndim >= 1 and _is_inputs(data[0], len(data[1]))
+
+
+def _is_rows(split: object) -> bool:
+    """A map-style dataset that is not a torch Dataset (e.g. a Hugging Face ``datasets.Dataset``)."""
+    return (not isinstance(split, (tuple, list, Mapping, str, bytes, torch.Tensor, np.ndarray))
+            and hasattr(split, "__getitem__") and hasattr(split, "__len__"))
+
+
+def _sized(dataset: object) -> bool:
+    if isinstance(dataset, IterableDataset):
+        return False
+    try:
+        len(dataset)
+    except TypeError:
+        return False
+    return True
+
+
+def _count(inputs: object, n: int) -> int:
+    """Examples in a whole split's inputs (``n``: its labels)."""
+    if isinstance(inputs, Mapping):
+        first = next((v for v in inputs.values() if _is_array(v) and v.ndim >= 1), None)
+        if first is None:
+            raise TypeError("a split's mapping of inputs must hold arrays or tensors with a leading example dim")
+        return len(first)
+    return n if _positional(inputs, n) else len(inputs)
 
 
 def _check_split(name: str, split: object) -> None:
-    if isinstance(split, (DataLoader, Dataset)):
-        if hasattr(split, "__len__") and len(split) == 0:
+    if isinstance(split, DataLoader):
+        if _sized(split.dataset) and len(split.dataset) == 0:
             raise ValueError(f"the {name} split is empty; give it at least one example per class")
         return
-    if isinstance(split, (tuple, list)) and len(split) == 2:
+    if isinstance(split, Dataset) or _is_rows(split):
+        if _sized(split) and len(split) == 0:
+            raise ValueError(f"the {name} split is empty; give it at least one example per class")
+        return
+    if isinstance(split, (tuple, list)) and len(split) == 2 and hasattr(split[1], "__len__"):
         x, y = split
-        if len(x) != len(y):
-            raise ValueError(f"the {name} split has {len(x)} inputs but {len(y)} labels; they must match")
-        if len(y) == 0:
+        n_y = len(y)
+        n_x = _count(x, n_y)
+        if n_x != n_y:
+            raise ValueError(f"the {name} split has {n_x} inputs but {n_y} labels; they must match")
+        if n_y == 0:
             raise ValueError(f"the {name} split is empty; give it at least one example per class")
         return
-    raise TypeError(
-        f"the {name} split must be a DataLoader, a Dataset of (x, y) or an (X, y) pair; got {type(split).__name__}"
-    )
+    raise TypeError(f"the {name} split must be a DataLoader, a Dataset or an (inputs, labels) pair; got "
+                    f"{type(split).__name__}. {_FORMS}")
 
 
 def split_size(split: object) -> int | None:
+    """Examples (sequences, in a token-level run) in a split; ``None`` when unknown (an ``IterableDataset``)."""
     if isinstance(split, DataLoader):
-        dataset = split.dataset
-        return len(dataset) if hasattr(dataset, "__len__") else None
-    if isinstance(split, Dataset):
-        return len(split) if hasattr(split, "__len__") else None
+        return len(split.dataset) if _sized(split.dataset) else None
+    if isinstance(split, Dataset) or _is_rows(split):
+        return len(split) if _sized(split) else None
     return len(split[1])
 
 
-def batches(split: object, batch_size: int) -> Iterator[tuple[object, torch.Tensor]]:
-    """``(inputs, labels)`` batches of one split, in a fixed order."""
+# ----------------------------------------------------------------------------- batches
+def collate(rows: Sequence[object]) -> object:
+    """A batch of a Dataset's items: ``(inputs, label)`` pairs or mapping rows.
+
+    Mapping rows (and mapping inputs of pairs) are collated key by key:
+    numbers, arrays and lists of numbers are stacked into one tensor per key
+    (every row must have the same shape), other values (strings) stay lists.
+    Anything else goes to torch's ``default_collate``.
+    """
+    first = rows[0]
+    if isinstance(first, Mapping):
+        return {key: _stack(key, [row[key] for row in rows]) for key in first}
+    if isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[0], Mapping):
+        return collate([row[0] for row in rows]), default_collate([row[1] for row in rows])
+    return default_collate(rows)
+
+
+def _stack(key: str, values: list) -> object:
+    if not isinstance(values[0], (torch.Tensor, np.ndarray, np.number, list, tuple, int, float, bool)):
+        return list(values)
+    try:
+        tensors = [torch.as_tensor(v) for v in values]
+    except (TypeError, ValueError, RuntimeError):  # ragged lists, lists of strings
+        if all(isinstance(v, (list, tuple)) for v in values) and len({len(v) for v in values}) > 1:
+            raise ValueError(_ragged(key, sorted({len(v) for v in values}))) from None
+        return list(values)
+    shapes = sorted({tuple(t.shape) for t in tensors})
+    if len(shapes) > 1:
+        raise ValueError(_ragged(key, shapes))
+    return torch.stack(tensors)
+
+
+def _ragged(key: str, shapes: list) -> str:
+    return (f"rows of {key!r} differ in length ({shapes[0]} and {shapes[-1]}); pad them to one length "
+            "(e.g. tokenizer(..., padding='max_length')) or pass a DataLoader whose collate_fn pads")
+
+
+def batches(split: object, batch_size: int, *, label_key: str | None = None,
+            name: str = "train") -> Iterator[tuple[object, torch.Tensor]]:
+    """``(inputs, labels)`` batches of one split, in a fixed order.
+
+    ``inputs`` keeps its form (a tensor, a tuple of positional arguments or a
+    mapping of keyword arguments); a mapping batch's labels are its
+    ``label_key`` entry, and its other keys are the inputs.
+    """
     if isinstance(split, DataLoader):
-        yield from split
+        source = split
+    elif isinstance(split, Dataset) or _is_rows(split):
+        source = DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    else:
+        x, y = split
+        positional = _positional(x, len(y))
+        for start in range(0, len(y), batch_size):
+            yield _rows(x, start, start + batch_size, positional), _tensor(y[start:start + batch_size])
         return
-    if isinstance(split, Dataset):
-        yield from DataLoader(split, batch_size=batch_size, shuffle=False)
-        return
-    x, y = split
-    for start in range(0, len(y), batch_size):
-        yield _tensor(x[start:start + batch_size]), _tensor(y[start:start + batch_size])
+    for item in source:
+        yield _unpack(item, label_key, name)
+
+
+def _rows(inputs: object, start: int, stop: int, positional: bool) -> object:
+    """Examples ``start:stop`` of a whole split's inputs, as tensors (non-array mapping values untouched)."""
+    if isinstance(inputs, Mapping):
+        return {key: _tensor(value[start:stop]) if _is_array(value) and value.ndim >= 1 else value
+                for key, value in inputs.items()}
+    if positional:
+        return tuple(_tensor(value[start:stop]) for value in inputs)
+    return _tensor(inputs[start:stop])
+
+
+def _unpack(item: object, label_key: str | None, name: str) -> tuple[object, object]:
+    if isinstance(item, Mapping):
+        keys = choices(list(item))
+        if label_key is None:
+            guess = next((k for k in ("label", "labels") if k in item), "label")
+            raise ValueError(f"the {name} split yields rows (keys: {keys}) rather than (inputs, label) pairs; "
+                             f"pass label_key= naming the key that holds the labels, e.g. label_key={guess!r}")
+        if label_key not in item:
+            raise ValueError(f"the {name} split's rows have no label key {label_key!r} (keys: {keys}); "
+                             "pass label_key= naming the key that holds the labels")
+        return {k: v for k, v in item.items() if k != label_key}, item[label_key]
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    raise TypeError(f"each batch of the {name} split must be an (inputs, labels) pair or a row with its label under "
+                    f"label_key=; got {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
 
 
 def _tensor(value: object) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
 
 
-def labels_of(split: object, batch_size: int) -> torch.Tensor:
-    """All labels of a split (cheap for tensor pairs and datasets with ``targets``)."""
+def check_inputs(model: nn.Module, inputs: object, *, name: str = "train") -> None:
+    """Refuse a mapping batch that lacks an argument ``model.forward`` requires, or holds one it does not take."""
+    if not isinstance(inputs, Mapping):
+        return
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in inputs]
+    if missing:
+        raise TypeError(_missing(missing, inputs, name))
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        unknown = [k for k in inputs if k not in {p.name for p in named}]
+        if unknown:
+            raise TypeError(
+                f"the {name} split's batches hold {unknown[0]!r}, which {type(model).__name__}.forward does not take "
+                f"(it takes {choices([p.name for p in named])}); remove that key from the rows "
+                "(e.g. dataset.remove_columns([...])), or name the labels' key with label_key="
+            )
+
+
+def _missing(missing: Sequence[str], inputs: Mapping, name: str) -> str:
+    return (f"the model's forward requires {choices([repr(m) for m in missing])}, which the {name} split's batches "
+            f"lack (keys: {choices(list(inputs))}); add a {missing[0]!r} key to each batch")
+
+
+# ----------------------------------------------------------------------------- labels
+def example_kind(labels: torch.Tensor, name: str = "train") -> str:
+    """``"examples"`` for ``(N,)`` labels, ``"tokens"`` for integer ``(N, T)`` ones; one-line errors otherwise.
+
+    ``(N, 1)`` labels are per-example labels in a column. One-hot (or
+    probability) rows are refused: pass class indices.
+    """
+    if labels.dim() <= 1 or (labels.dim() == 2 and labels.shape[1] == 1):
+        return "examples"
+    shape = tuple(labels.shape)
+    if labels.dim() > 2:
+        raise ValueError(f"the {name} split's labels have shape {shape}; labels are (N,) class indices, or (N, T) "
+                         f"per-token class indices with {IGNORE_INDEX} for tokens without a label")
+    if labels.numel() and _one_hot(labels):
+        raise ValueError(f"the {name} split's labels are one-hot rows of shape {shape}; "
+                         "pass class indices: y.argmax(1)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"the {name} split's labels of shape {shape} are per-token labels and must be integer "
+                        f"class indices ({IGNORE_INDEX} for no label); got {labels.dtype} values")
+    return "tokens"
+
+
+def _one_hot(labels: torch.Tensor) -> bool:
+    if labels.is_complex():
+        return False
+    values = labels.double()
+    if not torch.isfinite(values).all() or (values < 0).any():
+        return False
+    sums_to_one = torch.allclose(values.sum(1), torch.ones(len(values), dtype=torch.float64), atol=1e-4)
+    if labels.is_floating_point():
+        return sums_to_one
+    return sums_to_one and bool(((values == 0) | (values == 1)).all())
+
+
+def _flat(labels: object, name: str, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """A batch's probe labels: ``(M,)`` labels, the ``(N, T)`` labelled-token mask (token-level) and the kind."""
+    labels = _tensor(labels)
+    found = example_kind(labels, name)
+    if kind is not None and found != kind:
+        raise ValueError(f"the {name} split mixes per-example and per-token labels; give every batch labels of "
+                         f"one rank: (N,) per example or (N, T) per token")
+    if found == "examples":
+        return labels.reshape(-1), None, found
+    tokens = labels != IGNORE_INDEX
+    return labels[tokens], tokens, found
+
+
+@dataclass
+class LabelSummary:
+    """The probe labels of one split: ``labels`` (one per example, or per labelled token), their kind and sizes."""
+
+    labels: torch.Tensor
+    kind: str
+    sequences: int
+    """Examples (sequences) in the split."""
+
+    @property
+    def count(self) -> int:
+        """Probe examples: examples, or labelled tokens in a token-level run."""
+        return int(self.labels.numel())
+
+
+def label_summary(split: object, batch_size: int, *, label_key: str | None = None, name: str = "train") -> LabelSummary:
+    """All probe labels of a split, in one pass (cheap for tensor pairs and datasets with ``targets``)."""
     if isinstance(split, (tuple, list)):
-        return _tensor(split[1])
-    dataset = split.dataset if isinstance(split, DataLoader) else split
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and not isinstance(split, DataLoader):
-        return _tensor(targets)
-    return torch.cat([_tensor(y).reshape(-1) for _, y in batches(split, batch_size)])
+        raw = _tensor(split[1])
+    elif isinstance(getattr(split, "targets", None), (torch.Tensor, np.ndarray, list)) and not isinstance(split, DataLoader):
+        raw = _tensor(split.targets)
+    else:
+        raw = None
+    if raw is not None:
+        labels, _, kind = _flat(raw, name)
+        return LabelSummary(labels, kind, int(raw.shape[0]) if raw.dim() else 1)
+    parts, kind, sequences = [], None, 0
+    for _, y in batches(split, batch_size, label_key=label_key, name=name):
+        flat, _, kind = _flat(y, name, kind)
+        parts.append(flat)
+        sequences += int(_tensor(y).shape[0]) if _tensor(y).dim() else 1
+    if not parts:
+        raise ValueError(f"the {name} split is empty; give it at least one example per class")
+    return LabelSummary(torch.cat(parts), kind, sequences)
+
+
+def labels_of(split: object, batch_size: int, *, label_key: str | None = None, name: str = "train") -> torch.Tensor:
+    """All probe labels of a split: one per example, or one per labelled token in a token-level run."""
+    return label_summary(split, batch_size, label_key=label_key, name=name).labels
 
 
 def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
     """Refuse labels a probe cannot use, naming the split and what to do."""
+    if labels.dim() > 1:
+        example_kind(labels, name)  # one-hot rows and wrong ranks get their own message
+        labels = labels[labels != IGNORE_INDEX] if labels.shape[1] > 1 else labels.reshape(-1)
     if labels.numel() == 0:
         raise ValueError(f"the {name} split is empty; give it at least one example per class")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -136,7 +411,7 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
     if low < 0 or high >= num_classes:
         raise ValueError(
             f"the {name} split has labels in [{low}, {high}], outside [0, {num_classes - 1}] for num_classes={num_classes}; "
-            "relabel them as 0..K-1 or pass the right num_classes"
+            f"relabel them as 0..K-1 (per-token labels: {IGNORE_INDEX} for no label) or pass the right num_classes"
         )
     if name == "train":
         present = int(torch.unique(labels).numel())
@@ -150,14 +425,79 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
             )
 
 
+# ----------------------------------------------------------------------------- cache
 @dataclass
 class SplitFeatures:
-    """Reduced features of one split: ``features[layer]`` is ``(n, d)``; ``labels`` is ``(n,)``."""
+    """Reduced features of one split: ``features[layer]`` is ``(n, d)``; ``labels`` is ``(n,)``.
+
+    In a token-level run each row is one labelled token (``kind == "tokens"``)
+    and ``groups[i]`` is the index of the sequence row ``i`` came from, so that
+    any split of these rows can keep sequences whole; otherwise ``groups`` is
+    ``arange(n)``.
+    """
 
     features: dict[str, torch.Tensor]
     labels: torch.Tensor
     nonfinite: dict[str, bool] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = None
+    kind: str = "examples"
+    groups: torch.Tensor | None = None
+    sequences: int = 0
+    """Examples (sequences) the split held."""
+
+
+class _Cache:
+    """Rows of each layer's features: in memory, moving to files on disk once they pass ``cache_bytes``.
+
+    The row count need not be known in advance (an ``IterableDataset``, a
+    token-level run): rows are appended, to files once on disk, and the files
+    are memory-mapped at the end.
+    """
+
+    def __init__(self, dims: Mapping[str, int], cache_bytes: int, expected_rows: int | None):
+        self.dims, self.cache_bytes = dict(dims), cache_bytes
+        self.row_bytes = 4 * sum(self.dims.values())
+        self.memory: dict[str, list[torch.Tensor]] = {layer: [] for layer in dims}
+        self.rows = 0
+        self.tmp: tempfile.TemporaryDirectory | None = None
+        self.files: dict[str, object] = {}
+        if expected_rows is not None and expected_rows * self.row_bytes > cache_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="probekit-cache-")
+        self.files = {layer: open(f"{self.tmp.name}/{i}.f32", "wb") for i, layer in enumerate(self.dims)}  # noqa: SIM115
+        for layer, parts in self.memory.items():
+            for part in parts:
+                self.files[layer].write(part.cpu().numpy().tobytes())
+        self.memory = {}
+
+    def add(self, values: Mapping[str, torch.Tensor], count: int) -> None:
+        if self.tmp is None and (self.rows + count) * self.row_bytes > self.cache_bytes:
+            self._spill()
+        for layer, value in values.items():
+            if self.tmp is not None:
+                self.files[layer].write(np.ascontiguousarray(value.cpu().numpy(), dtype=np.float32).tobytes())
+            else:
+                self.memory[layer].append(value)
+        self.rows += count
+
+    def finish(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.tmp is None:
+            out = {}
+            for layer in list(self.memory):
+                parts = self.memory.pop(layer)
+                out[layer] = torch.cat(parts) if parts else torch.empty(0, self.dims[layer], device=device)
+            return out
+        out = {}
+        for layer, handle in self.files.items():
+            handle.close()
+            if self.rows == 0:
+                out[layer] = torch.empty(0, self.dims[layer])
+                continue
+            array = np.memmap(handle.name, dtype=np.float32, mode="r+", shape=(self.rows, self.dims[layer]))
+            out[layer] = torch.from_numpy(array)
+        return out
 
 
 def extract(
@@ -173,6 +513,8 @@ def extract(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress=None,
     autocast: torch.dtype | None = None,
+    label_key: str | None = None,
+    mask_key: str = MASK_KEY,
 ) -> SplitFeatures:
     """Run ``extractor`` over one split and cache every layer's reduced features.
 
@@ -182,50 +524,75 @@ def extract(
     a temporary folder, removed with the returned object. With ``autocast``
     (e.g. ``torch.bfloat16``) the forward pass runs under ``torch.autocast``
     on ``device``; the cached features are float32 either way.
+
+    Each batch's ``mask_key`` entry (a mapping batch) reaches the extractor as
+    ``mask=``; with per-token labels, the labelled tokens reach it as
+    ``tokens=`` and each layer returns one row per labelled token. ``progress``
+    is updated with the number of examples (sequences) of each batch.
     """
     n = split_size(split)
-    total_bytes = (n or 0) * sum(dims.values()) * 4
-    tmp = None
-    if n is not None and total_bytes > cache_bytes:
-        tmp = tempfile.TemporaryDirectory(prefix="probekit-cache-")
-        store = {layer: np.lib.format.open_memmap(f"{tmp.name}/{i}.npy", mode="w+", dtype=np.float32, shape=(n, d))
-                 for i, (layer, d) in enumerate(dims.items())}
-    else:
-        store = {layer: [] for layer in dims}
-    labels, position = [], 0
+    cache = _Cache(dims, cache_bytes, n)
+    labels, groups, kind, sequences = [], [], None, 0
     nonfinite = dict.fromkeys(dims, False)
     mixed = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     with torch.no_grad():
-        for inputs, y in batches(split, batch_size):
-            args = tuple(a.to(device, non_blocking=True) if isinstance(a, torch.Tensor) else a for a in as_args(inputs))
-            if channels_last and args[0].dim() == 4:
-                args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        for inputs, y in batches(split, batch_size, label_key=label_key, name=name):
+            y, tokens, kind = _flat(y, name, kind)
+            inputs = to_device(inputs, device, channels_last=channels_last)
+            mask = attention_mask(inputs, mask_key)
+            extra = {}
+            if mask is not None:
+                extra["mask"] = mask
+            if tokens is not None:
+                _check_tokens(tokens, mask, name, mask_key)
+                extra["tokens"] = tokens.to(device)
+            examples = int(tokens.shape[0]) if tokens is not None else int(y.shape[0])
             with mixed:
-                out = extractor(*args)
-            y = _tensor(y).reshape(-1)
+                out = _run(extractor, inputs, extra, name)
             count = y.shape[0]
             with torch_threads(1):  # reduced features are small: bookkeeping is cheapest on one thread
+                values = {}
                 for layer, value in out.items():
                     value = value.float()
+                    if value.shape[0] != count:
+                        raise ValueError(f"layer {layer!r} gave {value.shape[0]} rows for {count} labels in the {name} "
+                                         "split; per-token labels need points of the 'tokens' layout")
                     # One float64 sum (no overflow from float32 values) is finite iff every value
                     # is; several times cheaper than isfinite().all() on every batch and layer.
                     if not nonfinite[layer] and not math.isfinite(value.sum(dtype=torch.float64)):
                         nonfinite[layer] = True
-                    if tmp is not None:
-                        store[layer][position:position + count] = value.cpu().numpy()
-                    else:
-                        store[layer].append(value)
+                    values[layer] = value
+                cache.add(values, count)
             labels.append(y)
-            position += count
+            groups.append(sequences + (tokens.nonzero()[:, 0] if tokens is not None else torch.arange(count)))
+            sequences += examples
             if progress is not None:
-                progress.update(count)
+                progress.update(examples)
     labels_all = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     check_labels(name, labels_all, num_classes)
-    if tmp is not None:
-        features = {layer: torch.from_numpy(array) for layer, array in store.items()}
-    else:
-        features = {}
-        for layer in list(store):
-            features[layer] = torch.cat(store.pop(layer))
-    return SplitFeatures(features=features, labels=labels_all.to(device).long(), nonfinite=nonfinite, _tmp=tmp)
+    features = cache.finish(device)
+    return SplitFeatures(features=features, labels=labels_all.to(device).long(), nonfinite=nonfinite, _tmp=cache.tmp,
+                         kind=kind or "examples", groups=torch.cat(groups), sequences=sequences)
 
+
+def _check_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, name: str, mask_key: str) -> None:
+    if mask is None:
+        return
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"the {name} split's per-token labels have shape {tuple(tokens.shape)} but its {mask_key!r} "
+                         f"has {tuple(mask.shape)}; give one label per token ({IGNORE_INDEX} for none)")
+    on_padding = int((tokens & ~mask.to(tokens.device).bool()).sum())
+    if on_padding:
+        raise ValueError(f"{on_padding} labelled tokens of the {name} split are padding ({mask_key!r} 0); "
+                         f"label padding {IGNORE_INDEX}")
+
+
+def _run(extractor: Extractor, inputs: object, extra: dict, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return extractor(inputs, **extra)
+    except TypeError as error:
+        text = str(error)
+        if isinstance(inputs, Mapping) and "required positional argument" in text:
+            missing = re.findall(r"'(\w+)'", text.split("argument", 1)[1]) or ["?"]
+            raise TypeError(_missing(missing, inputs, name)) from None
+        raise

@@ -28,15 +28,17 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
+from torch.utils.data import DataLoader
 
 from probekit import __version__
 from probekit.engine.devices import model_device
 from probekit.engine.extract import HookExtractor, build_extractor
 from probekit.engine.features import (
-    DEFAULT_CACHE_BYTES, as_splits, batches, check_labels, extract, labels_of, split_size,
+    DEFAULT_CACHE_BYTES, LabelSummary, as_splits, batches, check_inputs, check_labels, extract, label_summary, split_size,
 )
 from probekit.engine.plan import PLAN_CONSTRAINTS, build_plan
-from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, as_args, preserved_state
+from probekit.engine.batch import MASK_KEY, to_device
+from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, preserved_state
 from probekit.engine.probes import DEFAULT_L2, OnlineProbes, fit_probes, score
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
@@ -66,6 +68,8 @@ MONITOR_CONSTRAINTS = {
     "model_name": [str, None],
     "dataset_name": [str, None],
     "channels_last": [bool],
+    "label_key": [str, None],
+    "mask_key": [str],
 }
 #: Argument checks of :meth:`ProbeMonitor.update`. An epoch number is never negative (readers
 #: take a negative ``epoch=`` to count from the end); ``step=None`` is an unknown step.
@@ -74,39 +78,82 @@ UPDATE_CONSTRAINTS = {"epoch": [Interval(int, 0, None), None], "step": [Interval
 _UNKNOWN_STEP = -1
 
 
-def _first_batch(split: object, batch_size: int) -> object:
-    for inputs, _ in batches(split, batch_size):
+def _first_batch(split: object, batch_size: int, label_key: str | None = None) -> object:
+    for inputs, _ in batches(split, batch_size, label_key=label_key, name="train"):
         return inputs
     raise ValueError("the train split is empty; give it at least one example per class")
 
 
-def _infer_classes(splits: dict, num_classes: int | None, batch_size: int) -> int:
+class _Labels:
+    """Each split's probe labels (per example, or per labelled token), read once and on demand.
+
+    Tensor pairs and datasets with ``targets`` are cheap; any other split costs
+    one pass over its batches, so only the splits the monitor needs are read.
+    """
+
+    def __init__(self, splits: dict, batch_size: int, label_key: str | None):
+        self.splits, self.batch_size, self.label_key = splits, batch_size, label_key
+        self.read: dict[str, LabelSummary] = {}
+
+    def cheap(self, name: str) -> bool:
+        split = self.splits[name]
+        return isinstance(split, (tuple, list)) or (hasattr(split, "targets") and not isinstance(split, DataLoader))
+
+    def __getitem__(self, name: str) -> LabelSummary:
+        if name not in self.read:
+            self.read[name] = label_summary(self.splits[name], self.batch_size, label_key=self.label_key, name=name)
+            first = next(iter(self.read))
+            if self.read[name].kind != self.read[first].kind:
+                kinds = {"examples": "per-example (N,)", "tokens": "per-token (N, T)"}
+                raise ValueError(
+                    f"the {first} split has {kinds[self.read[first].kind]} labels but the {name} split "
+                    f"{kinds[self.read[name].kind]} ones; give every split labels of one kind"
+                )
+        return self.read[name]
+
+    @property
+    def kind(self) -> str:
+        return self["train"].kind
+
+
+def _infer_classes(splits: dict, num_classes: int | None, labels: _Labels) -> int:
+    """Classes of the task (at least 2), from the train and valid labels and any cheap split's."""
+    names = [n for n in splits if n in ("train", "valid") or labels.cheap(n)]
     if num_classes is None:
-        cheap = [labels_of(s, batch_size) for s in splits.values() if isinstance(s, (tuple, list)) or hasattr(s, "targets")]
-        if not cheap:
-            cheap = [labels_of(splits["train"], batch_size)]
-        for name, labels in zip(splits, cheap):
-            if labels.is_floating_point() or labels.dtype == torch.bool:
-                check_labels(name, labels, 2)
+        for name in names:
+            if labels[name].labels.is_floating_point() or labels[name].labels.dtype == torch.bool:
+                check_labels(name, labels[name].labels, 2)
         # At least 2, so that a single-class split is reported as such by check_labels.
-        num_classes = max(int(max(int(labels.max()) for labels in cheap if labels.numel())) + 1, 2)
-    for name, split in splits.items():
-        if isinstance(split, (tuple, list)) or (hasattr(split, "targets") and not isinstance(split, torch.utils.data.DataLoader)):
-            check_labels(name, labels_of(split, batch_size), int(num_classes))
+        num_classes = max(max((int(labels[n].labels.max()) for n in names if labels[n].count), default=0) + 1, 2)
+    for name in names:
+        check_labels(name, labels[name].labels, int(num_classes))
     return int(num_classes)
 
 
-def _chance_error(splits: dict, num_classes: int, batch_size: int) -> float:
-    """Error of always predicting the training split's majority class, on valid (or train)."""
-    train = labels_of(splits["train"], batch_size)
+def _chance_error(splits: dict, num_classes: int, labels: _Labels) -> float:
+    """Error of always predicting the training split's majority class (token-level: majority token label), on valid (or train)."""
+    train = labels["train"].labels
     majority = int(torch.bincount(train.long(), minlength=num_classes).argmax())
-    target = labels_of(splits["valid"], batch_size) if "valid" in splits else train
+    target = labels["valid"].labels if "valid" in splits else train
     return float((target.long() != majority).float().mean())
 
 
 def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, l2: float, seed: int, device,
-                batch_size: int, budget: int, model_name: str | None, dataset_name: str | None, chance: float) -> dict:
-    sizes = {f"n_{k}": int(split_size(v) or -1) for k, v in splits.items()}
+                batch_size: int, budget: int, model_name: str | None, dataset_name: str | None, chance: float,
+                labels: _Labels, mask_key: str, label_key: str | None) -> dict:
+    def size(name: str) -> int:
+        known = split_size(splits[name])
+        if known is None and name in labels.read:
+            known = labels.read[name].sequences
+        return -1 if known is None else int(known)
+
+    sizes = {f"n_{k}": size(k) for k in splits}
+    tokens = labels.kind == "tokens"
+    data_attrs = {"examples": labels.kind, "mask_key": mask_key}
+    if tokens:
+        data_attrs.update({f"n_{k}_tokens": labels[k].count if k in splits else 0 for k in ("train", "valid", "test")})
+    if label_key is not None:
+        data_attrs["label_key"] = label_key
     return {
         "mode": mode,
         "model": model_name or type(model).__name__,
@@ -114,6 +161,7 @@ def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, 
         "model_parameters": int(sum(p.numel() for p in model.parameters())),
         "dataset": dataset_name or "user data",
         **{f"n_{k}": sizes.get(f"n_{k}", 0) for k in ("train", "valid", "test")},
+        **data_attrs,
         "num_classes": num_classes,
         "chance_error": chance,
         "l2": float(l2),
@@ -214,6 +262,14 @@ class ProbeMonitor:
         channels_last: extract with channels-last inputs (a conv net whose weights are channels-last).
         tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`), e.g.
             ``{"leaf_modules": [MyBlock]}``.
+        label_key: the key of a row's label, for data whose items are mappings (a Hugging Face
+            ``datasets`` row); the model's keyword arguments are all the row's other keys.
+        mask_key: the key of a mapping batch's mask of real tokens, passed to mask-aware sequence
+            reductions (``"attention_mask"``).
+
+    Integer ``(N, T)`` labels with ``-100`` for "no label" make a token-level run
+    (:attr:`examples` is ``"tokens"``): every labelled token is one probe example
+    and metrics count tokens (see :mod:`probekit.engine.features`).
 
     Progress goes to stderr: a widget bar in Jupyter, a bar on a terminal, and
     one line per extraction stage when stderr is not a terminal (a log file).
@@ -251,14 +307,18 @@ class ProbeMonitor:
         dataset_name: str | None = None,
         channels_last: bool = False,
         tracer_kwargs: Mapping[str, object] | None = None,
+        label_key: str | None = None,
+        mask_key: str = MASK_KEY,
     ):
         check_params(
             MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
             max_flatten=max_flatten, seed=seed, store=store, mode=mode, resume=resume, overwrite=overwrite, l2=l2,
             probe_lr=probe_lr, batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
-            model_name=model_name, dataset_name=dataset_name, channels_last=channels_last,
+            model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, label_key=label_key,
+            mask_key=mask_key,
         )
         self.model, self.mode, self.quiet = model, mode, quiet
+        self.label_key, self.mask_key = label_key, mask_key
         self.l2, self.max_iter, self.batch_size, self.cache_bytes = float(l2), int(max_iter), int(batch_size), cache_bytes
         self.channels_last = channels_last
         self.splits = as_splits(data)
@@ -268,21 +328,28 @@ class ProbeMonitor:
             dataset_name = getattr(info, "name", None)
         if num_classes is None:
             num_classes = getattr(info, "num_classes", None)
-        self.num_classes = _infer_classes(self.splits, num_classes, self.batch_size)
+        labels = _Labels(self.splits, self.batch_size, label_key)
+        self.num_classes = _infer_classes(self.splits, num_classes, labels)
+        #: What a probe's examples are: ``"examples"``, or ``"tokens"`` (per-token labels).
+        self.examples = labels.kind
+        if self.examples == "tokens" and mode == "online":
+            raise ValueError("per-token labels need mode='snapshot' (online probes read whole training batches)")
         self.device = model_device(model)
-        example = _first_batch(self.splits["train"], 2)
-        example = tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in as_args(example))
-        self.graph = LayerGraph(model, example if len(example) > 1 else example[0], tracer_kwargs=tracer_kwargs)
+        example = _first_batch(self.splits["train"], 2, label_key)
+        check_inputs(model, example)
+        example = to_device(example, self.device)
+        self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs)
         self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
                                 max_flatten=max_flatten)
         for reducer in self.plan.reducers.values():
             reducer.to(self.device)
         self.layers = self.plan.layers
         self.metrics = metric_names(list(self.splits), self.num_classes)
-        chance = _chance_error(self.splits, self.num_classes, self.batch_size)
+        chance = _chance_error(self.splits, self.num_classes, labels)
         attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
                             device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
-                            dataset_name=dataset_name, chance=chance)
+                            dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
+                            label_key=label_key)
         self.layout = self.plan.layout(self.metrics, attrs)
         self._writer = RunWriter(store, self.layout, resume=resume, overwrite=overwrite) if store is not None else None
         self.store = Path(store) if store is not None else None
@@ -410,6 +477,7 @@ class ProbeMonitor:
                 out[split] = extract(
                     run, data, name=split, dims=dims, num_classes=self.num_classes, batch_size=self.batch_size,
                     device=self.device, channels_last=self.channels_last, cache_bytes=self.cache_bytes, progress=bar,
+                    label_key=self.label_key, mask_key=self.mask_key,
                 )
         return out
 

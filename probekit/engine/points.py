@@ -19,6 +19,7 @@ never the run store, the diagnosis, the charts or the explorers.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,10 +30,11 @@ import pandas as pd
 import torch
 from torch import fx, nn
 
+from probekit.engine.batch import batch_size, call_model, first_tensor, take
 from probekit.params import check_params, choices, shape_text
 
 __all__ = [
-    "INPUT", "TRACER_KEYS", "TRACE_CONSTRAINTS", "LayerGraph", "ProbePoint", "as_args", "as_tensor", "batch_size_of",
+    "INPUT", "TRACER_KEYS", "TRACE_CONSTRAINTS", "LayerGraph", "ProbePoint", "as_tensor",
     "list_layers", "preserved_state", "tracer_options",
 ]
 
@@ -89,18 +91,6 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
-
-
-def as_args(example_input: object) -> tuple:
-    """The positional arguments a model is called with for one input batch."""
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-
-def batch_size_of(example_input: object) -> int:
-    first = as_args(example_input)[0]
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        raise TypeError(f"the example input must be a batched tensor (or a tuple starting with one); got {type(first).__name__}")
-    return first.shape[0]
 
 
 def tracer_options(tracer_kwargs: Mapping[str, object] | None = None) -> dict[str, object]:
@@ -177,8 +167,9 @@ class LayerGraph:
     def __init__(self, model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None):
         check_params(TRACE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs)
         self.model = model
-        self._batch = min(batch_size_of(example_input), 2)
-        example = tuple(a[: self._batch] if isinstance(a, torch.Tensor) else a for a in as_args(example_input))
+        self._batch = min(batch_size(example_input), 2)
+        example = take(example_input, self._batch)
+        self._signature, self._concrete = _forward_binding(model, example)
         tracer = tracer_options(tracer_kwargs)
         self._graphs: dict[str, fx.Graph] = {}
         self._node_of: dict[str, str] = {}  # probe point name -> fx node name
@@ -198,6 +189,15 @@ class LayerGraph:
         self._aliases = {alias: p for p in self.points for alias in p.aliases}
 
     # ------------------------------------------------------------------ discovery
+    def graph_args(self, inputs: object) -> tuple:
+        """A batch as the traced graph's positional inputs: one value per parameter of the model's ``forward``."""
+        if self._signature is None:
+            return tuple(inputs.values()) if isinstance(inputs, Mapping) else (
+                tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,))
+        bound = _bind(self.model, self._signature, inputs)
+        bound.apply_defaults()
+        return tuple(bound.arguments[name] for name in self._signature.parameters)
+
     def _trace_graphs(self, options: dict[str, object]) -> None:
         from torchvision.models.feature_extraction import NodePathTracer
 
@@ -206,7 +206,7 @@ class LayerGraph:
             for mode in ("eval", "train"):
                 self.model.train(mode == "train")
                 tracer = NodePathTracer(**options)
-                self._graphs[mode] = tracer.trace(self.model)
+                self._graphs[mode] = tracer.trace(self.model, concrete_args=self._concrete)
                 self._names[mode] = {node.name: qualname for node, qualname in tracer.node_to_qualname.items()}
 
     def _graph_points(self, example: tuple) -> list[ProbePoint]:
@@ -287,11 +287,11 @@ class LayerGraph:
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
             recorder = _ShapeRecorder(fx.GraphModule(self.model, graph))
-            recorder.run(*example)
+            recorder.run(*self.graph_args(example))
         return recorder.shapes
 
-    def _input_error(self, example: tuple, error: Exception) -> ValueError:
-        first = example[0]
+    def _input_error(self, example: object, error: Exception) -> ValueError:
+        first = first_tensor(example)
         shape = shape_text(first.shape[1:]) if isinstance(first, torch.Tensor) else type(first).__name__
         return ValueError(
             f"{type(self.model).__name__} cannot run on an input of per-example shape {shape} "
@@ -319,13 +319,13 @@ class LayerGraph:
         try:
             with preserved_state(self.model), torch.no_grad():
                 self.model.eval()
-                self.model(*example)
+                call_model(self.model, example)
         except Exception as error:  # noqa: BLE001 - one line naming the input
             raise self._input_error(example, error) from error
         finally:
             for handle in handles:
                 handle.remove()
-        first = as_args(example)[0]
+        first = first_tensor(example)
         entries = [(INPUT, tuple(first.shape[1:]), "input")]
         # Hooks fire when a module *finishes*: a container after its children.
         entries += [(name, shape, type(self.model.get_submodule(name)).__name__) for name, shape in order.items()]
@@ -428,6 +428,46 @@ class LayerGraph:
             node_of_qualname = {q: node for node, q in self._names[mode].items()}
             nodes = {name: node_of_qualname.get(qualname.get(node), node) for name, node in nodes.items()}
         return self._graphs[mode], nodes
+
+
+def _bind(model: nn.Module, signature: inspect.Signature, inputs: object) -> inspect.BoundArguments:
+    try:
+        if isinstance(inputs, Mapping):
+            return signature.bind(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return signature.bind(*inputs)
+        return signature.bind(inputs)
+    except TypeError as error:
+        given = f"keys {sorted(inputs)}" if isinstance(inputs, Mapping) else f"{len(inputs) if isinstance(inputs, (tuple, list)) else 1} positional"
+        raise TypeError(
+            f"the batch ({given}) does not fit {type(model).__name__}.forward{signature}: {error}; "
+            "pass a mapping of its keyword arguments or a tuple of its positional ones"
+        ) from None
+
+
+def _forward_binding(model: nn.Module, example: object) -> tuple[inspect.Signature | None, dict[str, object] | None]:
+    """The model's ``forward`` signature and the arguments tracing fixes to constants.
+
+    Parameters the batch does not give keep their defaults, and non-tensor values the
+    batch gives (flags such as ``use_cache=False``) stay constants, so that tracing
+    follows the branch the model takes for this batch (``if mask is not None``).
+    A ``forward(*args, **kwargs)`` is traced as it is (``None, None``).
+    """
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None, None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return None, None
+    bound = _bind(model, signature, example)
+    concrete = {}
+    for name, parameter in signature.parameters.items():
+        if name not in bound.arguments:
+            if parameter.default is not parameter.empty:
+                concrete[name] = parameter.default
+        elif bound.arguments[name] is None or isinstance(bound.arguments[name], (bool, int, float, str)):
+            concrete[name] = bound.arguments[name]
+    return signature, concrete
 
 
 def _unique_points(graph: LayerGraph, names: list[str]) -> list[str]:

@@ -4,6 +4,8 @@
     probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments)
     probekit run --model resnet50 --dataset digits --size 64 --epochs 0 --out runs/r50.zarr
     probekit run --epochs 3 --lr 0.05 --mode online --probe-lr 0.001 --out runs/o.zarr
+    probekit run --model timm:vit_tiny_patch16_224 --model-arg img_size=32 --model-arg patch_size=8 \\
+        --dataset digits --size 32 --channels 3 --out runs/vit.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
 
 Flags are checked with :func:`probekit.params.check_params` before any work, so
@@ -33,6 +35,7 @@ _FLAGS = {
     "--size": _POSITIVE_INT,
     "--channels": [Options(1, 3)],
     "--limit": _POSITIVE_INT,
+    "--num-classes": _POSITIVE_INT,
     "--budget": _POSITIVE_INT,
     "--lr": _POSITIVE_RATE,
     "--probe-lr": _POSITIVE_RATE,
@@ -92,19 +95,47 @@ def _dataset(args):
 
 
 def _model(args, splits):
+    """The model ``--model`` names, built with ``--model-arg`` keywords over the defaults the data implies.
+
+    Zoo, timm and torchvision models get ``num_classes`` (``--num-classes``, else the
+    data's); timm models also get ``in_chans`` from the data when it is not 3. A
+    ``package.module:callable`` gets only what is given. A spec that cannot be
+    imported, or arguments the factory does not take, are one line.
+    """
     from probekit import zoo
 
+    source = f"--model {args.model}"
+    try:
+        factory = zoo.resolve(args.model, source=source)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(str(error)) from error
+    given = zoo.parse_model_args(args.model_arg)
     info = splits.info
-    if ":" in args.model:
-        return zoo.load_callable(args.model)()
-    kwargs = {"num_classes": info.num_classes}
-    if args.model in ("paper_convnet",):
-        kwargs.update(in_channels=info.input_shape[0], input_size=info.input_shape[-1])
-    elif args.model in ("bypass_mlp", "residual_mlp"):
-        kwargs["in_features"] = int(info.input_shape[0] * info.input_shape[1] * info.input_shape[2])
+    kwargs: dict[str, object] = {}
+    if zoo.is_library_spec(args.model):
+        kwargs["num_classes"] = args.num_classes or info.num_classes
+        if args.model.startswith("timm:") and info.input_shape and info.input_shape[0] != 3:
+            kwargs["in_chans"] = int(info.input_shape[0])
+    elif ":" in args.model:
+        if args.num_classes:
+            kwargs["num_classes"] = args.num_classes
+    else:
+        kwargs["num_classes"] = args.num_classes or info.num_classes
+        if args.model in ("paper_convnet",):
+            kwargs.update(in_channels=info.input_shape[0], input_size=info.input_shape[-1])
+        elif args.model in ("bypass_mlp", "residual_mlp"):
+            kwargs["in_features"] = int(info.input_shape[0] * info.input_shape[1] * info.input_shape[2])
     if args.weights:
         kwargs["weights"] = args.weights
-    return zoo.build(args.model, **kwargs)
+    kwargs.update(given)
+    try:
+        return factory(**kwargs)
+    except TypeError as error:
+        if "argument" not in str(error):
+            raise
+        passed = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+        raise TypeError(f"{source} called with {passed}: {' '.join(str(error).split())}; "
+                        "fix or drop the --model-arg it names") from error
 
 
 def cmd_demo(args) -> int:
@@ -205,7 +236,14 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="probe a model (zoo name or package.module:callable) on a dataset, while training it or fixed")
-    run.add_argument("--model", default="paper_convnet", help="zoo name (see probekit.zoo.available()) or package.module:callable")
+    run.add_argument("--model", default="paper_convnet",
+                     help="zoo name (see probekit.zoo.available()), timm:NAME, torchvision:NAME (random weights unless "
+                          "--model-arg pretrained=true) or package.module:callable")
+    run.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                     help="keyword argument of the model's factory, repeatable (values read as int, float, "
+                          "true/false, none or text), e.g. --model-arg img_size=32 --model-arg patch_size=8")
+    run.add_argument("--num-classes", type=int,
+                     help="outputs of the model's head (default: the dataset's classes; the probes always use the dataset's)")
     run.add_argument("--weights", help="pretrained weights: a torchvision weight name (e.g. DEFAULT) or a local .pth state dict")
     run.add_argument("--dataset", default="digits", help="digits (embedded), mnist, fashion-mnist, cifar10, imagenette or an ImageFolder path")
     run.add_argument("--data-root", help="folder holding (or to download) the dataset")

@@ -54,7 +54,62 @@ def test_run_a_fixed_model_from_a_package_path(tmp_path, capsys):
     assert ds.sizes["epoch"] == 1 and set(ds.reduction.values) <= {"pool", "flatten"}
 
 
+def small_net(num_classes: int = 10, width: int = 8, act: str = "relu"):
+    """A factory for ``--model tests.test_cli:small_net``: 1x8x8 inputs, its arguments readable from the run's shapes."""
+    from torch import nn
+
+    activation = {"relu": nn.ReLU, "gelu": nn.GELU}[act]
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), activation(), nn.Linear(width, num_classes))
+
+
+def _shapes(ds) -> dict[str, str]:
+    return dict(zip(map(str, ds.layer.values), map(str, ds.shape.values)))
+
+
+def test_run_a_factory_with_model_args_and_num_classes(tmp_path):
+    out = str(tmp_path / "f.zarr")
+    assert cli.main(["run", "--model", "tests.test_cli:small_net", "--model-arg", "width=5", "--model-arg", "act=gelu",
+                     "--num-classes", "12", "--limit", "60", "--layers", "all", "--out", out, "--quiet"]) == 0
+    ds = pk.open_run(out)
+    shapes = _shapes(ds)
+    assert shapes["1"] == "5" and shapes["3"] == "12"  # width=5 and --num-classes 12 reached the factory
+    assert "GELU" in set(map(str, ds.op.values)) and ds.attrs["model"] == "small_net"
+    assert ds.attrs["num_classes"] == 10  # the probes keep the dataset's classes
+
+
+def test_run_timm_and_torchvision_models_by_name(tmp_path):
+    vit = str(tmp_path / "vit.zarr")
+    assert cli.main(["run", "--model", "timm:vit_tiny_patch16_224", "--model-arg", "img_size=8", "--model-arg", "patch_size=4",
+                     "--model-arg", "depth=2", "--model-arg", "pretrained=false", "--limit", "60",
+                     "--layers", "blocks.0,blocks.1,head", "--out", vit, "--quiet"]) == 0
+    ds = pk.open_run(vit)
+    assert ds.attrs["model"] == "vit_tiny_patch16_224" and list(ds.layer.values) == ["blocks.0", "blocks.1", "head"]
+    assert _shapes(ds)["head"] == "10"  # the dataset's classes; in_chans=1 from the grey digits
+    assert np.isfinite(ds.probe.sel(metric="valid_error").values).all()
+
+    resnet = str(tmp_path / "tv.zarr")
+    assert cli.main(["run", "--model", "torchvision:resnet18", "--num-classes", "7", "--channels", "3", "--limit", "60",
+                     "--layers", "input,layer1.0,fc", "--out", resnet, "--quiet"]) == 0
+    ds = pk.open_run(resnet)
+    assert _shapes(ds) == {"input": "3x8x8", "layer1.0": "64x2x2", "fc": "7"} and ds.attrs["model"] == "resnet18"
+
+
 @pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--model", "no_such_module_pk:make", "--out", "x.zarr", "--quiet"],
+     "cannot import module 'no_such_module_pk' for --model no_such_module_pk:make: No module named 'no_such_module_pk'; "
+     "check the spelling or pip install it"),
+    (["run", "--model", "probekit.zoo:nothing", "--out", "x.zarr", "--quiet"],
+     "has no attribute 'nothing' for --model probekit.zoo:nothing"),
+    (["run", "--model", "timm:resnet19", "--out", "x.zarr", "--quiet"],
+     "unknown timm model 'resnet19' in --model timm:resnet19; did you mean 'resnet18'"),
+    (["run", "--model", "torchvision:resnt18", "--out", "x.zarr", "--quiet"], "did you mean 'resnet18'"),
+    (["run", "--model", "timm:resnet18", "--model-arg", "depth", "--out", "x.zarr", "--quiet"],
+     "--model-arg takes key=value"),
+    (["run", "--model", "timm:resnet18", "--model-arg", "a=1", "--model-arg", "a=2", "--out", "x.zarr", "--quiet"],
+     "--model-arg a is given twice"),
+    (["run", "--model", "timm:resnet18", "--model-arg", "foo=1", "--limit", "20", "--out", "x.zarr", "--quiet"],
+     "unexpected keyword argument 'foo'; fix or drop the --model-arg it names"),
+    (["run", "--num-classes", "0", "--out", "x.zarr", "--quiet"], "--num-classes must be an integer >= 1; got 0"),
     (["show", "nowhere.zarr"], "no run store at"),
     (["run", "--model", "paper_convnet", "--layers", "conv9", "--out", "x.zarr", "--quiet"], "unknown layer 'conv9'"),
     (["run", "--model", "no_such_model", "--out", "x.zarr", "--quiet"], "no_such_model"),

@@ -17,14 +17,20 @@ Every model built here has the attributes the rest of the kit reads:
 - :mod:`~probekit.zoo.vision`: torchvision's :func:`resnet50` and :func:`inception_v3`,
   with random, downloaded or local weights (read by :mod:`probekit.engine.checkpoints`),
   and :func:`default_layers`;
-- :mod:`~probekit.zoo.registry`: :func:`build` makes any of them by name;
-  :func:`load_callable` imports a user's own model factory from a ``"package.module:callable"`` spec.
+- :mod:`~probekit.zoo.thirdparty`: :func:`timm_model` and :func:`torchvision_model`, any model
+  of timm or torchvision by name, random weights unless asked for; these carry no
+  ``probe_layers`` (the engine's defaults apply: every block of a repeated-block container);
+- :mod:`~probekit.zoo.registry`: :func:`build` makes any of them from a spec (a zoo name,
+  ``"timm:NAME"``, ``"torchvision:NAME"``); :func:`load_callable` imports a user's own model
+  factory from a ``"package.module:callable"`` spec; :func:`parse_model_args` reads ``key=value``
+  strings (the CLI's ``--model-arg``).
 
 The zoo never imports :mod:`probekit.data`.
 """
 
 from probekit.zoo.paper import ACTIVATIONS, BypassMLP, ResidualMLP, bypass_mlp, paper_convnet, residual_mlp
-from probekit.zoo.registry import available, build, load_callable
+from probekit.zoo.registry import available, build, is_library_spec, load_callable, parse_model_args, parse_value, resolve
+from probekit.zoo.thirdparty import timm_model, torchvision_model
 from probekit.zoo.vision import (
     INCEPTION_V3_EXTRAS,
     INCEPTION_V3_INPUT,
@@ -54,8 +60,14 @@ __all__ = [
     "bypass_mlp",
     "default_layers",
     "inception_v3",
+    "is_library_spec",
     "load_callable",
     "paper_convnet",
+    "parse_model_args",
+    "parse_value",
     "residual_mlp",
     "resnet50",
+    "resolve",
+    "timm_model",
+    "torchvision_model",
 ]

@@ -345,8 +345,82 @@ def test_registry_builds_every_model_by_name():
 def test_registry_errors():
     with pytest.raises(ValueError, match="unknown model 'resnet_50'; did you mean 'resnet50'\\?"):
         zoo.build("resnet_50")
-    with pytest.raises(TypeError, match="name must be a model name"):
+    with pytest.raises(TypeError, match="name must be a model spec"):
         zoo.build(None)
+
+
+# ---------------------------------------------------------------------------------- timm and torchvision by name
+
+
+def test_library_specs_build_random_models():
+    torch.manual_seed(0)
+    model = zoo.build("timm:resnet18", num_classes=3, in_chans=1)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 3) and model.conv1.in_channels == 1
+    assert not hasattr(model, "probe_layers")  # the engine's defaults apply
+    vit = zoo.build("timm:vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8)
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, 4) and vit.patch_embed.num_patches == 16
+    tv = zoo.build("torchvision:resnet18", num_classes=5)
+    assert tv(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+    assert zoo.resolve("torchvision:resnet18").func is zoo.torchvision_model
+    assert zoo.is_library_spec("timm:x") and not zoo.is_library_spec("torchvision.models:resnet18")
+    assert isinstance(zoo.build("torchvision.models:resnet18", num_classes=2), torch.nn.Module)  # a plain callable path
+
+
+def test_library_specs_load_a_local_state_dict(tmp_path):
+    torch.manual_seed(0)
+    source = zoo.build("timm:resnet18", num_classes=3)
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)
+    loaded = zoo.timm_model("resnet18", num_classes=3, weights=path)
+    assert _same_tensors(loaded.state_dict(), source.state_dict())
+    tv = zoo.build("torchvision:resnet18", num_classes=3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    assert _same_tensors(zoo.torchvision_model("resnet18", num_classes=3, weights=str(tmp_path / "tv.pth")).state_dict(),
+                         tv.state_dict())
+    with pytest.raises(ValueError, match="from a model of the same architecture|resnet18"):
+        zoo.timm_model("resnet18", num_classes=4, weights=path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zoo.timm_model("resnet18", weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="local state dict; for timm's own weights pass pretrained=True"):
+        zoo.timm_model("resnet18", weights="DEFAULT")
+
+
+def test_pretrained_weights_are_fetched_only_when_asked(monkeypatch):
+    import timm
+
+    calls = []
+
+    def offline(name, *, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        if pretrained:
+            raise OSError("We couldn't connect to the hub")
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    zoo.build("timm:resnet18")
+    assert calls == [False]  # random weights by default
+    with pytest.raises(RuntimeError, match=r"could not fetch the pretrained weights of timm:resnet18 \(OSError: We couldn't "
+                                           r"connect to the hub\); connect to the network, or pass weights="):
+        zoo.build("timm:resnet18", pretrained=True)
+
+
+def test_library_spec_errors():
+    with pytest.raises(ValueError, match="unknown timm model 'resnet19' in 'timm:resnet19'; did you mean 'resnet18'"):
+        zoo.build("timm:resnet19")
+    with pytest.raises(ValueError, match="unknown torchvision model 'vit_b16' in --model v; did you mean 'vit_b_16'"):
+        zoo.resolve("torchvision:vit_b16", source="--model v")
+    with pytest.raises(ValueError, match="'timm:' names no model; write timm:NAME"):
+        zoo.build("timm:")
+
+
+def test_parse_model_args():
+    assert zoo.parse_model_args(["a=3", "b=0.5", "c=TRUE", "d=false", "e=None", "f=null", "g=gelu", "h=-2", "i=1e-3", "j="]) == {
+        "a": 3, "b": 0.5, "c": True, "d": False, "e": None, "f": None, "g": "gelu", "h": -2, "i": 1e-3, "j": ""}
+    assert zoo.parse_model_args(None) == {} and zoo.parse_value("x=y") == "x=y"
+    assert zoo.parse_model_args(["act=x=y"]) == {"act": "x=y"}
+    for bad, message in ((["depth"], "takes key=value"), (["2x=1"], "takes key=value"), (["a=1", "a=2"], "given twice")):
+        with pytest.raises(ValueError, match=message):
+            zoo.parse_model_args(bad)
 
 
 def test_load_callable():
@@ -356,10 +430,13 @@ def test_load_callable():
         zoo.load_callable("probekit.zoo.bypass_mlp")
     with pytest.raises(ValueError, match="got 'os:system\\(\"ls\"\\)'"):
         zoo.load_callable('os:system("ls")')
-    with pytest.raises(ImportError, match="could not import module 'no_such_module_pk' .* installed or on sys.path"):
+    with pytest.raises(ImportError, match="cannot import module 'no_such_module_pk' for 'no_such_module_pk:make': "
+                                          "No module named 'no_such_module_pk'; check the spelling or pip install it"):
         zoo.load_callable("no_such_module_pk:make")
-    with pytest.raises(AttributeError, match="module 'probekit.zoo' has no attribute 'nothing'"):
+    with pytest.raises(AttributeError, match="module 'probekit.zoo' has no attribute 'nothing' for 'probekit.zoo:nothing'"):
         zoo.load_callable("probekit.zoo:nothing")
+    with pytest.raises(AttributeError, match="no attribute 'bypass_ml' for --model x; did you mean 'bypass_mlp'"):
+        zoo.load_callable("probekit.zoo:bypass_ml", source="--model x")
     with pytest.raises(TypeError, match="names a tuple, not a callable"):
         zoo.load_callable("probekit.zoo:RESNET50_LAYERS")
     with pytest.raises(TypeError, match="spec must be a string"):

@@ -43,6 +43,7 @@ _LAZY = {
     "compare": "probekit.explorers",
     "Explorer": "probekit.explorers",
     "Comparison": "probekit.explorers",
+    "cka": "probekit.engine.similarity",
 }
 #: Subpackages and modules reachable as attributes (``pk.data.digits()``, ``pk.experiments.reproduce("bypass")``).
 _SUBMODULES = ("data", "diagnosis", "engine", "experiments", "explorers", "plots", "run", "zoo")

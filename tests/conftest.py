@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic runs that follow docs/store.md (schema version 1)."""
+"""Shared fixtures: synthetic runs that follow docs/store.md (schema version 2)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def make_run(
     return xr.Dataset(
         {
             "probe": (("layer", "epoch", "metric"), probe),
+            "l2": (("layer", "epoch"), np.where(nonfinite, np.nan, 1e-4)),
             "nonfinite": (("layer", "epoch"), nonfinite),
             "iterations": (("layer", "epoch"), np.full((n_layers, n_epochs), 50, dtype=np.int64)),
             "converged": (("layer", "epoch"), np.ones((n_layers, n_epochs), dtype=bool)),
@@ -73,6 +74,7 @@ def make_run(
             "relative_depth": ("layer", relative),
             "op": ("layer", ops),
             "shape": ("layer", np.array(shapes[:n_layers], dtype=object)),
+            "layout": ("layer", np.array(["map"] * (n_layers - 1) + ["vector"], dtype=object)[:n_layers]),
             "feature_dim": ("layer", feature_dim),
             "reduction": ("layer", reduction),
             "epoch": ("epoch", epochs),
@@ -82,7 +84,7 @@ def make_run(
             "measure": ("metric", np.array([m for _, m in metrics], dtype=object)),
         },
         attrs={
-            "probekit_schema": 1,
+            "probekit_schema": 2,
             "mode": "snapshot",
             "model": model,
             "model_class": "ToyNet",

@@ -266,8 +266,8 @@ def test_not_a_run_is_refused_in_one_line():
     with pytest.raises(ValueError, match="not a probekit run: it lacks nonfinite") as info:
         diagnose(make_run().drop_vars("nonfinite"))
     assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="schema version 2"):
-        check_run(make_run().assign_attrs(probekit_schema=2))
+    with pytest.raises(ValueError, match="schema version 3"):
+        check_run(make_run().assign_attrs(probekit_schema=3))
     with pytest.raises(ValueError, match="dims"):
         check_run(make_run().transpose("epoch", "layer", "metric"))
 

@@ -1,7 +1,9 @@
 """The run schema: the one owner of what a probekit run is.
 
 A run is an ``xarray.Dataset`` with a data variable ``probe`` of dims
-``(layer, epoch, metric)``; ``docs/store.md`` documents every variable,
+``(layer, epoch, metric)``, the L2 strength of each fit (``l2``), and, when a
+run asks for them, its baselines (``baselines``) and repeated fits
+(``probe_repeat``); ``docs/store.md`` documents every variable,
 coordinate and attribute. This module owns the names (splits, measures and
 metric naming), the layout and row types the engine fills, building a run
 dataset from rows, validating one (:func:`check_run`), the position of an epoch
@@ -25,29 +27,62 @@ import xarray as xr
 from probekit.params import choices
 
 __all__ = [
-    "EPOCH_VARIABLES", "MEASURES", "MEASURE_LABELS", "RUN_COORDS", "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS",
-    "SPLITS", "SPLITS_SHOWN_FIRST", "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run",
-    "epoch_arrays", "epoch_index", "epoch_position", "forward_order", "layout_of", "measures_of", "metric_name",
-    "metric_names", "row_values", "rows_of", "splits_of",
+    "BASELINES", "EPOCH_VARIABLES", "EXAMPLE_KINDS", "LAYOUTS", "MDL_SPLIT", "MEASURES", "MEASURE_LABELS", "RUN_COORDS",
+    "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS", "SPLITS", "SPLITS_SHOWN_FIRST", "SPLIT_MEASURES", "VARIABLE_DIMS",
+    "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run", "epoch_arrays", "epoch_index", "epoch_position",
+    "forward_order", "layout_for_shape", "layout_of", "measures_of", "metric_name", "metric_names", "row_values", "rows_of",
+    "splits_of",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "valid", "test")
 #: The split a reader shows when none is asked for: the first of these that the run has
 #: (the held-out split the paper reads, then test, then train).
 SPLITS_SHOWN_FIRST = ("valid", "test", "train")
-MEASURES = ("error", "loss", "top5")
+MEASURES = ("error", "loss", "top5", "selectivity", "mdl", "compression")
 #: Axis titles of each measure, for charts and widgets.
-MEASURE_LABELS = {"error": "error", "loss": "loss (nats)", "top5": "top-5 error"}
+MEASURE_LABELS = {
+    "error": "error", "loss": "loss (nats)", "top5": "top-5 error",
+    "selectivity": "selectivity (accuracy - control accuracy)", "mdl": "MDL code length (bits)",
+    "compression": "compression (uniform code / MDL)",
+}
+#: The measures that exist on every split; the others exist where a run asks for them
+#: (``selectivity`` with the control baseline, ``mdl`` and ``compression`` on the train split).
+SPLIT_MEASURES = ("error", "loss", "top5")
+#: The split the online code length is measured on.
+MDL_SPLIT = "train"
+#: What a probe's examples are: whole examples, or labelled tokens (a token-level run).
+EXAMPLE_KINDS = ("examples", "tokens")
+#: Layouts of a probe point's output: a channels-first feature map, a token sequence
+#: (tokens x hidden, channels last) or a vector.
+LAYOUTS = ("map", "tokens", "vector")
+#: The baselines a run can carry (see docs/methodology.md).
+BASELINES = ("random_init", "control")
 #: Data variables every run has.
-RUN_VARIABLES = ("probe", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time")
+RUN_VARIABLES = ("probe", "l2", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time")
 #: Coordinates every run has.
 RUN_COORDS = (
-    "layer", "depth", "relative_depth", "op", "shape", "feature_dim", "reduction",
+    "layer", "depth", "relative_depth", "op", "shape", "layout", "feature_dim", "reduction",
     "epoch", "step", "metric", "split", "measure",
 )
-#: Variables indexed by epoch, written one region per epoch.
-EPOCH_VARIABLES = ("probe", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
+#: Variables indexed by epoch, written one region per epoch, with their dims: every run's,
+#: then the optional ones (``baselines`` with baselines, ``probe_repeat`` with repeats > 1).
+VARIABLE_DIMS = {
+    "probe": ("layer", "epoch", "metric"),
+    "l2": ("layer", "epoch"),
+    "nonfinite": ("layer", "epoch"),
+    "iterations": ("layer", "epoch"),
+    "converged": ("layer", "epoch"),
+    "model_loss": ("epoch",),
+    "model_error": ("epoch",),
+    "wall_time": ("epoch",),
+    "step": ("epoch",),
+    "epoch": ("epoch",),
+    "baselines": ("layer", "epoch", "baseline", "metric"),
+    "probe_repeat": ("layer", "epoch", "repeat", "metric"),
+}
+#: The epoch-indexed variables every run has.
+EPOCH_VARIABLES = ("probe", "l2", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
 #: Attributes that describe one process's session, not the run: they may differ on resume.
 SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
 
@@ -62,10 +97,38 @@ def metric_name(split: str, measure: str) -> str:
     return f"{split}_{measure}"
 
 
-def metric_names(splits: Sequence[str], num_classes: int) -> list[str]:
-    """The metric coordinate for a run over ``splits`` with ``num_classes`` classes."""
-    measures = MEASURES if num_classes > 5 else MEASURES[:2]
-    return [metric_name(split, measure) for split in SPLITS if split in splits for measure in measures]
+def metric_names(splits: Sequence[str], num_classes: int, *, control: bool = False, mdl: bool = False) -> list[str]:
+    """The metric coordinate for a run over ``splits`` with ``num_classes`` classes.
+
+    Every split has ``error`` and ``loss`` (and ``top5`` above 5 classes); with
+    the control baseline, every split also has ``selectivity``; with ``mdl``,
+    the train split has ``mdl`` and ``compression``.
+
+    Example:
+        >>> metric_names(["train", "valid"], 3, control=True)
+        ['train_error', 'train_loss', 'train_selectivity', 'valid_error', 'valid_loss', 'valid_selectivity']
+    """
+    measures = list(SPLIT_MEASURES if num_classes > 5 else SPLIT_MEASURES[:2])
+    if control:
+        measures.append("selectivity")
+    names = []
+    for split in SPLITS:
+        if split not in splits:
+            continue
+        names += [metric_name(split, measure) for measure in measures]
+        if mdl and split == MDL_SPLIT:
+            names += [metric_name(split, "mdl"), metric_name(split, "compression")]
+    return names
+
+
+def layout_for_shape(shape: str | Sequence[int]) -> str:
+    """The layout a per-example shape implies when nothing else says: a vector, else a feature map.
+
+    Token sequences cannot be told from feature maps by shape alone; the engine
+    infers them from the module that produces a point (see :mod:`probekit.engine.points`).
+    """
+    rank = len([part for part in shape.split("x") if part]) if isinstance(shape, str) else len(shape)
+    return "vector" if rank <= 1 else "map"
 
 
 @dataclass
@@ -85,15 +148,48 @@ class RunLayout:
     reduction: list[str]
     metrics: list[str]
     attrs: dict = field(default_factory=dict)
+    #: Each layer's layout (see :data:`LAYOUTS`); None: inferred from the shapes (:func:`layout_for_shape`).
+    layouts: list[str] | None = None
+    #: The baselines the run carries (see :data:`BASELINES`), in order.
+    baselines: tuple[str, ...] = ()
+    #: Fits per probe; above 1 the run has ``probe_repeat`` and ``probe`` is their mean.
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if self.layouts is None:
+            self.layouts = [layout_for_shape(shape) for shape in self.shape]
+        self.layouts = list(self.layouts)
+        self.baselines = tuple(self.baselines)
+        bad = sorted(set(self.layouts) - set(LAYOUTS))
+        if bad:
+            raise ValueError(f"unknown layouts {bad}; a layer's layout is one of {choices(LAYOUTS)}")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; choose from {choices(BASELINES)}")
+        if int(self.repeats) < 1:
+            raise ValueError(f"repeats={self.repeats} is below 1; pass repeats=1 for one fit per probe, or more")
+        self.repeats = int(self.repeats)
+
+    def epoch_variables(self) -> tuple[str, ...]:
+        """The epoch-indexed variables of this run: every run's, then the optional ones it has."""
+        extra = (("baselines",) if self.baselines else ()) + (("probe_repeat",) if self.repeats > 1 else ())
+        return (*EPOCH_VARIABLES, *extra)
 
     def coords(self) -> dict:
         metrics = self.metrics
+        extra = {}
+        if self.baselines:
+            extra["baseline"] = ("baseline", np.array(self.baselines, dtype=str))
+        if self.repeats > 1:
+            extra["repeat"] = ("repeat", np.arange(self.repeats, dtype=np.int64))
         return {
+            **extra,
             "layer": ("layer", np.array(self.layers, dtype=str)),
             "depth": ("layer", np.array(self.depth, dtype=np.int64)),
             "relative_depth": ("layer", np.array(self.relative_depth, dtype=np.float64)),
             "op": ("layer", np.array(self.op, dtype=str)),
             "shape": ("layer", np.array(self.shape, dtype=str)),
+            "layout": ("layer", np.array(self.layouts, dtype=str)),
             "feature_dim": ("layer", np.array(self.feature_dim, dtype=np.int64)),
             "reduction": ("layer", np.array(self.reduction, dtype=str)),
             "metric": ("metric", np.array(metrics, dtype=str)),
@@ -118,6 +214,9 @@ class EpochRow:
     model_loss: float = float("nan")
     model_error: float = float("nan")
     wall_time: float = float("nan")
+    l2: np.ndarray | None = None  # (layer,): the L2 strength of each fit; None: not recorded (NaN)
+    baseline: np.ndarray | None = None  # (layer, baseline, metric), when the run has baselines
+    repeat: np.ndarray | None = None  # (layer, repeat, metric), when the run has repeats > 1
 
 
 def epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | None = None) -> dict:
@@ -126,6 +225,7 @@ def epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | No
     probe = np.full((n_layers, size, n_metrics), np.nan)
     arrays = {
         "probe": probe,
+        "l2": np.full((n_layers, size), np.nan),
         "nonfinite": np.zeros((n_layers, size), dtype=bool),
         "iterations": np.zeros((n_layers, size), dtype=np.int64),
         "converged": np.zeros((n_layers, size), dtype=bool),
@@ -135,21 +235,40 @@ def epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | No
         "step": np.full(size, -1, dtype=np.int64),
         "epoch": np.full(size, -1, dtype=np.int64),
     }
+    if layout.baselines:
+        arrays["baselines"] = np.full((n_layers, size, len(layout.baselines), n_metrics), np.nan)
+    if layout.repeats > 1:
+        arrays["probe_repeat"] = np.full((n_layers, size, layout.repeats, n_metrics), np.nan)
     for i, row in enumerate(rows):
-        for name, value in row_values(row).items():
-            if name == "probe":
-                probe[:, i, :] = value
-            else:
-                arrays[name][..., i] = value
+        for name, value in row_values(row, layout).items():
+            index = [slice(None)] * arrays[name].ndim
+            index[VARIABLE_DIMS[name].index("epoch")] = i
+            arrays[name][tuple(index)] = value
     return arrays
 
 
-def row_values(row: EpochRow) -> dict:
-    return {
-        "probe": row.probe, "nonfinite": row.nonfinite, "iterations": row.iterations, "converged": row.converged,
+def row_values(row: EpochRow, layout: RunLayout) -> dict:
+    """One row's value of each epoch-indexed variable of ``layout``'s run (without the epoch axis).
+
+    Raises a one-line ValueError when the row lacks what the run has (baselines,
+    repeats) or has the wrong shape for it.
+    """
+    n_layers, n_metrics = len(layout.layers), len(layout.metrics)
+    values = {
+        "probe": row.probe, "l2": np.full(n_layers, np.nan) if row.l2 is None else row.l2,
+        "nonfinite": row.nonfinite, "iterations": row.iterations, "converged": row.converged,
         "model_loss": row.model_loss, "model_error": row.model_error, "wall_time": row.wall_time,
         "step": row.step, "epoch": row.epoch,
     }
+    expected = {"baselines": (n_layers, len(layout.baselines), n_metrics), "probe_repeat": (n_layers, layout.repeats, n_metrics)}
+    for name, given in (("baselines", row.baseline), ("probe_repeat", row.repeat)):
+        if name not in layout.epoch_variables():
+            continue
+        if given is None or np.shape(given) != expected[name]:
+            got = "none" if given is None else f"shape {np.shape(given)}"
+            raise ValueError(f"epoch {row.epoch}'s row has {got} for {name!r}; this run needs shape {expected[name]}")
+        values[name] = given
+    return values
 
 
 def build_dataset(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | None = None) -> xr.Dataset:
@@ -158,9 +277,7 @@ def build_dataset(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | N
     coords = layout.coords()
     coords["epoch"] = ("epoch", arrays.pop("epoch"))
     coords["step"] = ("epoch", arrays.pop("step"))
-    dims = {"probe": ("layer", "epoch", "metric"), "nonfinite": ("layer", "epoch"), "iterations": ("layer", "epoch"),
-            "converged": ("layer", "epoch"), "model_loss": ("epoch",), "model_error": ("epoch",), "wall_time": ("epoch",)}
-    data_vars = {name: (dims[name], value) for name, value in arrays.items()}
+    data_vars = {name: (VARIABLE_DIMS[name], value) for name, value in arrays.items()}
     attrs = {"probekit_schema": SCHEMA_VERSION, **layout.attrs}
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
@@ -173,6 +290,9 @@ def layout_of(ds: xr.Dataset) -> RunLayout:
         shape=[str(v) for v in ds["shape"].values], feature_dim=[int(v) for v in ds["feature_dim"].values],
         reduction=[str(v) for v in ds["reduction"].values], metrics=[str(v) for v in ds["metric"].values],
         attrs={k: v for k, v in ds.attrs.items() if k != "probekit_schema"},
+        layouts=[str(v) for v in ds["layout"].values],
+        baselines=tuple(str(v) for v in ds["baseline"].values) if "baseline" in ds.coords else (),
+        repeats=int(ds.sizes["repeat"]) if "repeat" in ds.dims else 1,
     )
 
 
@@ -184,6 +304,9 @@ def rows_of(ds: xr.Dataset) -> list[EpochRow]:
             nonfinite=ds["nonfinite"].values[:, i].copy(), iterations=ds["iterations"].values[:, i].copy(),
             converged=ds["converged"].values[:, i].copy(), model_loss=float(ds["model_loss"].values[i]),
             model_error=float(ds["model_error"].values[i]), wall_time=float(ds["wall_time"].values[i]),
+            l2=ds["l2"].values[:, i].copy(),
+            baseline=ds["baselines"].values[:, i].copy() if "baselines" in ds.data_vars else None,
+            repeat=ds["probe_repeat"].values[:, i].copy() if "probe_repeat" in ds.data_vars else None,
         )
         for i in range(ds.sizes["epoch"])
     ]
@@ -259,11 +382,12 @@ def check_run(ds: object) -> None:
             f"this dataset is not a probekit run: it lacks {', '.join(missing)}; open runs with probekit.open_run "
             "(see docs/store.md for the schema)"
         )
-    if ds["probe"].dims != ("layer", "epoch", "metric"):
-        raise ValueError(
-            f"this dataset's 'probe' has dims {ds['probe'].dims}, not ('layer', 'epoch', 'metric'); "
-            "do not transpose a run before passing it (see docs/store.md)"
-        )
+    for name, dims in VARIABLE_DIMS.items():
+        if name in ds.data_vars and ds[name].dims != dims:
+            raise ValueError(
+                f"this dataset's {name!r} has dims {ds[name].dims}, not {dims}; "
+                "do not transpose a run before passing it (see docs/store.md)"
+            )
     version = ds.attrs.get("probekit_schema")
     if version != SCHEMA_VERSION:
         what = "no 'probekit_schema' attribute" if version is None else f"schema version {version!r}"

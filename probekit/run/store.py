@@ -32,12 +32,13 @@ import xarray as xr
 import zarr
 
 from probekit.run.schema import (
-    EPOCH_VARIABLES, SCHEMA_VERSION, EpochRow, RunLayout, build_dataset, layout_of,
-    row_values, rows_of,
+    SCHEMA_VERSION, VARIABLE_DIMS, EpochRow, RunLayout, build_dataset, layout_for_shape, layout_of, row_values, rows_of,
 )
 
-__all__ = ["EPOCH_BLOCK", "LOCK_FILE", "RunWriter", "StoreError", "StoreLockedError", "open_run", "write_atomic"]
+__all__ = ["EPOCH_BLOCK", "LOCK_FILE", "READABLE_VERSIONS", "RunWriter", "StoreError", "StoreLockedError", "open_run", "write_atomic"]
 
+#: Schema versions :func:`open_run` reads; older ones are upgraded in memory (:func:`_upgrade`), never on disk.
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
 #: Epochs are preallocated, and chunked, in blocks of this many.
 EPOCH_BLOCK = 64
 LOCK_FILE = ".writer.lock"
@@ -80,17 +81,38 @@ def _read_meta(path: Path) -> dict:
         ) from error
 
 
-def _root_attrs(path: Path) -> dict:
+def _root_attrs(path: Path, *, writing: bool = False) -> dict:
     attrs = _read_meta(path).get(".zattrs", {})
     version = attrs.get("probekit_schema")
     if version is None:
         raise StoreError(f"{str(path)!r} is a Zarr store but not a probekit run store (no 'probekit_schema' attribute)")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreError(
-            f"run store {str(path)!r} has schema version {version}; this probekit reads version {SCHEMA_VERSION}. "
-            "Open it with the probekit version that wrote it, or re-run into a new path"
+            f"run store {str(path)!r} has schema version {version}; this probekit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Open it with the probekit version that wrote it, or re-run into a new path"
+        )
+    if writing and version != SCHEMA_VERSION:
+        raise StoreError(
+            f"run store {str(path)!r} has schema version {version} (this probekit writes version {SCHEMA_VERSION}); "
+            "it can be read but not continued. Pass overwrite=True (--overwrite) to replace it, or write to another path"
         )
     return attrs
+
+
+def _upgrade(ds: xr.Dataset) -> xr.Dataset:
+    """A schema-1 run in the schema-2 form: each layer's layout from its shape, ``l2`` from the run's one fixed value.
+
+    Schema 1 had no token sequences (every point was a feature map or a vector)
+    and fitted every probe with the one L2 strength of its ``l2`` attribute, so
+    nothing is guessed.
+    """
+    layouts = [layout_for_shape(str(shape)) for shape in ds["shape"].values]
+    l2 = np.full((ds.sizes["layer"], ds.sizes["epoch"]), float(ds.attrs.get("l2", np.nan)))
+    l2[np.asarray(ds["nonfinite"].values, dtype=bool)] = np.nan
+    ds = ds.assign_coords(layout=("layer", np.array(layouts, dtype=str)))
+    ds["l2"] = (("layer", "epoch"), l2)
+    ds.attrs.update(probekit_schema=SCHEMA_VERSION, upgraded_from_schema=1)
+    return ds
 
 
 def open_run(path: str | os.PathLike) -> xr.Dataset:
@@ -137,6 +159,8 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
     ds.attrs.pop("completed_epochs", None)
     for variable in ds.variables.values():
         variable.encoding = {}
+    if attrs.get("probekit_schema") == 1:
+        ds = _upgrade(ds)
     return ds
 
 
@@ -254,9 +278,14 @@ def _describe_mismatch(old: RunLayout, new: RunLayout) -> str | None:
         return f"its layers differ ({detail or 'different order'})"
     if old.metrics != new.metrics:
         return f"its metrics differ (store: {old.metrics}, this run: {new.metrics})"
-    for name in ("feature_dim", "reduction", "shape"):
+    for name in ("feature_dim", "reduction", "shape", "layouts"):
         if getattr(old, name) != getattr(new, name):
-            return f"its {name.replace('_', ' ')}s differ (store: {getattr(old, name)}, this run: {getattr(new, name)})"
+            what = name.replace("_", " ").rstrip("s")
+            return f"its {what}s differ (store: {getattr(old, name)}, this run: {getattr(new, name)})"
+    if old.baselines != new.baselines:
+        return f"its baselines differ (store: {list(old.baselines)}, this run: {list(new.baselines)})"
+    if old.repeats != new.repeats:
+        return f"its repeats differ (store: {old.repeats}, this run: {new.repeats})"
     old_attrs, new_attrs = old.fixed_attrs(), new.fixed_attrs()
     first = ["model", "mode", "dataset", "n_train", "n_valid", "n_test", "num_classes", "seed"]
     for key in sorted(set(old_attrs) | set(new_attrs), key=lambda k: (k not in first, first.index(k) if k in first else 0, k)):
@@ -345,7 +374,7 @@ class RunWriter:
                 f"{str(self.path)!r} is a folder that is not a probekit run store; refusing to write into it. "
                 "Pass a new path, or an empty folder"
             )
-        attrs = _root_attrs(self.path)
+        attrs = _root_attrs(self.path, writing=not overwrite)
         done = int(attrs.get("completed_epochs", 0))
         if overwrite:
             self._lock.acquire()  # never replace a store that another process is writing
@@ -371,14 +400,15 @@ class RunWriter:
     def _heal(self) -> None:
         """Give every epoch array one capacity again (a kill during growth can leave them uneven)."""
         group = zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False)
-        capacity = max(group[name].shape[-1 if name != "probe" else 1] for name in EPOCH_VARIABLES)
-        for name in EPOCH_VARIABLES:
+        names = self.layout.epoch_variables()
+        capacity = max(group[name].shape[VARIABLE_DIMS[name].index("epoch")] for name in names)
+        for name in names:
             self._resize(group[name], name, capacity)
         self._commit(len(self.rows), resized=True)
 
     def _resize(self, array, name: str, capacity: int) -> None:
         shape = list(array.shape)
-        axis = 1 if name == "probe" else len(shape) - 1
+        axis = VARIABLE_DIMS[name].index("epoch")
         if shape[axis] != capacity:
             shape[axis] = capacity
             array.resize(tuple(shape))
@@ -392,15 +422,14 @@ class RunWriter:
         capacity = group["epoch"].shape[0]
         resized = index >= capacity
         if resized:
-            for name in EPOCH_VARIABLES:
+            for name in self.layout.epoch_variables():
                 self._resize(group[name], name, capacity + EPOCH_BLOCK)
-        for name, value in row_values(row).items():
+        for name, value in row_values(row, self.layout).items():
             array = group[name]
             value = np.asarray(value).astype(array.dtype)
-            if name == "probe":
-                array[:, index, :] = value
-            else:
-                array[..., index] = value
+            where = [slice(None)] * array.ndim
+            where[VARIABLE_DIMS[name].index("epoch")] = index
+            array[tuple(where)] = value
             self._wrote()  # one chunk file: the epoch axis is chunked in blocks, the others whole
         self._commit(index + 1, resized=resized)
         self.rows.append(row)
@@ -414,7 +443,7 @@ class RunWriter:
         meta = json.loads((self.path / ".zmetadata").read_text())
         entries = meta["metadata"]
         if resized:
-            for name in EPOCH_VARIABLES:
+            for name in self.layout.epoch_variables():
                 entries[f"{name}/.zarray"] = json.loads((self.path / name / ".zarray").read_text())
         entries[".zattrs"]["completed_epochs"] = completed
         write_atomic(self.path / ".zattrs", json.dumps(entries[".zattrs"], indent=4).encode())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from probekit.run.schema import (
-    MEASURES, SCHEMA_VERSION, SPLITS, EpochRow, RunLayout, build_dataset, check_run, epoch_position,
-    forward_order, layout_of, metric_name, metric_names, rows_of,
+    MEASURES, SCHEMA_VERSION, SPLIT_MEASURES, SPLITS, EpochRow, RunLayout, build_dataset, check_run, epoch_position,
+    forward_order, layout_of, metric_name, metric_names, row_values, rows_of,
 )
 from tests.conftest import make_run
 
@@ -31,10 +31,19 @@ def _row(epoch: int, n_layers: int = 3, n_metrics: int = 4) -> EpochRow:
 # --------------------------------------------------------------------- metric names
 def test_metric_names_follow_split_order_and_drop_top5_for_five_classes_or_fewer():
     assert metric_name("valid", "error") == "valid_error"
-    assert metric_names(["valid", "train"], 10) == [metric_name(s, m) for s in ("train", "valid") for m in MEASURES]
+    assert metric_names(["valid", "train"], 10) == [metric_name(s, m) for s in ("train", "valid") for m in SPLIT_MEASURES]
     assert metric_names(["test", "train"], 5) == ["train_error", "train_loss", "test_error", "test_loss"]
     assert metric_names(["train", "unknown"], 10) == ["train_error", "train_loss", "train_top5"]
-    assert SPLITS == ("train", "valid", "test") and MEASURES == ("error", "loss", "top5")
+    assert SPLITS == ("train", "valid", "test") and SPLIT_MEASURES == ("error", "loss", "top5")
+    assert set(SPLIT_MEASURES) < set(MEASURES)
+
+
+def test_control_adds_selectivity_on_every_split_and_mdl_only_on_train():
+    assert metric_names(["train", "valid"], 3, control=True, mdl=True) == [
+        "train_error", "train_loss", "train_selectivity", "train_mdl", "train_compression",
+        "valid_error", "valid_loss", "valid_selectivity",
+    ]
+    assert metric_names(["valid"], 3, mdl=True) == ["valid_error", "valid_loss"]
 
 
 # --------------------------------------------------------------------- build / layout / rows
@@ -56,6 +65,41 @@ def test_build_dataset_layout_of_and_rows_of_round_trip():
     assert rows_of(build_dataset(layout, [])) == []
 
 
+def test_baselines_and_repeats_round_trip_on_their_own_dims():
+    base = _layout()
+    layout = RunLayout(**{**base.__dict__, "baselines": ("random_init", "control"), "repeats": 3, "layouts": None})
+    assert layout.layouts == ["map", "map", "vector"]  # inferred from the shapes
+    rows = []
+    for epoch in range(2):
+        row = _row(epoch)
+        row.l2 = np.array([1e-3, 1e-1, np.nan])
+        row.baseline = np.arange(3 * 2 * 4, dtype=float).reshape(3, 2, 4) + epoch
+        row.repeat = np.arange(3 * 3 * 4, dtype=float).reshape(3, 3, 4) - epoch
+        rows.append(row)
+    ds = build_dataset(layout, rows)
+    check_run(ds)
+    assert ds["baselines"].dims == ("layer", "epoch", "baseline", "metric")
+    assert ds["probe_repeat"].dims == ("layer", "epoch", "repeat", "metric")
+    assert ds["baselines"].baseline.values.tolist() == ["random_init", "control"] and ds.sizes["repeat"] == 3
+    assert ds["l2"].sel(layer="conv").values.tolist() == [1e-1, 1e-1]
+    assert layout_of(ds) == layout
+    for got, want in zip(rows_of(ds), rows, strict=True):
+        for name in ("l2", "baseline", "repeat"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+def test_a_row_without_what_the_run_needs_is_refused_in_one_line():
+    layout = RunLayout(**{**_layout().__dict__, "baselines": ("control",)})
+    with pytest.raises(ValueError, match=r"epoch 0's row has none for 'baselines'; this run needs shape \(3, 1, 4\)"):
+        row_values(_row(0), layout)
+    with pytest.raises(ValueError, match="unknown baselines \\['shuffled'\\]; choose from random_init, control"):
+        RunLayout(**{**_layout().__dict__, "baselines": ("shuffled",)})
+    with pytest.raises(ValueError, match="repeats=0 is below 1"):
+        RunLayout(**{**_layout().__dict__, "repeats": 0})
+    with pytest.raises(ValueError, match="unknown layouts \\['image'\\]"):
+        RunLayout(**{**_layout().__dict__, "layouts": ["image", "map", "vector"]})
+
+
 def test_capacity_preallocates_empty_epochs_after_the_rows():
     ds = build_dataset(_layout(), [_row(0)], capacity=4)
     assert ds.sizes["epoch"] == 4
@@ -74,10 +118,10 @@ def test_check_run_accepts_a_run_and_names_what_is_wrong(run):
         check_run(run.transpose("epoch", "layer", "metric"))
     no_version = run.copy()
     del no_version.attrs["probekit_schema"]
-    with pytest.raises(ValueError, match=r"has no 'probekit_schema' attribute; this probekit reads schema version 1"):
+    with pytest.raises(ValueError, match=r"has no 'probekit_schema' attribute; this probekit reads schema version 2"):
         check_run(no_version)
-    with pytest.raises(ValueError, match=r"has schema version 2; this probekit reads schema version 1"):
-        check_run(run.assign_attrs(probekit_schema=2))
+    with pytest.raises(ValueError, match=r"has schema version 3; this probekit reads schema version 2"):
+        check_run(run.assign_attrs(probekit_schema=3))
 
 
 # --------------------------------------------------------------------- epoch positions

@@ -123,8 +123,8 @@ def test_store_of_another_schema_version_is_refused(tmp_path):
     with RunWriter(tmp_path / "r.zarr", layout) as writer:
         writer.append(_row(layout, 0))
     meta = tmp_path / "r.zarr" / ".zmetadata"
-    meta.write_text(meta.read_text().replace('"probekit_schema": 1', '"probekit_schema": 99'))
-    with pytest.raises(StoreError, match="schema version 99; this probekit reads version 1"):
+    meta.write_text(meta.read_text().replace('"probekit_schema": 2', '"probekit_schema": 99'))
+    with pytest.raises(StoreError, match="schema version 99; this probekit reads versions 1, 2"):
         open_run(tmp_path / "r.zarr")
     with pytest.raises(StoreError, match="schema version 99"):
         RunWriter(tmp_path / "r.zarr", layout, resume=True)

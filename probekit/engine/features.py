@@ -222,7 +222,8 @@ def _stack(key: str, values: list) -> object:
 
 
 def _ragged(key: str, shapes: list) -> str:
-    return (f"rows of {key!r} differ in length ({shapes[0]} and {shapes[-1]}); pad them to one length "
+    first, last = (s[0] if isinstance(s, tuple) and len(s) == 1 else s for s in (shapes[0], shapes[-1]))
+    return (f"rows of {key!r} differ in length ({first} and {last}); pad them to one length "
             "(e.g. tokenizer(..., padding='max_length')) or pass a DataLoader whose collate_fn pads")
 
 
@@ -268,11 +269,24 @@ def _unpack(item: object, label_key: str | None, name: str) -> tuple[object, obj
         if label_key not in item:
             raise ValueError(f"the {name} split's rows have no label key {label_key!r} (keys: {keys}); "
                              "pass label_key= naming the key that holds the labels")
+        for key, value in item.items():
+            if _transposed(value):
+                raise ValueError(
+                    f"the {name} split's batches hold {key!r} as a list of {len(value)} tensors (torch's default collate "
+                    "splits list-valued rows by position); give the rows tensors (a Hugging Face dataset: "
+                    "set_format('torch')) or pass collate_fn=probekit.engine.features.collate to the DataLoader"
+                )
         return {k: v for k, v in item.items() if k != label_key}, item[label_key]
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
     raise TypeError(f"each batch of the {name} split must be an (inputs, labels) pair or a row with its label under "
                     f"label_key=; got {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+
+
+def _transposed(value: object) -> bool:
+    """A row's list of numbers after ``default_collate``: a list of equal 1-D tensors, one per position."""
+    return (isinstance(value, list) and len(value) > 1 and all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in value)
+            and len({v.shape[0] for v in value}) == 1)
 
 
 def _tensor(value: object) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from probekit.engine.batch import MASK_KEY
 from probekit.engine.checkpoints import safe_load
 from probekit.engine.devices import resolve_device
 from probekit.engine.features import DEFAULT_CACHE_BYTES, as_splits
@@ -204,6 +205,8 @@ def train_and_probe(
     dataset_name: str | None = None,
     channels_last: bool = False,
     tracer_kwargs: Mapping[str, object] | None = None,
+    label_key: str | None = None,
+    mask_key: str = MASK_KEY,
 ) -> xr.Dataset:
     """Train ``model`` for ``epochs`` epochs, probing it before training and after each epoch.
 
@@ -241,6 +244,9 @@ def train_and_probe(
         model_name, dataset_name: names recorded in the run.
         channels_last: the model's tensors are in channels-last memory.
         tracer_kwargs: options of torchvision's FX tracer (e.g. ``leaf_modules``), passed to the monitor.
+        label_key, mask_key: the probes' label key of mapping rows and the mask key of mapping
+            batches (see :class:`~probekit.engine.ProbeMonitor`); the training loop itself takes
+            ``(x, y)`` minibatches.
 
     Returns:
         The run dataset.
@@ -266,6 +272,7 @@ def train_and_probe(
         num_classes=num_classes, l2=l2, probe_lr=probe_lr, batch_size=batch_size, budget=budget,
         max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
         model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, tracer_kwargs=tracer_kwargs,
+        label_key=label_key, mask_key=mask_key,
     ) as monitor:
         start, step = 0, 0
         if monitor.rows:

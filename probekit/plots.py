@@ -11,6 +11,7 @@ work the same in JupyterLab, in exported HTML and inside the explorers.
     >>> from probekit import plots
     >>> plots.depth_profile(ds)                  # the paper's main figure
     >>> plots.heatmap(ds)                        # layer x epoch in one picture
+    >>> plots.cka_heatmap(pk.cka(model_a, model_b, data))   # two models' layers, alike or not
     >>> plots.save(plots.training_curves(ds), "curves.svg")
 
 Charts stay under Altair's 5,000-row limit: :func:`training_curves` and
@@ -28,6 +29,7 @@ zarr, never ipywidgets.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -44,16 +46,23 @@ from probekit.run.schema import (
 
 __all__ = [
     "FINDING_COLUMNS",
+    "INTERVAL_MIN_REPEATS",
+    "INTERVAL_QUANTILES",
     "MAX_ROWS",
     "TIDY_COLUMNS",
+    "baselines_of",
+    "cka_heatmap",
     "comparison",
     "depth_profile",
     "diagnosis_overlay",
     "enable_offline",
     "heatmap",
+    "interval_bounds",
     "save",
     "thin_epochs",
     "tidy",
+    "tidy_baselines",
+    "tidy_interval",
     "training_curves",
 ]
 
@@ -77,8 +86,8 @@ MAX_ROWS = 5000
 FINDING_COLUMNS = ("kind", "layers", "evidence", "suggestion")
 
 #: What each chart's arguments may be, besides the names a run must have (see :func:`probekit.params.check_params`).
-_CURVES_CONSTRAINTS = {"x": [Options("epoch", "step")], "max_rows": [Interval(int, 1, None)]}
-_PROFILE_CONSTRAINTS = {"x": [Options("layer", "relative_depth")]}
+_CURVES_CONSTRAINTS = {"x": [Options("epoch", "step")], "max_rows": [Interval(int, 1, None)], "interval": [bool]}
+_PROFILE_CONSTRAINTS = {"x": [Options("layer", "relative_depth")], "interval": [bool]}
 _HEATMAP_CONSTRAINTS = {"max_rows": [Interval(int, 1, None)]}
 _DEPTH_SCHEME = alt.SchemeParams(name="viridis", extent=[0.0, 0.85])
 _MISSING_COLOUR = "#d9d9d9"
@@ -165,15 +174,18 @@ def tidy(
         >>> tidy(ds, measure="error", split="valid", epoch=-1).head()
     """
     check_run(ds)
-    li = _layer_indices(ds, layers)
-    ei = _epoch_indices(ds, epoch)
-    mi = _metric_indices(ds, measure, split)
+    li, ei, mi = _layer_indices(ds, layers), _epoch_indices(ds, epoch), _metric_indices(ds, measure, split)
     values = ds["probe"].isel(layer=li, epoch=ei, metric=mi).transpose("layer", "epoch", "metric").values
-    values = np.where(np.isfinite(values), values, np.nan).astype(float)
+    return _long(ds, li, ei, mi, {"value": values})
+
+
+def _long(ds: xr.Dataset, li: np.ndarray, ei: np.ndarray, mi: np.ndarray, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The tidy frame of ``(layer, epoch, metric)`` arrays, one value column each (NaN where nonfinite)."""
     n_layers, n_epochs, n_metrics = len(li), len(ei), len(mi)
     rows_l = np.repeat(li, n_epochs * n_metrics)
     rows_e = np.tile(np.repeat(ei, n_metrics), n_layers)
     rows_m = np.tile(mi, n_layers * n_epochs)
+    values = {name: np.where(np.isfinite(v), v, np.nan).astype(float).reshape(-1) for name, v in columns.items()}
     return pd.DataFrame(
         {
             "layer": _strings(ds, "layer")[rows_l],
@@ -186,10 +198,111 @@ def tidy(
             "step": np.asarray(ds["step"].values, dtype=np.int64)[rows_e],
             "split": _strings(ds, "split")[rows_m],
             "measure": _strings(ds, "measure")[rows_m],
-            "value": values.reshape(-1),
+            **values,
         },
-        columns=list(TIDY_COLUMNS),
+        columns=[*TIDY_COLUMNS[:-1], *values],
     )
+
+
+def baselines_of(ds: xr.Dataset) -> list[str]:
+    """The baselines a run carries (``random_init``, ``control``), in stored order; ``[]`` for none.
+
+    Example:
+        >>> baselines_of(pk.open_run("runs/a.zarr"))
+        ['random_init', 'control']
+    """
+    if "baselines" not in ds.data_vars or "baseline" not in ds.coords:
+        return []
+    return _strings(ds, "baseline").tolist()
+
+
+def tidy_baselines(
+    ds: xr.Dataset,
+    *,
+    measure: str | Sequence[str] | None = None,
+    split: str | Sequence[str] | None = None,
+    layers: str | Sequence[str] | None = None,
+    epoch: int | Sequence[int] | None = None,
+    baselines: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The baselines' metrics in :func:`tidy`'s long format, with a ``baseline`` column.
+
+    Rows whose value is missing for every layer and epoch of a baseline (the
+    ``selectivity`` of a baseline, which has none) are left out. A run without
+    baselines gives an empty frame with the same columns.
+
+    Args:
+        ds: A run (see ``docs/store.md``).
+        measure, split, layers, epoch: as for :func:`tidy`.
+        baselines: baseline names to keep (``"random_init"``, ``"control"``); None for all the run has.
+
+    Example:
+        >>> tidy_baselines(ds, measure="error", split="valid", epoch=-1)
+    """
+    check_run(ds)
+    li, ei, mi = _layer_indices(ds, layers), _epoch_indices(ds, epoch), _metric_indices(ds, measure, split)
+    names = baselines_of(ds)
+    chosen = _pick("baseline", _as_list(baselines), names) if names or baselines is not None else []
+    frames = []
+    for name in chosen:
+        values = ds["baselines"].sel(baseline=name).isel(layer=li, epoch=ei, metric=mi).transpose("layer", "epoch", "metric")
+        frame = _long(ds, li, ei, mi, {"value": values.values}).assign(baseline=name)
+        present = frame.groupby(["split", "measure"])["value"].transform(lambda v: v.notna().any())
+        frames.append(frame[present.astype(bool)])
+    if not frames:
+        return pd.DataFrame(columns=[*TIDY_COLUMNS, "baseline"])
+    return pd.concat(frames, ignore_index=True)
+
+
+#: With this many repeats or more, the band runs between these quantiles of the repeats;
+#: with fewer, from the smallest to the largest repeat.
+INTERVAL_QUANTILES = (0.025, 0.975)
+INTERVAL_MIN_REPEATS = 10
+
+
+def interval_bounds(values: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """The band of repeated fits along ``axis``: the 2.5 % and 97.5 % quantiles with 10 or more
+    repeats, else the smallest and the largest (NaN repeats ignored).
+
+    Example:
+        >>> interval_bounds(np.array([0.2, 0.25, 0.3]))
+        (array(0.2), array(0.3))
+    """
+    values = np.asarray(values, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN repeats (nonfinite layers) give NaN bounds, as meant
+        if values.shape[axis] >= INTERVAL_MIN_REPEATS:
+            low, high = np.nanquantile(values, INTERVAL_QUANTILES, axis=axis)
+        else:
+            low, high = np.nanmin(values, axis=axis), np.nanmax(values, axis=axis)
+    return low, high
+
+
+def tidy_interval(
+    ds: xr.Dataset,
+    *,
+    measure: str | Sequence[str] | None = None,
+    split: str | Sequence[str] | None = None,
+    layers: str | Sequence[str] | None = None,
+    epoch: int | Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """The band of a run's repeated fits (``probe_repeat``) in :func:`tidy`'s long format.
+
+    Columns: :func:`tidy`'s, with ``value`` (the mean, as ``probe`` holds it),
+    ``low`` and ``high`` (see :func:`interval_bounds`). A run without repeats
+    gives an empty frame with the same columns.
+
+    Example:
+        >>> tidy_interval(ds, measure="error", split="valid", epoch=-1)[["layer", "low", "value", "high"]]
+    """
+    check_run(ds)
+    li, ei, mi = _layer_indices(ds, layers), _epoch_indices(ds, epoch), _metric_indices(ds, measure, split)
+    if "probe_repeat" not in ds.data_vars:
+        return pd.DataFrame(columns=[*TIDY_COLUMNS, "low", "high"])
+    repeats = ds["probe_repeat"].isel(layer=li, epoch=ei, metric=mi).transpose("layer", "epoch", "metric", "repeat").values
+    low, high = interval_bounds(repeats, axis=-1)
+    mean = ds["probe"].isel(layer=li, epoch=ei, metric=mi).transpose("layer", "epoch", "metric").values
+    return _long(ds, li, ei, mi, {"value": mean, "low": low, "high": high})
 
 
 def thin_epochs(n_epochs: int, n_layers: int, *, max_rows: int = MAX_ROWS) -> np.ndarray:
@@ -285,6 +398,46 @@ def _chance_rule(chance: float) -> alt.LayerChart:
     return alt.layer(rule, label)
 
 
+_BASELINE_DASHES = {"random_init": [6, 3], "control": [2, 2]}
+_BAND_OPACITY = 0.18
+
+
+def _chosen_baselines(ds: xr.Dataset | None, baselines: bool | str | Sequence[str] | None) -> list[str] | None:
+    """``baselines=`` of a chart: True for all the run has, False/None/() for none, or names."""
+    if baselines is True:
+        return None
+    if baselines is False or baselines is None or (not isinstance(baselines, str) and len(baselines) == 0):
+        return []
+    return _as_list(baselines)
+
+
+def _baseline_rows(ds: xr.Dataset, baselines, **where) -> pd.DataFrame:
+    chosen = _chosen_baselines(ds, baselines)
+    if chosen == [] or (chosen is None and not baselines_of(ds)):
+        return pd.DataFrame(columns=[*TIDY_COLUMNS, "baseline"])
+    return tidy_baselines(ds, baselines=chosen, **where)
+
+
+def _no_band() -> pd.DataFrame:
+    return pd.DataFrame(columns=[*TIDY_COLUMNS, "low", "high"])
+
+
+def _dash(names: list[str]) -> alt.StrokeDash:
+    """Dashes by baseline: the legend says which dashed curve is which."""
+    return alt.StrokeDash(
+        "baseline:N", sort=names, legend=alt.Legend(title="baseline (dashed)"),
+        scale=alt.Scale(domain=names, range=[_BASELINE_DASHES.get(name, [4, 4]) for name in names]),
+    )
+
+
+def _band_tooltip(title: str) -> list[alt.Tooltip]:
+    return [
+        alt.Tooltip("low:Q", title=f"{title}, interval low", format=".4f"),
+        alt.Tooltip("value:Q", title=f"{title}, mean of repeats", format=".4f"),
+        alt.Tooltip("high:Q", title=f"{title}, interval high", format=".4f"),
+    ]
+
+
 # --------------------------------------------------------------------------
 # Charts
 
@@ -297,12 +450,17 @@ def training_curves(
     layers: str | Sequence[str] | None = None,
     x: Literal["epoch", "step"] = "epoch",
     max_rows: int = MAX_ROWS,
+    baselines: bool | str | Sequence[str] = True,
+    interval: bool = True,
 ) -> alt.LayerChart:
     """A metric over training time, one line per layer, coloured by depth.
 
     Colours run along a sequential scale in forward order (dark at the
     input, light at the output) and the legend lists layers in that order;
     click a legend entry to highlight its layer (shift-click for several).
+    A run's baselines are dashed curves in their layer's colour (one dash
+    pattern per baseline); with repeated fits the line is their mean and a
+    band in the layer's colour spans them (see :func:`interval_bounds`).
 
     Args:
         ds: A run (see ``docs/store.md``).
@@ -313,16 +471,21 @@ def training_curves(
             unknown, ``-1``, are left out).
         max_rows: Row budget; epochs are thinned with :func:`thin_epochs`
             when layers x epochs exceed it.
+        baselines: draw the run's baselines (True: all it has; a name or
+            list of names; False: none).
+        interval: draw the repeats' band when the run has repeated fits.
 
     Returns:
-        A layered chart: lines plus points carrying the tooltips
-        (layer, depth, epoch, step, value).
+        A layered chart: bands, lines plus points carrying the tooltips
+        (layer, depth, epoch, step, value), dashed baseline curves.
 
     Example:
         >>> training_curves(ds, measure="loss", layers=["conv1", "fc1"])
     """
-    check_params(_CURVES_CONSTRAINTS, x=x, max_rows=max_rows)
+    check_params(_CURVES_CONSTRAINTS, x=x, max_rows=max_rows, interval=interval)
     frame = tidy(ds, measure=measure, split=split, layers=layers)
+    base = _baseline_rows(ds, baselines, measure=measure, split=split, layers=layers)
+    band = tidy_interval(ds, measure=measure, split=split, layers=layers) if interval else _no_band()
     order = _layer_order(ds, layers)
     if x == "step":
         frame = frame[frame["step"] >= 0]
@@ -331,6 +494,8 @@ def training_curves(
     epochs = frame["epoch"].unique()
     keep = epochs[thin_epochs(len(epochs), len(order), max_rows=max_rows)]
     frame = frame[frame["epoch"].isin(keep)][["layer", "depth", "relative_depth", "epoch", "step", "value"]]
+    base = base[base["epoch"].isin(keep) & ((base["step"] >= 0) | (x == "epoch"))]
+    band = band[band["epoch"].isin(keep) & ((band["step"] >= 0) | (x == "epoch"))]
 
     pick = alt.selection_point(fields=["layer"], bind="legend")
     colour = alt.Color(
@@ -365,10 +530,24 @@ def training_curves(
             ],
         )
     )
-    return alt.layer(lines, points, data=frame).properties(
+    charts: list[alt.Chart] = [lines, points]
+    title = _value_title(split, measure)
+    if len(band):  # after the lines, so that the legend keeps their symbols
+        charts.append(alt.Chart(band[["layer", "epoch", "step", "low", "value", "high"]]).mark_area(opacity=_BAND_OPACITY).encode(
+            x=time_x, y=alt.Y("low:Q", title=title), y2="high:Q", color=colour,
+            tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("epoch:Q"), *_band_tooltip(title)],
+        ))
+    if len(base):
+        names = list(dict.fromkeys(base["baseline"]))
+        charts.append(alt.Chart(base[["layer", "epoch", "step", "baseline", "value"]]).mark_line(strokeWidth=1.2).encode(
+            x=time_x, y=value_y, color=colour, strokeDash=_dash(names), opacity=opacity,
+            tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("baseline:N"), alt.Tooltip("epoch:Q"),
+                     alt.Tooltip("value:Q", title=f"{title} (baseline)", format=".4f")],
+        ))
+    return alt.layer(*charts, data=frame).properties(
         width=_WIDTH,
         height=_HEIGHT,
-        title=_title(ds, f"{_value_title(split, measure)} over training", _thinning_note(len(keep), len(epochs))),
+        title=_title(ds, f"{title} over training", _thinning_note(len(keep), len(epochs))),
     )
 
 
@@ -380,13 +559,17 @@ def depth_profile(
     splits: Sequence[str] = ("train", "valid"),
     x: Literal["layer", "relative_depth"] = "layer",
     layers: str | Sequence[str] | None = None,
+    baselines: bool | str | Sequence[str] = True,
+    interval: bool = True,
 ) -> alt.LayerChart:
     """A metric across layers at one epoch: the paper's central figure.
 
     One line per split; with two or more splits the band between the lowest
     and the highest split (for train/valid: the generalisation gap) is shaded.
     For ``measure="error"`` the run's chance error (attribute
-    ``chance_error``) is a dashed rule.
+    ``chance_error``) is a dashed rule. A run's baselines are dashed lines in
+    their split's colour (one dash pattern per baseline); with repeated fits
+    each split's line is their mean, and a band in its colour spans them.
 
     Args:
         ds: A run (see ``docs/store.md``).
@@ -397,14 +580,18 @@ def depth_profile(
         x: ``"layer"`` (an ordinal axis in forward order) or
             ``"relative_depth"`` (0 at the input, 1 at the output).
         layers: Layer names to draw; None for all.
+        baselines: draw the run's baselines (True: all it has; a name or
+            list of names; False: none).
+        interval: draw the repeats' band when the run has repeated fits.
 
     Returns:
-        A layered chart: gap band, one line with points per split, chance rule.
+        A layered chart: gap band, repeats' bands, one line with points per
+        split, dashed baseline lines, chance rule.
 
     Example:
         >>> depth_profile(ds, epoch=0, splits=("train", "valid", "test"))
     """
-    check_params(_PROFILE_CONSTRAINTS, x=x)
+    check_params(_PROFILE_CONSTRAINTS, x=x, interval=interval)
     check_run(ds)
     splits = _as_list(splits)
     if not splits:
@@ -453,6 +640,28 @@ def depth_profile(
             ],
         )
     )
+    split_colour = alt.Color("split:N", sort=splits, legend=alt.Legend(title="split"))
+    band = tidy_interval(ds, measure=measure, split=splits, layers=layers, epoch=epoch) if interval else _no_band()
+    if len(band):
+        charts.append(
+            alt.Chart(band[["layer", "relative_depth", "split", "low", "value", "high"]])
+            .mark_area(opacity=_BAND_OPACITY)
+            .encode(x=depth_x, y=alt.Y("low:Q", title=value_title), y2="high:Q", color=split_colour,
+                    tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("split:N"), *_band_tooltip(value_title)])
+        )
+    base = _baseline_rows(ds, baselines, measure=measure, split=splits, layers=layers, epoch=epoch)
+    if len(base):
+        names = list(dict.fromkeys(base["baseline"]))
+        charts.append(
+            alt.Chart(base[["layer", "relative_depth", "split", "baseline", "value"]])
+            .mark_line()
+            .encode(
+                x=depth_x, y=alt.Y("value:Q", title=value_title), color=split_colour, strokeDash=_dash(names),
+                detail="baseline:N",
+                tooltip=[alt.Tooltip("layer:N"), alt.Tooltip("split:N"), alt.Tooltip("baseline:N"),
+                         alt.Tooltip("value:Q", title=f"{value_title} (baseline)", format=".4f")],
+            )
+        )
     chance = _chance(ds, measure)
     if chance is not None:
         charts.append(_chance_rule(chance))
@@ -580,6 +789,8 @@ def comparison(
     split: str = "valid",
     epoch: int = -1,
     names: Sequence[str] | None = None,
+    baselines: bool | str | Sequence[str] = True,
+    interval: bool = True,
 ) -> alt.LayerChart:
     """Depth profiles of several runs on the shared relative-depth axis.
 
@@ -588,6 +799,8 @@ def comparison(
     ``relative_depth`` runs from 0 at the input to 1 at the output. Each run
     has its own colour, and its chance error (when ``measure="error"``) is a
     dashed rule in that colour. Click a legend entry to highlight a run.
+    Each run's baselines are dashed lines in its colour, and its repeats'
+    band (when it has repeated fits) is shaded in its colour.
 
     Args:
         runs: A list of runs, or a dict from name to run.
@@ -597,6 +810,9 @@ def comparison(
             (``-1``, the default, is each run's last epoch).
         names: Names for a list of runs; by default each run's ``model``
             attribute (numbered when two runs share one).
+        baselines: draw each run's baselines (True: all it has; a name or
+            list of names, drawn where a run has them; False: none).
+        interval: draw each run's repeats' band when it has repeated fits.
 
     Returns:
         A layered chart with tooltips naming each layer with its ``shape``,
@@ -605,10 +821,17 @@ def comparison(
     Example:
         >>> comparison({"Inception v3": inception, "ResNet-50": resnet})
     """
-    frames, chances = [], []
+    check_params({"interval": [bool]}, interval=interval)
+    frames, chances, bases, bands = [], [], [], []
+    chosen = _chosen_baselines(None, baselines)
     for name, ds in _run_names(runs, names):
         try:
             frame = tidy(ds, measure=measure, split=split, epoch=epoch)
+            present = [b for b in baselines_of(ds) if chosen is None or b in chosen]
+            if present:
+                bases.append(tidy_baselines(ds, measure=measure, split=split, epoch=epoch, baselines=present).assign(run=name))
+            if interval:
+                bands.append(tidy_interval(ds, measure=measure, split=split, epoch=epoch).assign(run=name))
         except (TypeError, ValueError) as error:
             raise type(error)(f"run {name!r}: {error}") from error
         frames.append(frame.assign(run=name))
@@ -642,7 +865,25 @@ def comparison(
         )
         .add_params(pick)
     )
+    depth_x = alt.X("relative_depth:Q", title="relative depth (0 = input, 1 = output)", scale=alt.Scale(domain=[0, 1]))
     charts: list[alt.Chart] = [profiles]
+    band = pd.concat(bands, ignore_index=True) if bands else _no_band()
+    if len(band):  # after the profiles, so that the legend keeps their symbols
+        charts.append(alt.Chart(band[["run", "layer", "relative_depth", "low", "value", "high"]])
+                      .mark_area(opacity=_BAND_OPACITY)
+                      .encode(x=depth_x, y=alt.Y("low:Q", title=title), y2="high:Q", color=colour,
+                              tooltip=[alt.Tooltip("run:N"), alt.Tooltip("layer:N"), *_band_tooltip(title)]))
+    base = pd.concat(bases, ignore_index=True) if bases else pd.DataFrame()
+    if len(base):
+        dashes = list(dict.fromkeys(base["baseline"]))
+        charts.append(
+            alt.Chart(base[["run", "layer", "relative_depth", "baseline", "value"]])
+            .mark_line()
+            .encode(x=depth_x, y=alt.Y("value:Q", title=title), color=colour, strokeDash=_dash(dashes),
+                    detail="baseline:N", opacity=opacity,
+                    tooltip=[alt.Tooltip("run:N"), alt.Tooltip("layer:N"), alt.Tooltip("baseline:N"),
+                             alt.Tooltip("value:Q", title=f"{title} (baseline)", format=".4f")])
+        )
     if chances:
         charts.append(
             alt.Chart(pd.DataFrame(chances))
@@ -656,6 +897,59 @@ def comparison(
         )
     return alt.layer(*charts).properties(
         width=_WIDTH, height=_HEIGHT, title=alt.TitleParams(f"{title} by relative depth")
+    )
+
+
+def cka_heatmap(sim: xr.DataArray, *, names: Sequence[str] | None = None) -> alt.LayerChart:
+    """Layer-by-layer similarity of two models, as :func:`probekit.cka` computes it, as a heatmap.
+
+    Rows are ``model_a``'s layers (input at the top), columns ``model_b``'s,
+    both in forward order; colour is CKA on a fixed 0 to 1 scale, so two
+    heatmaps read alike. Missing values (nonfinite features) are grey.
+
+    Args:
+        sim: a DataArray with dims ``(layer_a, layer_b)`` (``pk.cka``'s result, or one read back from Zarr).
+        names: the two models' names for the axes; default the ``model_a``/``model_b`` attributes.
+
+    Example:
+        >>> cka_heatmap(pk.cka(resnet, inception, data), names=("ResNet-50", "Inception v3"))
+    """
+    if not isinstance(sim, xr.DataArray) or set(sim.dims) != {"layer_a", "layer_b"}:
+        got = f"dims {tuple(sim.dims)}" if isinstance(sim, xr.DataArray) else type(sim).__name__
+        raise TypeError(f"cka_heatmap takes pk.cka's result, a DataArray with dims (layer_a, layer_b); got {got}")
+    sim = sim.transpose("layer_a", "layer_b")
+    if sim.size > MAX_ROWS:
+        raise ValueError(
+            f"{sim.sizes['layer_a']} x {sim.sizes['layer_b']} layers exceed {MAX_ROWS} cells; "
+            "select fewer, e.g. sim.isel(layer_a=slice(None, None, 2))"
+        )
+    label_a, label_b = (names if names is not None else
+                        (sim.attrs.get("model_a", "model a"), sim.attrs.get("model_b", "model b")))
+    rows, cols = np.asarray(sim["layer_a"].values).astype(str), np.asarray(sim["layer_b"].values).astype(str)
+    values = np.asarray(sim.values, dtype=float)
+    frame = pd.DataFrame({
+        "layer_a": np.repeat(rows, len(cols)), "layer_b": np.tile(cols, len(rows)),
+        "cka": np.where(np.isfinite(values), values, np.nan).reshape(-1),
+    })
+    y = alt.Y("layer_a:O", sort=rows.tolist(), title=f"{label_a} layer",
+              axis=alt.Axis(labelOverlap="greedy" if len(rows) > 40 else False, labelLimit=120))
+    x = alt.X("layer_b:O", sort=cols.tolist(), title=f"{label_b} layer",
+              axis=alt.Axis(labelAngle=-45, labelOverlap="greedy" if len(cols) > 40 else False, labelLimit=120))
+    tooltip = [alt.Tooltip("layer_a:N", title=f"{label_a} layer"), alt.Tooltip("layer_b:N", title=f"{label_b} layer"),
+               alt.Tooltip("cka:Q", title="CKA", format=".3f")]
+    missing = alt.Chart().mark_rect(color=_MISSING_COLOUR).encode(x=x, y=y, tooltip=tooltip).transform_filter(
+        "!isValid(datum.cka)")
+    cells = alt.Chart().mark_rect().encode(
+        x=x, y=y, tooltip=tooltip,
+        color=alt.Color("cka:Q", title="linear CKA", scale=alt.Scale(scheme="viridis", domain=[0, 1], clamp=True)),
+    )
+    estimator, n = sim.attrs.get("estimator"), sim.attrs.get("n_examples")
+    subtitle = ", ".join(part for part in (
+        f"{estimator} estimator" if estimator else "", f"{n} examples" if n is not None else "") if part)
+    title = f"linear CKA: {label_a} vs {label_b}"
+    return alt.layer(missing, cells, data=frame).properties(
+        width=min(max(14 * len(cols), 160), 600), height=min(max(14 * len(rows), 160), 600),
+        title=alt.TitleParams(title, subtitle=subtitle) if subtitle else alt.TitleParams(title),
     )
 
 

@@ -28,6 +28,9 @@ def make_run(
     model: str = "toynet",
     num_classes: int = 10,
     steps: bool = True,
+    baselines: Sequence[str] = (),
+    repeats: int = 1,
+    repeat_sd: float = 0.02,
 ) -> xr.Dataset:
     """A run dataset as ``probekit.run.store`` writes it, with known values.
 
@@ -36,20 +39,53 @@ def make_run(
     is ``2.3 * error``, top5 ``error / 2``. Layers in ``nan_layers`` have NaN
     metrics and ``nonfinite`` set. Probe points sit at even depths among
     ``2 * L - 1`` points, so ``relative_depth = i / (L - 1)``.
+
+    ``baselines`` adds the ``baselines`` variable: ``random_init`` error is
+    ``0.9 - 0.2 * (i / (L - 1)) + 0.05 * s`` at every epoch (the task beats it
+    above the input, where they are equal), ``control`` error is ``0.9 + 0.05 * s``
+    (losses and top-5 scaled as for the task); with ``control`` every split also
+    has ``selectivity`` = control error - task error (NaN in ``baselines``).
+    ``repeats > 1`` adds ``probe_repeat``: the task's values plus seeded noise
+    of standard deviation ``repeat_sd``, centred so that ``probe`` is exactly
+    their mean.
     """
     names = layer_names(n_layers)
     depth = np.arange(n_layers, dtype=np.int64) * 2
     relative = depth / max(depth[-1], 1)
-    metrics = [(split, measure) for split in splits for measure in MEASURES if measure in measures]
+    control = "control" in baselines
+    metrics = [(split, measure) for split in splits
+               for measure in (*MEASURES, "selectivity") if measure in measures or (measure == "selectivity" and control)]
     i = np.arange(n_layers)[:, None, None] / max(n_layers - 1, 1)
     e = (np.arange(n_epochs)[None, :, None] + 1) / max(n_epochs, 1)
     offset = np.array([0.05 * ("train", "valid", "test").index(split) for split, _ in metrics])[None, None, :]
-    scale = np.array([{"error": 1.0, "loss": 2.3, "top5": 0.5}[measure] for _, measure in metrics])[None, None, :]
+    scale = np.array([{"error": 1.0, "loss": 2.3, "top5": 0.5, "selectivity": np.nan}[measure]
+                      for _, measure in metrics])[None, None, :]
     probe = (0.9 - 0.6 * i * e + offset) * scale
+    extra_vars, extra_coords = {}, {}
+    if baselines:
+        base = np.full((n_layers, n_epochs, len(baselines), len(metrics)), np.nan)
+        for b, name in enumerate(baselines):
+            error = 0.9 - 0.2 * i + 0 * e if name == "random_init" else 0.9 + 0 * i * e
+            base[:, :, b, :] = (error + offset) * scale
+        extra_vars["baselines"] = (("layer", "epoch", "baseline", "metric"), base)
+        extra_coords["baseline"] = ("baseline", np.array(list(baselines), dtype=object))
+        if control:
+            task_error = 0.9 - 0.6 * i * e + offset
+            control_error = 0.9 + offset
+            selectivity = np.broadcast_to(control_error - task_error, probe.shape)
+            is_selectivity = np.array([m == "selectivity" for _, m in metrics])
+            probe = np.where(is_selectivity[None, None, :], selectivity, probe)
+    if repeats > 1:
+        noise = np.random.default_rng(0).normal(0.0, repeat_sd, size=(n_layers, n_epochs, repeats, len(metrics)))
+        noise -= noise.mean(axis=2, keepdims=True)
+        extra_vars["probe_repeat"] = (("layer", "epoch", "repeat", "metric"), probe[:, :, None, :] + noise)
+        extra_coords["repeat"] = ("repeat", np.arange(repeats, dtype=np.int64))
     nonfinite = np.zeros((n_layers, n_epochs), dtype=bool)
     for name in nan_layers:
         probe[names.index(name)] = np.nan
         nonfinite[names.index(name)] = True
+        for value in extra_vars.values():
+            value[1][names.index(name)] = np.nan
     epochs = np.arange(n_epochs, dtype=np.int64)
     step = epochs * 100 if steps else np.full(n_epochs, -1, dtype=np.int64)
     channels = [16 * (1 + k // 3) for k in range(1, n_layers - 1)]
@@ -67,6 +103,7 @@ def make_run(
             "model_loss": (("epoch",), np.full(n_epochs, np.nan)),
             "model_error": (("epoch",), np.full(n_epochs, np.nan)),
             "wall_time": (("epoch",), epochs * 1.5),
+            **extra_vars,
         },
         coords={
             "layer": ("layer", np.array(names, dtype=object)),
@@ -82,6 +119,7 @@ def make_run(
             "metric": ("metric", np.array([f"{s}_{m}" for s, m in metrics], dtype=object)),
             "split": ("metric", np.array([s for s, _ in metrics], dtype=object)),
             "measure": ("metric", np.array([m for _, m in metrics], dtype=object)),
+            **extra_coords,
         },
         attrs={
             "probekit_schema": 2,
@@ -105,6 +143,8 @@ def make_run(
             "python_version": "3.11",
             "command": "pytest",
             "started": "2026-01-01T00:00:00Z",
+            **({"baselines": list(baselines)} if baselines else {}),
+            **({"repeats": repeats} if repeats > 1 else {}),
         },
     )
 

@@ -73,6 +73,22 @@ def findings() -> pd.DataFrame:
     )
 
 
+def dashed(spec: dict) -> list[tuple[dict, list[dict]]]:
+    """Line units whose dash pattern encodes the baseline."""
+    return [(u, r) for u, r in find(spec, "line") if u["encoding"].get("strokeDash", {}).get("field") == "baseline"]
+
+
+def bands(spec: dict) -> list[tuple[dict, list[dict]]]:
+    """Area units spanning a repeats' interval (low to high), coloured like their lines (the gap band is grey)."""
+    return [(u, r) for u, r in find(spec, "area") if u["encoding"].get("y2", {}).get("field") == "high" and "color" in u["encoding"]]
+
+
+@pytest.fixture
+def controlled():
+    """A run with both baselines and 5 repeats."""
+    return make_run(baselines=("random_init", "control"), repeats=5)
+
+
 # --------------------------------------------------------------------------
 # tidy
 
@@ -529,3 +545,126 @@ def test_plots_does_not_import_torch():
     code = "import sys, probekit.plots; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------
+# Baselines (dashed) and repeats (bands)
+
+
+def test_tidy_baselines_and_interval_frames(controlled):
+    base = plots.tidy_baselines(controlled, measure="error", split="valid", epoch=-1)
+    assert list(base.columns) == [*plots.TIDY_COLUMNS, "baseline"]
+    assert len(base) == 6 * 2
+    hit = base[(base.layer == "pool3") & (base.baseline == "random_init")].iloc[0]
+    assert hit.value == pytest.approx(float(controlled["baselines"].sel(layer="pool3", baseline="random_init",
+                                                                         metric="valid_error").isel(epoch=-1)))
+    # A baseline has no selectivity of its own: those rows are left out, not drawn as NaN.
+    assert plots.tidy_baselines(controlled, measure="selectivity").empty
+    assert plots.tidy_baselines(make_run()).empty
+    band = plots.tidy_interval(controlled, measure="error", split="valid")
+    repeats = controlled["probe_repeat"].sel(metric="valid_error")
+    assert len(band) == 6 * 4
+    assert np.allclose(band.low, repeats.min("repeat").values.reshape(-1))
+    assert np.allclose(band.high, repeats.max("repeat").values.reshape(-1))
+    assert np.allclose(band.value, repeats.mean("repeat").values.reshape(-1))
+    assert (band.low <= band.value).all() and (band.value <= band.high).all()
+    assert plots.tidy_interval(make_run()).empty
+    with pytest.raises(ValueError, match="baseline='shuffled' is not in this run; choose from: random_init, control"):
+        plots.tidy_baselines(controlled, baselines="shuffled")
+
+
+def test_interval_is_min_to_max_below_ten_repeats_and_central_95_percent_above():
+    few = np.array([0.1, 0.5, 0.2, 0.3])
+    assert [float(v) for v in plots.interval_bounds(few)] == [0.1, 0.5]
+    many = np.linspace(0.0, 1.0, 41)
+    low, high = plots.interval_bounds(many)
+    assert (float(low), float(high)) == (pytest.approx(0.025), pytest.approx(0.975))
+    low, high = plots.interval_bounds(np.full((2, 3), np.nan))
+    assert np.isnan(low).all() and np.isnan(high).all()
+
+
+def test_training_curves_draw_baselines_dashed_and_repeats_as_bands(controlled):
+    spec = plots.training_curves(controlled).to_dict()
+    (line, rows), = dashed(spec)
+    assert line["encoding"]["color"]["field"] == "layer"
+    assert line["encoding"]["strokeDash"]["scale"]["domain"] == ["random_init", "control"]
+    assert line["encoding"]["strokeDash"]["legend"]["title"] == "baseline (dashed)"
+    assert len(rows) == 6 * 4 * 2
+    hit = row(rows, layer="logits", epoch=2, baseline="control")
+    assert hit["value"] == pytest.approx(0.95)
+    (area, band), = bands(spec)
+    assert (area["encoding"]["y"]["field"], area["encoding"]["color"]["field"]) == ("low", "layer")
+    assert all(r["low"] <= r["value"] <= r["high"] for r in band)
+    plain = plots.training_curves(controlled, baselines=False, interval=False).to_dict()
+    assert not dashed(plain) and not bands(plain)
+    only = plots.training_curves(controlled, baselines="random_init").to_dict()
+    assert {r["baseline"] for r in dashed(only)[0][1]} == {"random_init"}
+    # Runs without them draw neither, and their specs keep their shape.
+    assert plots.training_curves(make_run()).to_dict()["layer"].__len__() == 2
+
+
+def test_depth_profile_draws_baselines_per_split_and_bands(controlled):
+    spec = plots.depth_profile(controlled, splits=("train", "valid")).to_dict()
+    (line, rows), = dashed(spec)
+    assert line["encoding"]["color"]["field"] == "split"
+    assert {(r["split"], r["baseline"]) for r in rows} == {
+        (s, b) for s in ("train", "valid") for b in ("random_init", "control")}
+    assert row(rows, layer="logits", split="valid", baseline="random_init")["value"] == pytest.approx(0.75)
+    (area, band), = bands(spec)
+    assert area["encoding"]["color"]["field"] == "split"
+    assert len(band) == 6 * 2
+    selectivity = plots.depth_profile(controlled, measure="selectivity").to_dict()
+    assert not dashed(selectivity) and bands(selectivity)
+
+
+def test_comparison_draws_each_runs_baselines_in_its_colour(controlled):
+    spec = plots.comparison({"trained": controlled, "plain": make_run()}).to_dict()
+    (line, rows), = dashed(spec)
+    assert line["encoding"]["color"]["field"] == "run"
+    assert {r["run"] for r in rows} == {"trained"}
+    (area, band), = bands(spec)
+    assert {r["run"] for r in band} == {"trained"}
+    assert not dashed(plots.comparison([controlled, make_run()], baselines=False).to_dict())
+
+
+def test_charts_with_baselines_and_repeats_render(controlled, tmp_path):
+    chart = plots.depth_profile(controlled) | plots.training_curves(controlled) | plots.comparison([controlled, make_run()])
+    path = plots.save(chart, tmp_path / "controls.svg")
+    assert path.read_text().count("stroke-dasharray") >= 4
+
+
+def _similarity(rows: int = 4, cols: int = 3):
+    import xarray as xr
+
+    values = np.linspace(0, 1, rows * cols).reshape(rows, cols)
+    values[1, 2] = np.nan
+    return xr.DataArray(
+        values, dims=("layer_a", "layer_b"), name="cka",
+        coords={"layer_a": [f"a{i}" for i in range(rows)], "layer_b": [f"b{j}" for j in range(cols)]},
+        attrs={"estimator": "debiased", "n_examples": 300, "model_a": "ResNet", "model_b": "Inception"},
+    )
+
+
+def test_cka_heatmap_encodings_and_rows():
+    spec = plots.cka_heatmap(_similarity()).to_dict()
+    cells = [(u, r) for u, r in find(spec, "rect") if "color" in u["encoding"]]
+    (cell, rows), = cells
+    enc = cell["encoding"]
+    assert (enc["y"]["field"], enc["y"]["sort"], enc["y"]["title"]) == ("layer_a", ["a0", "a1", "a2", "a3"], "ResNet layer")
+    assert (enc["x"]["field"], enc["x"]["title"]) == ("layer_b", "Inception layer")
+    assert enc["color"]["scale"]["domain"] == [0, 1]
+    assert len(rows) == 12
+    assert row(rows, layer_a="a3", layer_b="b2")["cka"] == pytest.approx(1.0)
+    assert row(rows, layer_a="a1", layer_b="b2")["cka"] is None
+    assert spec["title"]["subtitle"] == "debiased estimator, 300 examples"
+    named = plots.cka_heatmap(_similarity(), names=("R", "I")).to_dict()
+    assert named["title"]["text"] == "linear CKA: R vs I"
+
+
+def test_cka_heatmap_rejects_what_is_not_a_similarity(run):
+    with pytest.raises(TypeError, match=r"pk.cka's result.*got Dataset"):
+        plots.cka_heatmap(run)
+    with pytest.raises(TypeError, match=r"got dims \('x', 'y'\)"):
+        plots.cka_heatmap(_similarity().rename(layer_a="x", layer_b="y"))
+    with pytest.raises(ValueError, match="exceed 5000 cells; select fewer"):
+        plots.cka_heatmap(_similarity(80, 70))

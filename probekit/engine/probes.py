@@ -1,4 +1,4 @@
-"""The linear probe and its solvers.
+"""The linear probe, its solvers, and the held-out choice of its regularisation.
 
 A probe is L2-regularised softmax regression on one layer's (reduced)
 features: ``p(y | h) = softmax(W z + b)`` with ``z`` the features
@@ -10,6 +10,56 @@ is convex, so a probe has one optimum; :func:`fit_probe` (one layer) and
 :func:`fit_probes` (every layer of a run) find it with full-batch L-BFGS and
 report whether it met its tolerance. It is the same problem as scikit-learn's
 ``LogisticRegression(C=1 / (n * l2))`` on standardised features.
+
+Choosing ``l2`` (``l2="auto"``, the default). A probe's capacity must suit its
+layer: 2,000 features on 100 examples need strong regularisation, 20
+informative features on 2,000 examples almost none. Per layer:
+
+- **Held-out fold.** The training split is divided once, for every layer
+  alike, into a fitting part and a held-out fold: a seeded
+  (``seed``), stratified 20% of each class (at least one example of each).
+  Valid and test splits are never looked at: they only report.
+- **Path.** The probe is fitted on the fitting part along the log-spaced
+  path :data:`L2_PATH` (10, 1, 0.1, ..., 1e-6: eight decades), from the
+  strong end down, each value warm-started from the previous one's weights
+  and stopped at a looser tolerance (``10 * tol``) than the final fit. After
+  each value the **mean cross-entropy on the held-out fold** (nats) is
+  computed; the path stops early once it has failed to improve on the best
+  value for :data:`PATIENCE` (2) consecutive values.
+- **Choice.** The value with the lowest held-out cross-entropy wins; a weaker
+  value must beat a stronger one by more than a relative ``1e-6`` (float
+  noise), so ties go to the stronger L2.
+- **Refit.** The probe is then refitted on the whole training split at the
+  chosen value (warm-started from the path's weights, to ``tol``). That fit is
+  the one returned: ``ProbeFit.l2`` is the value, ``ProbeFit.heldout`` the
+  held-out cross-entropy it won with, ``ProbeFit.path`` every point tried.
+- **Candidates.** A layer may have several candidate column slices of its
+  features (``candidates``: the several pooling sizes of a ``reduce="auto"``
+  reducer, see :mod:`probekit.engine.reduce`). Each candidate runs its own
+  path on the same fold, and the best (candidate, l2) pair by the same
+  held-out score wins (ties: the stronger L2, then the earlier candidate);
+  ``ProbeFit.spec`` and ``ProbeFit.columns`` record it and
+  :meth:`ProbeFit.logits` reads only those columns. With a fixed ``l2`` and
+  several candidates, the path is that one value: the fold then chooses the
+  candidate only.
+- **Fallback.** A training split with fewer than :data:`MIN_PER_CLASS` (5)
+  examples of some class cannot hold out a fold that has every class and
+  still fit on the rest: the probe is then fitted with the fixed
+  :data:`FALLBACK_L2` (1e-3; with candidates, the one with the fewest
+  columns), and ``ProbeFit.fallback`` says why, in one line, for the caller
+  to record with the run.
+- **Cost.** Warm starts, the looser tolerance on the path and the early stop
+  keep the whole choice (path and refit) within about 3x one fit at the
+  chosen value from scratch (``benchmarks/fitting.py`` measures the ratio).
+- **Determinism.** The fold comes from ``seed``; in the path every sum over
+  rows is taken over fixed row blocks in a fixed order and the preconditioner
+  is computed single-threaded, so the same data and seed give the same
+  choice and the same weights whatever the number of CPU threads.
+
+A fixed float ``l2`` (and at most one candidate) fits exactly as before the
+path existed: on the whole training split, from the class priors, no fold.
+``l2`` may also map layers to values (floats or ``"auto"``), e.g. to refit a
+stored run with the values it chose.
 
 How the solver stays cheap (see ``benchmarks/``): the loss and gradient are
 two float32 matrix products per evaluation with the weights kept as
@@ -23,11 +73,17 @@ layer), which keeps all cores busy without the per-operation barriers that
 make multithreaded small products stall on a shared machine.
 
 :class:`OnlineProbes` is the cheap alternative for monitoring: one optimiser
-step per model training step on that batch's detached features.
+step per model training step on that batch's detached features. With
+``l2="auto"`` each layer gets one head per value of :data:`ONLINE_L2_PATH`,
+all stepped on every batch; each batch is scored by every head *before* the
+head steps on it, so the running training loss is a held-out (prequential)
+score, and the head with the lowest running loss since the epoch began is
+the one whose scores and logits are reported (``OnlineProbes.l2_of``).
 
 This module owns the probes and their solvers; it works on feature tensors
 only, so it imports no model-side part of the engine (only
-:mod:`~probekit.engine.devices`, for thread counts), and never the run store,
+:mod:`~probekit.engine.devices`, for thread counts) and
+:mod:`probekit.params` for its argument checks, and never the run store,
 the diagnosis, the charts or the explorers.
 """
 
@@ -45,34 +101,76 @@ from torch import nn
 from torch.nn import functional as F
 
 from probekit.engine.devices import torch_threads
+from probekit.params import Interval, Options, check_params
 
-__all__ = ["DEFAULT_L2", "OnlineProbes", "ProbeFit", "fit_probe", "fit_probes", "score", "standardiser"]
+__all__ = [
+    "DEFAULT_L2", "FALLBACK_L2", "HOLDOUT", "L2_PATH", "MIN_PER_CLASS", "ONLINE_L2_PATH", "PATIENCE", "OnlineProbes",
+    "ProbeFit", "fit_probe", "fit_probes", "score", "standardiser",
+]
 
-#: Default L2 strength (on standardised features, mean loss).
+#: Default L2 strength of the solver when ``l2`` is not chosen on held-out data
+#: (on standardised features, mean loss); also the fallback of ``l2="auto"``.
 DEFAULT_L2 = 1e-3
+#: The fixed value ``l2="auto"`` falls back to when no fold can be held out.
+FALLBACK_L2 = DEFAULT_L2
+#: The L2 path of ``l2="auto"``, strongest first.
+L2_PATH = tuple(10.0 ** -e for e in range(-1, 7))
+#: Share of each class held out to choose on.
+HOLDOUT = 0.2
+#: Fewest training examples of every class for ``l2="auto"`` to hold out a fold.
+MIN_PER_CLASS = 5
+#: Values along the path without improvement on the best before the path stops.
+PATIENCE = 2
+#: The path's points stop at this multiple of ``tol`` (the refit at ``tol`` itself).
+_PATH_TOL = 10
+#: A weaker L2 must lower the held-out loss by more than this (relative) to be chosen.
+_TIE = 1e-6
+#: The heads of :class:`OnlineProbes` with ``l2="auto"``.
+ONLINE_L2_PATH = (1e-4, 1e-3, 1e-2, 1e-1)
 _EVAL_CHUNK = 8192
 #: Largest number of top feature-covariance directions the preconditioner whitens.
 _PRECONDITION_RANK = 64
 #: Fewest elements (examples x features) of a layer fitted in parallel with others, and
 #: of each row block when one fit is split across threads.
 _MIN_PARALLEL_ELEMENTS = 2**21
+#: Most row blocks of one fit along the path (their number never depends on the threads).
+_MAX_BLOCKS = 16
 #: Rows of the random sample the preconditioner's sketch is computed on.
 _SKETCH_ROWS = 2048
 _STATS_ROWS = 1024
 
+_L2_CONSTRAINTS = {"l2": [Interval(float, 0, None), Options("auto")], "seed": [Interval(int, 0, None)],
+                   "max_iter": [Interval(int, 1, None)], "tol": [Interval(float, 0, None, closed="neither")]}
+
 
 @dataclass
 class ProbeFit:
-    """A fitted probe: standardisation, weights, and how the solver ended."""
+    """A fitted probe: standardisation, weights, how the solver ended, and how ``l2`` was chosen."""
 
-    mean: torch.Tensor
-    scale: torch.Tensor
-    weight: torch.Tensor  # (features, classes), on standardised features
+    mean: torch.Tensor  # (columns,)
+    scale: torch.Tensor  # (columns,)
+    weight: torch.Tensor  # (columns, classes), on standardised features
     bias: torch.Tensor
-    iterations: int
+    iterations: int  # of the returned fit (the refit, for l2="auto")
     converged: bool
+    #: The L2 strength the returned weights were fitted with.
+    l2: float = DEFAULT_L2
+    #: The chosen candidate's spec; None when the layer had one.
+    spec: str | None = None
+    #: The slice of the layer's features the probe reads (all of them unless a candidate was chosen).
+    columns: slice | None = None
+    #: Why ``l2="auto"`` fell back to :data:`FALLBACK_L2` (one line); None when it did not.
+    fallback: str | None = None
+    #: Held-out mean cross-entropy (nats) the choice was made on; NaN when nothing was chosen.
+    heldout: float = math.nan
+    #: Every point of the path: ``(spec, l2, held-out cross-entropy, iterations)``.
+    path: tuple = ()
+    #: L-BFGS iterations spent along the path (0 without one).
+    path_iterations: int = 0
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.columns is not None:
+            features = features[..., self.columns]
         return ((features - self.mean) / self.scale) @ self.weight + self.bias
 
 
@@ -118,16 +216,19 @@ def _standardise(
     return mean, scale, z
 
 
+
 def fit_probe(
     features: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
     *,
-    l2: float = DEFAULT_L2,
+    l2: float | str = "auto",
+    candidates: Mapping[str, slice] | None = None,
+    seed: int = 0,
     max_iter: int = 1000,
     tol: float = 1e-5,
 ) -> ProbeFit:
-    """Fit one probe to its optimum with full-batch L-BFGS.
+    """Fit one probe with full-batch L-BFGS, its L2 strength chosen on a held-out fold by default.
 
     The loss and its analytic gradient are computed by torch (float32, on the
     features' device; on the CPU, row blocks on one single-threaded worker per
@@ -138,8 +239,15 @@ def fit_probe(
         features: ``(n, d)`` float tensor of one layer's training features.
         labels: ``(n,)`` integer class labels in ``[0, num_classes)``.
         num_classes: number of classes ``K``.
-        l2: L2 strength on the weights (not the bias), per example.
-        max_iter: most L-BFGS iterations.
+        l2: L2 strength on the weights (not the bias), per example; ``"auto"``
+            chooses it along :data:`L2_PATH` by held-out cross-entropy (see the
+            module's docstring), falling back to :data:`FALLBACK_L2` with a
+            reason in ``ProbeFit.fallback`` when no fold can be held out.
+        candidates: ``{spec: column slice}`` of ``features`` to choose among
+            on the same fold (e.g. a ``Pyramid`` reducer's ``candidates``);
+            None or one entry: every column.
+        seed: seeds the held-out fold.
+        max_iter: most L-BFGS iterations (per point of the path).
         tol: stop when the largest gradient entry is below this.
 
     Example:
@@ -147,7 +255,8 @@ def fit_probe(
         >>> fit.logits(torch.randn(5, 8)).shape
         torch.Size([5, 3])
     """
-    return fit_probes({"probe": features}, labels, num_classes, l2=l2, max_iter=max_iter, tol=tol)["probe"]
+    return fit_probes({"probe": features}, labels, num_classes, l2=l2, seed=seed, max_iter=max_iter, tol=tol,
+                      candidates=None if candidates is None else {"probe": candidates})["probe"]
 
 
 def fit_probes(
@@ -155,21 +264,28 @@ def fit_probes(
     labels: torch.Tensor,
     num_classes: int,
     *,
-    l2: float = DEFAULT_L2,
+    l2: float | str | Mapping[str, float | str] = "auto",
+    candidates: Mapping[str, Mapping[str, slice]] | None = None,
+    seed: int = 0,
     max_iter: int = 1000,
     tol: float = 1e-5,
 ) -> dict[str, ProbeFit]:
-    """Fit one probe per layer, each to its optimum as :func:`fit_probe` does.
+    """Fit one probe per layer, each as :func:`fit_probe` does, all on one held-out fold.
 
-    On the CPU, large layers are fitted in parallel, one per worker thread
-    (``torch.get_num_threads()`` workers, each running torch single-threaded)
-    and small ones one after another; the results are the same as fitting
-    them one by one.
+    On the CPU, large layers are fitted in parallel (paths included), one per
+    worker thread (``torch.get_num_threads()`` workers, each running torch
+    single-threaded) and small ones one after another; the results are the
+    same as fitting them one by one.
 
     Args:
         features: ``{layer: (n, d_layer) float tensor}``, all on one device.
         labels: ``(n,)`` integer class labels in ``[0, num_classes)``.
-        num_classes, l2, max_iter, tol: as for :func:`fit_probe`.
+        num_classes, seed, max_iter, tol: as for :func:`fit_probe`.
+        l2: a float, ``"auto"``, or ``{layer: float | "auto"}`` with an entry for every layer.
+        candidates: ``{layer: {spec: column slice}}``; a layer without an entry
+            (or with one candidate) reads all its columns. Entries for layers
+            not in ``features`` are ignored (a caller may have left out a
+            layer that could not be fitted).
 
     Returns:
         ``{layer: ProbeFit}``, in the order of ``features``.
@@ -181,22 +297,101 @@ def fit_probes(
     """
     if not features:
         return {}
+    check_params(_L2_CONSTRAINTS, seed=seed, max_iter=max_iter, tol=tol)
+    strengths = _strengths(l2, features)
+    slices = {name: _candidate_slices(name, x.shape[1], (candidates or {}).get(name)) for name, x in features.items()}
     labels = labels.long()
+    if labels.ndim != 1 or any(x.ndim != 2 or x.shape[0] != labels.shape[0] for x in features.values()):
+        shapes = ", ".join(f"{name}: {tuple(x.shape)}" for name, x in features.items())
+        raise ValueError(f"fit_probes needs (n, d) features and (n,) labels with the same n; got labels "
+                         f"{tuple(labels.shape)} and features {shapes}")
+    # One fold for every layer that chooses something (an L2 value, or among candidates).
+    choosing = [name for name in features if strengths[name] == "auto" or len(slices[name]) > 1]
+    fold = _heldout_fold(labels, num_classes, seed) if choosing else None
     on_cpu = all(x.device.type == "cpu" for x in features.values())
     threads = torch.get_num_threads() if on_cpu else 1
-    solve = dict(num_classes=num_classes, l2=l2, max_iter=max_iter, tol=tol)
+    solve = dict(num_classes=num_classes, max_iter=max_iter, tol=tol)
+
+    def task(name: str, pool: Executor | None, parts: int) -> Callable[[], ProbeFit]:
+        x = features[name]
+        if name not in choosing:
+            columns = next(iter(slices[name].values()))
+            if columns != slice(0, x.shape[1]):
+                x = x[:, columns]
+            return lambda: _fit_one(x, labels, l2=strengths[name], pool=pool, parts=parts, columns=columns, **solve)
+        return lambda: _fit_path(x, labels, fold, strengths[name], slices[name], pool=pool, parts=parts, **solve)
+
     # A small fit is many tiny steps: run in parallel, its threads would mostly wait for
     # each other (the GIL between steps); a large one spends its time in products.
     large = [name for name, x in features.items() if x.numel() >= _MIN_PARALLEL_ELEMENTS]
     with _single_threaded_blas(), _single_threaded_torch(threads) as pool:
         if pool is None or len(large) < 2:
-            return {name: _fit_one(x, labels, pool=pool, parts=threads, **solve) for name, x in features.items()}
-        fits = {name: _fit_one(x, labels, pool=None, parts=1, **solve) for name, x in features.items() if name not in large}
+            return {name: task(name, pool, threads)() for name in features}
+        fits = {name: task(name, None, 1)() for name in features if name not in large}
         # Largest layers first, so that no worker is left with a big one at the end.
         order = sorted(large, key=lambda name: -features[name].numel())
-        futures = {name: pool.submit(_fit_one, features[name], labels, pool=None, parts=1, **solve) for name in order}
+        futures = {name: pool.submit(task(name, None, 1)) for name in order}
         fits.update({name: future.result() for name, future in futures.items()})
         return {name: fits[name] for name in features}
+
+
+def _strengths(l2, features: Mapping[str, torch.Tensor]) -> dict[str, float | str]:
+    """``{layer: float | "auto"}`` from the ``l2`` argument, checked."""
+    if isinstance(l2, Mapping):
+        missing = [name for name in features if name not in l2]
+        if missing:
+            raise ValueError(f"l2 maps layers to values but has none for {missing}; give every layer a value "
+                             f"(a float or 'auto')")
+        values = {name: l2[name] for name in features}
+    else:
+        values = dict.fromkeys(features, l2)
+    for value in values.values():
+        check_params(_L2_CONSTRAINTS, l2=value)
+    return {name: value if value == "auto" else float(value) for name, value in values.items()}
+
+
+def _candidate_slices(name: str, d: int, given: Mapping[str, slice] | None) -> dict[str | None, slice]:
+    """The layer's candidates as ``{spec: slice(start, stop)}``; ``{None: slice(0, d)}`` for none or one."""
+    if not given:
+        return {None: slice(0, d)}
+    out = {}
+    for spec, columns in given.items():
+        if not isinstance(columns, slice) or columns.step not in (None, 1):
+            raise ValueError(f"candidate {spec!r} of layer {name!r} must be a slice of its feature columns with step 1; "
+                             f"got {columns!r}")
+        start, stop, _ = columns.indices(d)
+        if stop <= start or (columns.stop is not None and columns.stop > d):
+            raise ValueError(f"candidate {spec!r} of layer {name!r} reads columns {columns.start}:{columns.stop}, "
+                             f"not a non-empty range of its {d} feature columns; give slices within 0:{d}")
+        out[spec] = slice(start, stop)
+    if len(out) == 1:
+        return {None: next(iter(out.values()))}
+    return out
+
+
+def _heldout_fold(labels: torch.Tensor, num_classes: int, seed: int) -> tuple[torch.Tensor, int] | str:
+    """A seeded, stratified held-out fold: ``(order, n_fit)``, the rows to fit on first, or why there is none (text).
+
+    ``order`` lists the fitting rows (ascending) and then the held-out rows
+    (ascending): :data:`HOLDOUT` of each class, rounded, at least one.
+    """
+    y = labels.detach().cpu()
+    counts = torch.bincount(y, minlength=num_classes)
+    present = (counts > 0).nonzero().flatten().tolist()
+    scarce = [c for c in present if counts[c] < MIN_PER_CLASS]
+    if scarce:
+        c = min(scarce, key=lambda c: (int(counts[c]), c))
+        return (f"holds out a stratified {HOLDOUT:.0%} fold and needs at least {MIN_PER_CLASS} training examples "
+                f"of every class, but class {c} has {int(counts[c])}")
+    shuffled = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(seed))
+    fit, held = [], []
+    for c in present:
+        rows = shuffled[y[shuffled] == c]
+        cut = max(1, round(HOLDOUT * rows.shape[0]))
+        held.append(rows[:cut])
+        fit.append(rows[cut:])
+    fit_rows, held_rows = torch.cat(fit).sort().values, torch.cat(held).sort().values
+    return torch.cat([fit_rows, held_rows]), fit_rows.shape[0]
 
 
 @contextmanager
@@ -229,72 +424,174 @@ def _single_threaded_blas():
     return threadpool_limits(1, user_api="blas")
 
 
+
+class _Objective:
+    """The probe's loss on standardised features ``z`` (rows in row blocks), and L-BFGS-B on it.
+
+    ``blocks``: how many row blocks the loss is summed over, in order. With a
+    ``pool`` they are computed by its workers (this thread takes the first);
+    without one, one after another here: the same arithmetic either way.
+    """
+
+    def __init__(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                 precondition: Callable[[torch.Tensor], torch.Tensor], pool: Executor | None, blocks: int):
+        self.z, self.labels, self.k = z, labels, num_classes
+        self.n, self.d = z.shape
+        self.precondition, self.pool = precondition, pool
+        bounds = np.linspace(0, self.n, blocks + 1).astype(int)
+        self.blocks = [(z[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def weight(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.precondition(flat[: self.d * self.k].view(self.k, self.d))
+
+    def theta(self, weight_prime: torch.Tensor, previous: np.ndarray) -> np.ndarray:
+        """Parameters with preconditioned weights ``weight_prime`` (``(classes, features)``) and ``previous``'s biases."""
+        theta = previous.copy()
+        theta[: self.d * self.k] = weight_prime.reshape(-1).double().cpu().numpy()
+        return theta
+
+    def start(self) -> np.ndarray:
+        """Zero weights and the class log-frequencies as biases: the optimum when features carry nothing."""
+        start = np.zeros(self.d * self.k + self.k)
+        counts = torch.bincount(self.labels, minlength=self.k).double().clamp_min(0.5)
+        prior = counts.log() - counts.log().mean()
+        start[self.d * self.k:] = prior.cpu().numpy()
+        return start
+
+    def minimize(self, l2: float, start: np.ndarray, *, tol: float, max_iter: int) -> tuple[np.ndarray, int, bool]:
+        """L-BFGS-B from ``start`` until the largest entry of the true gradient is within ``tol``."""
+        from scipy.optimize import minimize
+
+        z, n, d, k, pool = self.z, self.n, self.d, self.k, self.pool
+        last: dict[str, object] = {}
+
+        def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            flat = torch.from_numpy(theta).to(device=z.device, dtype=torch.float32)
+            weight, bias = self.weight(flat), flat[d * k:]
+            # This thread takes the first row block, the pool the others.
+            futures = [pool.submit(_loss_terms, zb, yb, weight, bias) for zb, yb in self.blocks[1:]] if pool else []
+            terms = [_loss_terms(*self.blocks[0], weight, bias)]
+            terms += [f.result() for f in futures] if pool else [_loss_terms(zb, yb, weight, bias)
+                                                                 for zb, yb in self.blocks[1:]]
+            picked = sum(t[0] for t in terms)
+            grad_w = sum(t[1] for t in terms) / n
+            grad_b = sum(t[2] for t in terms) / n
+            grad_w.add_(weight, alpha=l2)
+            loss = -picked / n + 0.5 * l2 * float(weight.double().pow(2).sum())
+            last["theta"], last["gmax"] = theta, max(float(grad_w.abs().max()), float(grad_b.abs().max()))
+            grad = torch.cat([self.precondition(grad_w).reshape(-1), grad_b])
+            return loss, grad.double().cpu().numpy()
+
+        iterations = [0]
+
+        def stop_when_converged(xk: np.ndarray) -> None:
+            # The test is on the gradient of the true weights, whatever the preconditioner.
+            iterations[0] += 1
+            if last["gmax"] <= tol and np.array_equal(xk, last["theta"]):
+                raise StopIteration
+
+        try:
+            result = minimize(
+                loss_and_grad, start, jac=True, method="L-BFGS-B", callback=stop_when_converged,
+                options={"maxiter": max_iter, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps, "maxcor": 10},
+            )
+            solution, scipy_converged = result.x, result.status == 0
+        except StopIteration:  # SciPy before 1.11 lets the callback's StopIteration through
+            solution, scipy_converged = last["theta"], False
+        if not np.array_equal(solution, last["theta"]):
+            loss_and_grad(solution)
+        return solution, iterations[0], bool(last["gmax"] <= tol or scipy_converged)
+
+    def fit(self, theta: np.ndarray, mean: torch.Tensor, scale: torch.Tensor, iterations: int, converged: bool,
+            **about) -> ProbeFit:
+        flat = torch.from_numpy(theta).to(device=self.z.device, dtype=torch.float32)
+        return ProbeFit(mean=mean, scale=scale, weight=self.weight(flat).T.contiguous(), bias=flat[self.d * self.k:].clone(),
+                        iterations=iterations, converged=converged, **about)
+
+
 def _fit_one(
     features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, l2: float, max_iter: int, tol: float,
-    pool: Executor | None, parts: int,
+    pool: Executor | None, parts: int, columns: slice | None = None, **about,
 ) -> ProbeFit:
-    """One probe: standardise, precondition, then L-BFGS-B on the loss of :func:`_loss_terms`."""
-    from scipy.optimize import minimize
-
+    """One probe at a fixed ``l2``: standardise, precondition, then L-BFGS-B from the class priors."""
     features = features.float()
     mean, scale, z = _standardise(features, pool=pool)
     n, d = z.shape
-    k = num_classes
     labels = labels.to(z.device)
     parts = max(1, min(parts, n * d // _MIN_PARALLEL_ELEMENTS)) if pool is not None else 1
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    blocks = [(z[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     with torch_threads(parts) if pool is not None else nullcontext():  # a few large products: threads pay
         precondition = _preconditioner(z)
+    objective = _Objective(z, labels, num_classes, precondition=precondition, pool=pool, blocks=parts)
+    solution, iterations, converged = objective.minimize(l2, objective.start(), tol=tol, max_iter=max_iter)
+    return objective.fit(solution, mean, scale, iterations, converged, l2=l2,
+                         columns=columns if columns is not None else slice(0, d), **about)
 
-    def to_weight(flat: torch.Tensor) -> torch.Tensor:
-        return precondition(flat[: d * k].view(k, d))
 
-    last: dict[str, object] = {}
+def _fit_path(
+    features: torch.Tensor, labels: torch.Tensor, fold: tuple[torch.Tensor, int] | str, l2: float | str,
+    candidates: dict[str | None, slice], *, num_classes: int, max_iter: int, tol: float, pool: Executor | None,
+    parts: int,
+) -> ProbeFit:
+    """One layer's choice of (candidate, l2) on the held-out fold, then its refit on every training row.
 
-    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        flat = torch.from_numpy(theta).to(device=z.device, dtype=torch.float32)
-        weight, bias = to_weight(flat), flat[d * k:]
-        # This thread takes the first row block, the pool the others.
-        futures = [pool.submit(_loss_terms, zb, yb, weight, bias) for zb, yb in blocks[1:]]
-        terms = [_loss_terms(*blocks[0], weight, bias)] + [future.result() for future in futures]
-        picked = sum(t[0] for t in terms)
-        grad_w = sum(t[1] for t in terms) / n
-        grad_b = sum(t[2] for t in terms) / n
-        grad_w.add_(weight, alpha=l2)
-        loss = -picked / n + 0.5 * l2 * float(weight.double().pow(2).sum())
-        last["theta"], last["gmax"] = theta, max(float(grad_w.abs().max()), float(grad_b.abs().max()))
-        grad = torch.cat([precondition(grad_w).reshape(-1), grad_b])
-        return loss, grad.double().cpu().numpy()
+    See the module's docstring for the rule. ``fold`` is :func:`_heldout_fold`'s answer;
+    ``l2`` a float (the path is that value: only the candidate is chosen) or ``"auto"``.
+    """
+    if isinstance(fold, str):  # no fold: the fixed fallback, on the smallest candidate
+        spec, columns = min(candidates.items(), key=lambda item: item[1].stop - item[1].start)
+        x = features if columns == slice(0, features.shape[1]) else features[:, columns]
+        value = FALLBACK_L2 if l2 == "auto" else l2
+        what = "l2='auto'" if l2 == "auto" else "choosing among candidates"
+        then = f"fitted with the fixed l2={FALLBACK_L2:g} instead" if l2 == "auto" else "fitted"
+        if len(candidates) > 1:
+            then += f" on the candidate with the fewest columns, {spec!r}"
+        why = f"{what} {fold}: {then} (give more examples{', or a fixed l2' if l2 == 'auto' else ''})"
+        return _fit_one(x, labels, num_classes=num_classes, l2=value, max_iter=max_iter, tol=tol, pool=pool,
+                        parts=parts, columns=columns, spec=spec, fallback=why)
+    order, n_fit = fold
+    order = order.to(features.device)
+    mean, scale, z = _standardise(features.float()[order], pool=pool)
+    labels = labels.to(z.device)[order]
+    n, d = z.shape
+    grid = L2_PATH if l2 == "auto" else (l2,)
+    path_tol = _PATH_TOL * tol if len(grid) > 1 else tol
 
-    iterations = [0]
+    def blocks(rows: int, cols: int) -> int:  # never from the thread count: the same sums whoever computes them
+        return max(1, min(_MAX_BLOCKS, rows * cols // _MIN_PARALLEL_ELEMENTS))
 
-    def stop_when_converged(xk: np.ndarray) -> None:
-        # The test is on the gradient of the true weights, whatever the preconditioner.
-        iterations[0] += 1
-        if last["gmax"] <= tol and np.array_equal(xk, last["theta"]):
-            raise StopIteration
-
-    start = np.zeros(d * k + k)
-    counts = torch.bincount(labels, minlength=k).double().clamp_min(0.5)
-    prior = counts.log() - counts.log().mean()
-    start[d * k:] = prior.cpu().numpy()  # class log-frequencies: the optimum when features carry nothing
-    try:
-        result = minimize(
-            loss_and_grad, start, jac=True, method="L-BFGS-B", callback=stop_when_converged,
-            options={"maxiter": max_iter, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps, "maxcor": 10},
-        )
-        solution, scipy_converged = result.x, result.status == 0
-    except StopIteration:  # SciPy before 1.11 lets the callback's StopIteration through
-        solution, scipy_converged = last["theta"], False
-    if not np.array_equal(solution, last["theta"]):
-        loss_and_grad(solution)
-    flat = torch.from_numpy(solution).to(device=z.device, dtype=torch.float32)
-    weight = to_weight(flat)
-    return ProbeFit(
-        mean=mean, scale=scale, weight=weight.T.contiguous(), bias=flat[d * k:].clone(), iterations=iterations[0],
-        converged=bool(last["gmax"] <= tol or scipy_converged),
-    )
+    points, best, path_iterations = [], None, 0
+    for spec, columns in candidates.items():
+        zc = z[:, columns] if columns != slice(0, d) else z
+        with torch_threads(1):  # LAPACK's QR differs in the last bits with the thread count
+            whitening = _Whitening.of(zc)
+        fit_z, fit_y, held_z, held_y = zc[:n_fit], labels[:n_fit], zc[n_fit:], labels[n_fit:]
+        theta, since_best, mine, weights = None, 0, None, None
+        for value in grid:
+            precondition, undo = whitening.at(value, num_classes)
+            part = _Objective(fit_z, fit_y, num_classes, precondition=precondition, pool=pool,
+                              blocks=blocks(n_fit, zc.shape[1]))
+            theta = part.start() if theta is None else part.theta(undo(weights), theta)  # warm start
+            theta, iterations, _ = part.minimize(value, theta, tol=path_tol, max_iter=max_iter)
+            path_iterations += iterations
+            flat = torch.from_numpy(theta).to(device=z.device, dtype=torch.float32)
+            weights = part.weight(flat)
+            logits = torch.addmm(flat[part.d * part.k:], held_z, weights.T)
+            loss = float(F.cross_entropy(logits.double(), held_y))
+            points.append((spec, value, loss, iterations))
+            if mine is None or loss < mine[0] * (1 - _TIE):
+                mine, since_best = (loss, value, theta.copy(), precondition), 0
+            else:
+                since_best += 1
+                if since_best >= PATIENCE:
+                    break
+        if best is None or mine[0] < best[0] * (1 - _TIE):
+            best = (*mine, spec, columns)
+    loss, value, theta, precondition, spec, columns = best
+    zc = z[:, columns] if columns != slice(0, d) else z
+    whole = _Objective(zc, labels, num_classes, precondition=precondition, pool=pool, blocks=blocks(n, zc.shape[1]))
+    solution, iterations, converged = whole.minimize(value, theta, tol=tol, max_iter=max_iter)
+    return whole.fit(solution, mean[columns].clone(), scale[columns].clone(), iterations, converged, l2=value,
+                     spec=spec, columns=columns, heldout=loss, path=tuple(points), path_iterations=path_iterations)
 
 
 def _loss_terms(z: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
@@ -317,30 +614,65 @@ def _preconditioner(z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     eigenvalue of standardised features) and the smallest eigenvalue found.
     The optimum in ``W`` is unchanged; only the path to it is shorter.
     """
-    n, d = z.shape
-    rank = min(_PRECONDITION_RANK, d // 8, n // 8)
-    if rank < 8:
-        return lambda matrix: matrix
-    generator = torch.Generator(device=z.device).manual_seed(0)
-    if n > _SKETCH_ROWS:  # the top directions are well estimated from a few thousand rows
-        z = z[torch.randperm(n, generator=generator, device=z.device)[:_SKETCH_ROWS]]
-        n = z.shape[0]
-    basis = torch.randn(d, rank + 8, generator=generator, device=z.device)
-    for _ in range(2):  # power iterations
-        basis = torch.linalg.qr((z @ basis).T.matmul(z).T).Q
-    sketch = z @ basis
-    values, vectors = torch.linalg.eigh(sketch.T @ sketch / n)
-    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
-        return lambda matrix: matrix
-    floor = max(float(values[0]), 1.0)
-    top = values[-rank:]
-    directions = basis @ vectors[:, -rank:]  # (d, rank), orthonormal
-    shift = torch.sqrt(floor / top.clamp_min(floor)) - 1  # in (-1, 0]
+    return _Whitening.of(z).at(0.0)[0]
 
-    def apply(matrix: torch.Tensor) -> torch.Tensor:
-        return matrix + ((matrix @ directions) * shift) @ directions.T
 
-    return apply
+class _Whitening:
+    """The top covariance directions of ``z`` (see :func:`_preconditioner`), and preconditioners from them.
+
+    ``at(l2, classes)`` accounts for the L2 term: the loss's curvature along a
+    direction of covariance ``e`` is about ``c e + l2`` with ``c = (1 - 1/K) / K``
+    (softmax at its start), so ``s = sqrt((c floor + l2) / (c e + l2))``; at
+    ``l2 = 0`` that is the plain whitening. Strong L2 makes the problem round
+    already, and whitening it anyway would stretch the penalty's curvature
+    instead: at the path's strong end that costs 2-3x the iterations.
+    """
+
+    def __init__(self, directions: torch.Tensor | None, top: torch.Tensor | None, floor: float):
+        self.directions, self.top, self.floor = directions, top, floor
+
+    @classmethod
+    def of(cls, z: torch.Tensor) -> _Whitening:
+        n, d = z.shape
+        rank = min(_PRECONDITION_RANK, d // 8, n // 8)
+        if rank < 8:
+            return cls(None, None, 1.0)
+        generator = torch.Generator(device=z.device).manual_seed(0)
+        if n > _SKETCH_ROWS:  # the top directions are well estimated from a few thousand rows
+            z = z[torch.randperm(n, generator=generator, device=z.device)[:_SKETCH_ROWS]]
+            n = z.shape[0]
+        basis = torch.randn(d, rank + 8, generator=generator, device=z.device)
+        for _ in range(2):  # power iterations
+            basis = torch.linalg.qr((z @ basis).T.matmul(z).T).Q
+        sketch = z @ basis
+        values, vectors = torch.linalg.eigh(sketch.T @ sketch / n)
+        if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+            return cls(None, None, 1.0)
+        floor = max(float(values[0]), 1.0)
+        top = values[-rank:]
+        directions = basis @ vectors[:, -rank:]  # (d, rank), orthonormal
+        return cls(directions, top, floor)
+
+    def at(self, l2: float, classes: int = 2) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                       Callable[[torch.Tensor], torch.Tensor]]:
+        """``(P, P^-1)`` as functions of a ``(classes, features)`` matrix."""
+        if self.directions is None:
+            return (lambda matrix: matrix), (lambda matrix: matrix)
+        directions, top, floor = self.directions, self.top, self.floor
+        if l2 == 0:
+            shift = torch.sqrt(floor / top.clamp_min(floor)) - 1  # in (-1, 0]
+        else:
+            c = (1 - 1 / classes) / classes
+            shift = torch.sqrt((c * floor + l2) / (c * top.clamp_min(floor) + l2)) - 1
+        inverse = 1 / (1 + shift) - 1
+
+        def apply(matrix: torch.Tensor) -> torch.Tensor:
+            return matrix + ((matrix @ directions) * shift) @ directions.T
+
+        def undo(matrix: torch.Tensor) -> torch.Tensor:
+            return matrix + ((matrix @ directions) * inverse) @ directions.T
+
+        return apply, undo
 
 
 def score(logits_of, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -365,30 +697,46 @@ class OnlineProbes(nn.Module):
 
     Features are standardised by a running ``BatchNorm1d`` (no affine part);
     the probes train with Adam and their own L2 weight decay, never touching
-    the model.
+    the model. With ``l2="auto"`` each layer has one head per value of
+    :data:`ONLINE_L2_PATH` (one ``Linear`` with ``heads x classes`` outputs),
+    every head stepped on every batch with its own decay; since a batch is
+    scored before any head steps on it, the running loss is a held-out score,
+    and the head with the lowest one since :meth:`reset_running` (ties: the
+    stronger L2) is the layer's probe (:meth:`l2_of`, :meth:`train_scores`,
+    :meth:`logits_of`).
     """
 
-    def __init__(self, dims: dict[str, int], num_classes: int, *, lr: float = 1e-3, l2: float = DEFAULT_L2):
+    def __init__(self, dims: dict[str, int], num_classes: int, *, lr: float = 1e-3, l2: float | str = DEFAULT_L2):
         super().__init__()
+        check_params(_L2_CONSTRAINTS, l2=l2)
         self.names = list(dims)
         self.num_classes = num_classes
+        self.l2_path = tuple(sorted(ONLINE_L2_PATH, reverse=True)) if l2 == "auto" else (float(l2),)
+        heads = len(self.l2_path)
         self.probes = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, num_classes)) for d in dims.values()
+            nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, heads * num_classes)) for d in dims.values()
         )
         for probe in self.probes:
             nn.init.zeros_(probe[1].weight)
             nn.init.zeros_(probe[1].bias)
-        # Adam's weight_decay adds l2 * W to the gradient: the L2 term of the loss, without computing it.
         weights = [probe[1].weight for probe in self.probes]
         biases = [probe[1].bias for probe in self.probes]
-        self.optimizer = torch.optim.Adam([{"params": weights, "weight_decay": l2}, {"params": biases}], lr=lr,
-                                          foreach=True)
+        if heads == 1:
+            # Adam's weight_decay adds l2 * W to the gradient: the L2 term of the loss, without computing it.
+            groups = [{"params": weights, "weight_decay": self.l2_path[0]}, {"params": biases}]
+            self._decay = None
+        else:  # the same, head by head: l2 of each output row, added to the gradient before the step
+            groups = [{"params": weights}, {"params": biases}]
+            self._decay = torch.tensor(self.l2_path).repeat_interleave(num_classes)[:, None]
+        self.optimizer = torch.optim.Adam(groups, lr=lr, foreach=True)
         self.steps = 0
         self.reset_running()
 
     def reset_running(self) -> None:
         """Clear the running train metrics (called at the start of each epoch)."""
-        self.running = {name: {"error": 0.0, "loss": 0.0, "top5": 0.0, "n": 0} for name in self.names}
+        heads = len(self.l2_path)
+        self.running = {name: {"error": [0.0] * heads, "loss": [0.0] * heads, "top5": [0.0] * heads, "n": 0}
+                        for name in self.names}
 
     def step(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """One optimiser step for every probe on one batch's detached features.
@@ -401,6 +749,7 @@ class OnlineProbes(nn.Module):
         """
         self.train()
         self.optimizer.zero_grad()
+        heads, k = len(self.l2_path), self.num_classes
         with torch_threads(1), torch.enable_grad():
             inputs = [features[name].detach().float() for name in self.names]
             with torch.no_grad():  # NaN and Inf propagate to a sum; one sync for every probe
@@ -409,36 +758,57 @@ class OnlineProbes(nn.Module):
             finite = [ok or math.isfinite(x.sum(dtype=torch.float64)) for ok, x in zip(finite, inputs)]
             kept = [i for i, ok in enumerate(finite) if ok]
             if kept:
-                stacked = torch.stack([self.probes[i](inputs[i]) for i in kept])  # (probes, batch, classes)
-                losses = F.cross_entropy(stacked.flatten(0, 1), labels.repeat(len(kept)), reduction="none")
-                losses = losses.view(len(kept), -1)
-                losses.mean(1).sum().backward()
+                batch = labels.shape[0]
+                stacked = torch.stack([self.probes[i](inputs[i]) for i in kept])  # (probes, batch, heads * classes)
+                stacked = stacked.view(len(kept), batch, heads, k).transpose(1, 2)  # (probes, heads, batch, classes)
+                losses = F.cross_entropy(stacked.flatten(0, 2), labels.repeat(len(kept) * heads), reduction="none")
+                losses = losses.view(len(kept), heads, batch)
+                losses.mean(2).sum().backward()
+                if self._decay is not None:
+                    decay = self._decay.to(labels.device)
+                    for i in kept:
+                        linear = self.probes[i][1]
+                        linear.weight.grad.add_(decay * linear.weight.detach())
                 self.optimizer.step()
                 with torch.no_grad():
-                    totals = {"loss": losses.sum(1), "error": (stacked.argmax(2) != labels).sum(1)}
-                    if self.num_classes > 5:
-                        totals["top5"] = (~(stacked.topk(5, dim=2).indices == labels[:, None]).any(2)).sum(1)
+                    totals = {"loss": losses.sum(2), "error": (stacked.argmax(3) != labels).sum(2)}
+                    if k > 5:
+                        totals["top5"] = (~(stacked.topk(5, dim=3).indices == labels[:, None]).any(3)).sum(2)
                     totals = {measure: values.tolist() for measure, values in totals.items()}
                 for row, i in enumerate(kept):
                     run = self.running[self.names[i]]
-                    run["n"] += labels.shape[0]
+                    run["n"] += batch
                     for measure, values in totals.items():
-                        run[measure] += values[row]
+                        run[measure] = [a + b for a, b in zip(run[measure], values[row])]
         self.steps += 1
 
-    def train_scores(self, name: str) -> dict[str, float]:
+    def _head(self, name: str) -> int:
+        """The layer's head: the lowest running (held-out) loss, ties to the stronger L2; the fallback before any step."""
         run = self.running[name]
+        if len(self.l2_path) == 1:
+            return 0
+        if not run["n"]:
+            return min(range(len(self.l2_path)), key=lambda h: abs(math.log(self.l2_path[h] / FALLBACK_L2)))
+        return min(range(len(self.l2_path)), key=lambda h: (run["loss"][h], h))
+
+    def l2_of(self, name: str) -> float:
+        """The L2 strength of the layer's reported head."""
+        return self.l2_path[self._head(name)]
+
+    def train_scores(self, name: str) -> dict[str, float]:
+        run, head = self.running[name], self._head(name)
         n = max(run["n"], 1) if run["n"] else math.nan
-        result = {"error": run["error"] / n, "loss": run["loss"] / n}
+        result = {"error": run["error"][head] / n, "loss": run["loss"][head] / n}
         if self.num_classes > 5:
-            result["top5"] = run["top5"] / n
+            result["top5"] = run["top5"][head] / n
         return result
 
     def logits_of(self, name: str):
         probe = self.probes[self.names.index(name)]
+        head, k = self._head(name), self.num_classes
 
         def logits(x: torch.Tensor) -> torch.Tensor:
             probe.eval()
             with torch.no_grad():
-                return probe(x)
+                return probe(x)[:, head * k:(head + 1) * k]
         return logits

@@ -116,3 +116,151 @@ def test_online_l2_is_the_gradient_of_the_penalty():
     groups = {id(p): g["weight_decay"] for g in probes.optimizer.param_groups for p in g["params"]}
     linear = probes.probes[0][1]
     assert groups[id(linear.weight)] == 0.5 and groups[id(linear.bias)] == 0.0
+
+
+# ------------------------------------------------------------------ l2="auto": the held-out path
+def _informative(n, d, classes=4, *, strength=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, d, generator=generator) + strength * torch.randn(classes, d, generator=generator)[y]
+    return x, y
+
+
+def test_path_regularises_a_wide_layer_on_few_examples_more_than_a_narrow_one_on_many():
+    from probekit.engine.probes import L2_PATH
+
+    generator = torch.Generator().manual_seed(0)
+    y_wide = torch.arange(100) % 4
+    wide = torch.randn(100, 2000, generator=generator)
+    wide[:, :5] += torch.randn(4, 5, generator=generator)[y_wide]  # a little signal in a sea of noise
+    narrow, y_narrow = _informative(2000, 20, strength=0.7)
+    a, b = fit_probe(wide, y_wide, 4), fit_probe(narrow, y_narrow, 4)
+    assert a.l2 in L2_PATH and b.l2 in L2_PATH and a.l2 >= 100 * b.l2, (a.l2, b.l2)
+    for fit in (a, b):
+        assert fit.fallback is None and fit.spec is None and fit.converged
+        assert np.isfinite(fit.heldout) and fit.path_iterations > 0
+        chosen = [p for p in fit.path if p[1] == fit.l2]
+        assert len(chosen) == 1 and chosen[0][2] == fit.heldout == min(p[2] for p in fit.path)
+        assert [p[1] for p in fit.path] == list(L2_PATH[:len(fit.path)])  # from the strong end down
+    # The narrow layer's choice is a real one: it beats the default 1e-3 or equals it on held-out data.
+    assert b.heldout <= min(p[2] for p in b.path if p[1] >= 1e-2)
+
+
+def test_the_refit_is_the_optimum_of_the_whole_training_split_at_the_chosen_value():
+    x, y = _informative(600, 30, strength=0.4)
+    auto = fit_probe(x, y, 4, tol=1e-6)
+    fixed = fit_probe(x, y, 4, l2=auto.l2, tol=1e-6)
+    torch.testing.assert_close(auto.weight, fixed.weight, rtol=0, atol=2e-4)
+    assert auto.columns == fixed.columns == slice(0, 30) and fixed.l2 == auto.l2 and np.isnan(fixed.heldout)
+
+
+def test_candidates_choose_the_informative_slice_and_logits_read_only_it():
+    generator = torch.Generator().manual_seed(1)
+    signal, y = _informative(400, 8, strength=1.0, seed=2)
+    noise = torch.randn(400, 300, generator=generator)
+    x = torch.cat([noise, signal], 1)
+    fit = fit_probe(x, y, 4, candidates={"noise": slice(0, 300), "signal": slice(300, 308)})
+    assert fit.spec == "signal" and fit.columns == slice(300, 308)
+    assert fit.weight.shape == (8, 4) and fit.mean.shape == (8,)
+    assert {p[0] for p in fit.path} == {"noise", "signal"}
+    x_test, y_test = _informative(400, 8, strength=1.0, seed=2)
+    full = torch.cat([torch.randn(400, 300, generator=generator), x_test], 1)
+    torch.testing.assert_close(fit.logits(full), fit.logits(torch.cat([torch.zeros(400, 300), x_test], 1)))
+    assert score(fit.logits, full, y_test, 4)["error"] < 0.2
+    # A fixed l2 with several candidates: the fold chooses the candidate only.
+    fixed = fit_probe(x, y, 4, l2=1e-2, candidates={"noise": slice(0, 300), "signal": slice(300, 308)})
+    assert fixed.spec == "signal" and fixed.l2 == 1e-2 and [p[1] for p in fixed.path] == [1e-2, 1e-2]
+
+
+def test_auto_falls_back_to_the_fixed_value_when_a_class_is_too_small_to_hold_out():
+    from probekit.engine.probes import FALLBACK_L2, MIN_PER_CLASS
+
+    x, _ = _informative(40, 6)
+    y = torch.arange(40) % 3
+    y[:3] = 3  # class 3: three examples
+    fit = fit_probe(x, y, 4)
+    assert fit.l2 == FALLBACK_L2 and np.isnan(fit.heldout) and fit.path == ()
+    assert f"at least {MIN_PER_CLASS} training examples of every class" in fit.fallback
+    assert "class 3 has 3" in fit.fallback and "\n" not in fit.fallback
+    same = fit_probe(x, y, 4, l2=FALLBACK_L2)
+    torch.testing.assert_close(fit.weight, same.weight, rtol=0, atol=0)
+    # With candidates, the one with the fewest columns is read.
+    picked = fit_probe(x, y, 4, candidates={"big": slice(0, 6), "small": slice(0, 2)})
+    assert picked.spec == "small" and "fewest columns, 'small'" in picked.fallback
+
+
+def test_a_fixed_l2_fits_exactly_as_before_the_path_existed():
+    """Weights of a fixed-l2 fit recorded before l2="auto" existed (to 1e-6)."""
+    generator = torch.Generator().manual_seed(3)
+    y = torch.arange(90) % 3
+    x = torch.randn(90, 5, generator=generator) + 0.7 * torch.randn(3, 5, generator=generator)[y]
+    fit = fit_probe(x, y, 3, l2=1e-2)
+    before_weight = [[-0.11103467643260956, 1.0136041641235352, -0.9025692939758301],
+                     [-0.2453717738389969, 0.04293292015790939, 0.20243869721889496],
+                     [0.06403661519289017, -0.5503271818161011, 0.48629137873649597],
+                     [1.5209884643554688, -1.341748595237732, -0.1792398989200592],
+                     [-0.44413837790489197, -0.21515731513500214, 0.659295916557312]]
+    before_bias = [-0.04648788645863533, -0.14741821587085724, 0.19390617311000824]
+    np.testing.assert_allclose(fit.weight.numpy(), before_weight, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fit.bias.numpy(), before_bias, rtol=0, atol=1e-6)
+    assert fit.iterations == 13 and fit.l2 == 1e-2 and fit.fallback is None and fit.spec is None
+
+
+def test_the_choice_is_deterministic_whatever_the_thread_count():
+    """Same data and seed: the same fold, choice and weights, with 1 or 2 threads, layers alone or in parallel."""
+    from probekit.engine.probes import fit_probes
+
+    a, y = _informative(1100, 2000, strength=0.05, seed=4)  # large enough for worker threads (>= 2**21 elements)
+    b, _ = _informative(1100, 1960, strength=0.1, seed=5)
+    features = {"a": a, "b": b}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = fit_probes(features, y, 4, tol=1e-4)
+        alone = fit_probes({"a": a}, y, 4, tol=1e-4)  # one layer: its row blocks on the workers
+        torch.set_num_threads(1)
+        one = fit_probes(features, y, 4, tol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+    for name in features:
+        assert one[name].l2 == two[name].l2 and one[name].path == two[name].path
+        assert torch.equal(one[name].weight, two[name].weight)
+    assert alone["a"].path == one["a"].path and torch.equal(alone["a"].weight, one["a"].weight)
+    other = fit_probes({"b": b}, y, 4, tol=1e-4, seed=1)["b"]
+    assert other.path != one["b"].path  # the seed picks the fold
+
+
+def test_bad_l2_and_candidates_get_one_line_errors():
+    from probekit.engine.probes import fit_probes
+
+    x, y = _informative(50, 4)
+    with pytest.raises(ValueError, match=r"^l2 must be a finite number >= 0 or one of 'auto'; got 'fast'$"):
+        fit_probe(x, y, 4, l2="fast")
+    with pytest.raises(ValueError, match=r"candidate 'pool2' of layer 'probe' reads columns 2:9, .* within 0:4"):
+        fit_probe(x, y, 4, candidates={"pool": slice(0, 2), "pool2": slice(2, 9)})
+    with pytest.raises(ValueError, match=r"l2 maps layers to values but has none for \['b'\]"):
+        fit_probes({"a": x, "b": x}, y, 4, l2={"a": 1e-3})
+    mixed = fit_probes({"a": x, "b": x}, y, 4, l2={"a": 1e-2, "b": "auto"})
+    assert mixed["a"].l2 == 1e-2 and np.isnan(mixed["a"].heldout) and np.isfinite(mixed["b"].heldout)
+
+
+def test_online_auto_heads_each_train_as_a_fixed_probe_and_the_best_is_reported():
+    from probekit.engine.probes import ONLINE_L2_PATH, OnlineProbes
+
+    torch.manual_seed(0)
+    auto = OnlineProbes({"a": 6}, 3, lr=0.05, l2="auto")
+    fixed = OnlineProbes({"a": 6}, 3, lr=0.05, l2=1e-1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(16, 6, generator=generator)
+        y = torch.randint(0, 3, (16,), generator=generator)
+        auto.step({"a": x}, y)
+        fixed.step({"a": x}, y)
+    head = auto.l2_path.index(1e-1)
+    torch.testing.assert_close(auto.probes[0][1].weight[head * 3:(head + 1) * 3], fixed.probes[0][1].weight)
+    run = auto.running["a"]
+    best = min(range(len(ONLINE_L2_PATH)), key=lambda h: (run["loss"][h], h))
+    assert auto.l2_of("a") == auto.l2_path[best]
+    assert auto.train_scores("a")["loss"] == pytest.approx(run["loss"][best] / run["n"])
+    assert auto.logits_of("a")(torch.randn(4, 6)).shape == (4, 3)
+    assert fixed.l2_of("a") == 1e-1 and fixed.train_scores("a")["loss"] == pytest.approx(fixed.running["a"]["loss"][0] / 80)

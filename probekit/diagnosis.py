@@ -13,6 +13,10 @@ try (suggestion). The kinds, in the order they are looked for:
     Layers whose separability is clearly worse than an earlier layer's.
 ``chance_level``
     Probes no better than always predicting the majority class.
+``no_better_than_random_init``
+    Layers whose probes do no better than the same probes on a freshly
+    initialised copy of the model (runs with the ``random_init`` baseline):
+    training put nothing there that the architecture does not give at random.
 ``probe_overfitting``
     Train error far below valid error: the probe memorises the training split.
 ``stalled``
@@ -27,6 +31,13 @@ the split's size from the run's attributes (``n_valid``, ``n_train``,
 ``n_test``). Two errors differ clearly when the gap exceeds ``z`` standard
 errors of the difference *and* ``min_delta``.
 
+With repeated fits (a run made with ``repeats=K``, which has ``probe_repeat``)
+a layer's standard error is the larger of the binomial one and the standard
+deviation of its ``K`` repeats at the diagnosed epoch (``ddof=1``): the
+repeats also see the fit's own variability (resampled training data, random
+reductions), which the binomial error of the evaluation split does not. A
+random-init baseline's error takes its layer's standard error.
+
 Run validation, split names, metric naming, epoch positions and layer order
 come from :mod:`probekit.run.schema`; the thresholds are checked against one
 declarative table (:func:`probekit.params.check_params`).
@@ -39,6 +50,7 @@ from __future__ import annotations
 
 import html
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +64,8 @@ from probekit.run.schema import SPLITS, check_run, epoch_position, forward_order
 __all__ = ["FRAME_COLUMNS", "KINDS", "Finding", "Findings", "diagnose"]
 
 #: Finding kinds, in the order :func:`diagnose` reports them for one layer.
-KINDS = ("dead_segment", "non_monotonic", "chance_level", "probe_overfitting", "stalled", "nonfinite")
+KINDS = ("dead_segment", "non_monotonic", "chance_level", "no_better_than_random_init", "probe_overfitting", "stalled",
+         "nonfinite")
 
 #: Columns of :meth:`Findings.to_frame`.
 FRAME_COLUMNS = ("kind", "layers", "first", "last", "evidence", "suggestion")
@@ -199,22 +212,33 @@ class Findings(Sequence[Finding]):
 # ----------------------------------------------------------------------------- noise
 @dataclass
 class _Noise:
-    """Binomial noise of error rates measured on ``n`` examples, and the 'clearly different' test."""
+    """Noise of error rates measured on ``n`` examples, and the 'clearly different' test.
+
+    ``spread`` holds each layer's standard deviation across repeated fits (forward
+    order; 0 where the run has no repeats); an ``at`` argument names the layer (or
+    layers, as an index array; -1 for none) each error belongs to.
+    """
 
     n: int
     z: float
     min_delta: float
+    spread: np.ndarray | None = None
 
-    def se(self, p):
+    def se(self, p, at=None):
         shrunk = (np.asarray(p, dtype=float) * self.n + 1.0) / (self.n + 2.0)
-        return np.sqrt(shrunk * (1.0 - shrunk) / self.n)
+        binomial = np.sqrt(shrunk * (1.0 - shrunk) / self.n)
+        if at is None or self.spread is None:
+            return binomial
+        at = np.asarray(at)
+        repeats = np.where(at >= 0, self.spread[np.clip(at, 0, None)], 0.0)
+        return np.maximum(binomial, repeats)
 
-    def threshold(self, p, q):
+    def threshold(self, p, q, at_p=None, at_q=None):
         """The gap two errors must exceed to differ clearly."""
-        return np.maximum(self.z * np.sqrt(self.se(p) ** 2 + self.se(q) ** 2), self.min_delta)
+        return np.maximum(self.z * np.sqrt(self.se(p, at_p) ** 2 + self.se(q, at_q) ** 2), self.min_delta)
 
-    def threshold_vs_constant(self, p):
-        return np.maximum(self.z * self.se(p), self.min_delta)
+    def threshold_vs_constant(self, p, at=None):
+        return np.maximum(self.z * self.se(p, at), self.min_delta)
 
 
 def _split_size(ds: xr.Dataset, split: str, n_examples: int | None) -> int:
@@ -251,10 +275,15 @@ class _Run:
     chance: float
     n_train: int
     l2: float
+    l2_chosen: bool = False  # l2="auto": chosen per layer on held-out data
+    random_init: np.ndarray | None = None  # (layer,) the random-init baseline's error at the diagnosed epoch
+    spread: np.ndarray | None = None  # (layer,) standard deviation across repeats at the diagnosed epoch
     trainable: np.ndarray = field(init=False)
+    at: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.trainable = np.array([op != "input" for op in self.op])
+        self.at = np.arange(len(self.names))
 
     @property
     def final(self) -> np.ndarray:
@@ -317,8 +346,8 @@ def diagnose(
     Every criterion reads the probes' error on ``split`` at ``epoch`` (and, for
     the training-time criteria, the epochs before it). Layers are compared in
     forward order; two errors differ *clearly* when their gap exceeds ``z``
-    binomial standard errors of the difference and ``min_delta`` (see the
-    module docstring). Consecutive layers with the same finding are reported
+    standard errors of the difference and ``min_delta``: binomial ones, or the
+    repeats' spread where it is larger (see the module docstring). Consecutive layers with the same finding are reported
     as one finding covering them all. A layer inside a dead segment gets no
     other finding but ``probe_overfitting`` and ``nonfinite`` (the segment explains it).
 
@@ -334,6 +363,10 @@ def diagnose(
     - ``non_monotonic``: a layer clearly worse than the best layer before it.
     - ``chance_level``: a layer within noise of the run's ``chance_error``
       (always predicting the majority class), or worse.
+    - ``no_better_than_random_init`` (runs with the ``random_init`` baseline):
+      a layer (never the input, which both copies share) whose error is not
+      clearly below the random-init copy's error on ``split``. Not at step 0
+      (the model then is a random initialisation itself).
     - ``probe_overfitting``: train error far below ``split`` error: lower by
       more than ``overfit_gap`` and beyond noise, and at most ``overfit_ratio``
       times it (a poor layer whose probe errs 0.6 on train and 0.7 on valid is
@@ -378,11 +411,12 @@ def diagnose(
     errors = _metric(ds, split)
     if errors is None:
         raise ValueError(f"this run has no {split} error; choose split= from: {choices(splits_of(ds)) or 'none'}")
-    noise = _Noise(n=_split_size(ds, split, n_examples), z=float(z), min_delta=float(min_delta))
     position = epoch_position(ds, epoch)
     run = _read(ds, errors, split, position)
+    noise = _Noise(n=_split_size(ds, split, n_examples), z=float(z), min_delta=float(min_delta), spread=run.spread)
     settings = {"z": z, "min_delta": min_delta, "min_layers": min_layers, "overfit_gap": overfit_gap,
-                "overfit_ratio": overfit_ratio, "stall_epochs": stall_epochs, "loss_drop": loss_drop, "n_examples": noise.n}
+                "overfit_ratio": overfit_ratio, "stall_epochs": stall_epochs, "loss_drop": loss_drop, "n_examples": noise.n,
+                "noise": "binomial and repeats" if run.spread is not None else "binomial"}
 
     found: list[tuple[int, int, Finding]] = []
     finite = np.isfinite(run.final)
@@ -391,10 +425,11 @@ def diagnose(
     free = finite & ~dead.mask
     found += [(s, 1, f) for s, f in _non_monotonic(run, noise, free)]
     found += [(s, 2, f) for s, f in _chance_level(run, noise, free)]
+    found += [(s, 3, f) for s, f in _no_better_than_random_init(run, noise, free, split)]
     if run.train is not None and split != "train":
-        found += [(s, 3, f) for s, f in _overfitting(run, noise, finite, split, overfit_gap, overfit_ratio)]
-    found += [(s, 4, f) for s, f in _stalled(run, noise, free, stall_epochs, loss_drop)]
-    found += [(s, 5, f) for s, f in _nonfinite(run)]
+        found += [(s, 4, f) for s, f in _overfitting(run, noise, finite, split, overfit_gap, overfit_ratio)]
+    found += [(s, 5, f) for s, f in _stalled(run, noise, free, stall_epochs, loss_drop)]
+    found += [(s, 6, f) for s, f in _nonfinite(run)]
     found.sort(key=lambda item: (item[0], item[1]))
     return Findings([f for _, _, f in found], split=split, epoch=int(run.epochs[-1]), step=int(run.steps[-1]),
                     settings=settings, model=str(ds.attrs.get("model", "")))
@@ -418,6 +453,17 @@ def _read(ds: xr.Dataset, errors: xr.DataArray, split: str, position: int) -> _R
         n_train = int(ds.attrs.get("n_train", 0))
     except (TypeError, ValueError):
         n_train = 0
+    name = metric_name(split, "error")
+    random_init = None
+    if "baselines" in ds.data_vars and "random_init" in [str(b) for b in ds["baseline"].values]:
+        baseline = ds["baselines"].sel(baseline="random_init", metric=name).transpose("layer", "epoch")
+        random_init = baseline.values[order, position].astype(float)
+    spread = None
+    if "probe_repeat" in ds.data_vars and ds.sizes.get("repeat", 1) > 1:
+        repeats = ds["probe_repeat"].sel(metric=name).transpose("layer", "epoch", "repeat").values[order, position]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # nonfinite layers: all-NaN repeats
+            spread = np.nan_to_num(np.nanstd(repeats.astype(float), axis=-1, ddof=1), nan=0.0)
     return _Run(
         names=[str(v) for v in np.asarray(ds["layer"].values)[order]],
         op=[str(v) for v in np.asarray(ds["op"].values)[order]],
@@ -426,8 +472,16 @@ def _read(ds: xr.Dataset, errors: xr.DataArray, split: str, position: int) -> _R
         errors=values, train=train_final, nonfinite=nonfinite,
         epochs=np.asarray(ds["epoch"].values)[upto].astype(int), steps=np.asarray(ds["step"].values)[upto].astype(int),
         model_loss=np.asarray(ds["model_loss"].values)[upto].astype(float), chance=chance, n_train=n_train,
-        l2=float(ds.attrs.get("l2", float("nan"))),
+        l2=_fixed_l2(ds.attrs.get("l2")), l2_chosen=ds.attrs.get("l2") == "auto", random_init=random_init, spread=spread,
     )
+
+
+def _fixed_l2(value: object) -> float:
+    """The run's fixed L2 strength; NaN when it was chosen per layer (``"auto"``) or is not recorded."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _best_before(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -467,17 +521,18 @@ def _dead_segments(run: _Run, noise: _Noise, min_layers: int, finite: np.ndarray
     after, after_at = _best_after(e)
     trained = len(run.epochs) > 1
     with np.errstate(invalid="ignore"):
-        near_chance = e >= run.chance - noise.threshold_vs_constant(e)
-        behind = np.isfinite(after) & (e - after > noise.threshold(e, after))
-        not_improving = (e0 - e <= noise.threshold(e0, e)) | ~np.isfinite(e0) if trained else np.ones(len(e), bool)
+        near_chance = e >= run.chance - noise.threshold_vs_constant(e, run.at)
+        behind = np.isfinite(after) & (e - after > noise.threshold(e, after, run.at, after_at))
+        not_improving = ((e0 - e <= noise.threshold(e0, e, run.at, run.at)) | ~np.isfinite(e0) if trained
+                         else np.ones(len(e), bool))
     eligible = finite & run.trainable & behind & not_improving
 
-    def useless(k: int, entry: float) -> bool:
+    def useless(k: int, entry: float, entry_at: int) -> bool:
         if near_chance[k]:
             return True
         if not np.isfinite(entry):
             return False
-        gap = noise.threshold(e[k], entry)
+        gap = noise.threshold(e[k], entry, k, entry_at)
         # Over training, "no better than the entry" suffices; a single snapshot cannot show
         # that training left the layers alone, so it must show them clearly worse.
         return bool(e[k] >= entry - gap) if trained else bool(e[k] > entry + gap)
@@ -486,12 +541,12 @@ def _dead_segments(run: _Run, noise: _Noise, min_layers: int, finite: np.ndarray
     findings = []
     start = 0
     while start < len(e):
-        entry = before[start]
-        if not (eligible[start] and useless(start, entry)):
+        entry, entry_at = before[start], int(before_at[start])
+        if not (eligible[start] and useless(start, entry, entry_at)):
             start += 1
             continue
         stop = start + 1
-        while stop < len(e) and eligible[stop] and useless(stop, entry):
+        while stop < len(e) and eligible[stop] and useless(stop, entry, entry_at):
             stop += 1
         if stop - start < min_layers:
             start += 1
@@ -511,7 +566,7 @@ def _dead_finding(run: _Run, noise: _Noise, start: int, stop: int, entry: int, l
     if len(run.epochs) > 1:
         parts.append(f"{_range(e0[segment])} at {run.when(0)}, so no gain from training beyond noise")
     parts.append(f"{run.names[later]} after it reaches {_fmt(e[later])}")
-    parts.append(f"chance {_fmt(run.chance)}; noise threshold {_fmt(float(noise.threshold(e[start], e[later])))}")
+    parts.append(f"chance {_fmt(run.chance)}; noise threshold {_fmt(float(noise.threshold(e[start], e[later], start, later)))}")
     return Finding(
         kind="dead_segment",
         layers=tuple(run.names[segment]),
@@ -532,13 +587,13 @@ def _non_monotonic(run: _Run, noise: _Noise, free: np.ndarray) -> list[tuple[int
     e = run.final
     before, where = _best_before(e)
     with np.errstate(invalid="ignore"):
-        worse = free & np.isfinite(before) & (e - before > noise.threshold(e, before))
+        worse = free & np.isfinite(before) & (e - before > noise.threshold(e, before, run.at, where))
     out = []
     for start, stop in _runs(worse, bridge=_BRIDGE, over=free):
         ref = int(where[start])
         worst = start + int(np.nanargmax(e[start:stop]))
         gap = e[start] - e[ref]
-        threshold = _fmt(float(noise.threshold(e[start], e[ref])))
+        threshold = _fmt(float(noise.threshold(e[start], e[ref], start, ref)))
         text = (f"error {_fmt(e[start])} at {run.names[start]} against {_fmt(e[ref])} at {run.names[ref]}, the best "
                 f"layer before it, at {run.when()} (+{gap:.3f}; noise threshold {threshold})")
         if stop - start > 1:
@@ -561,7 +616,7 @@ def _non_monotonic(run: _Run, noise: _Noise, free: np.ndarray) -> list[tuple[int
 def _chance_level(run: _Run, noise: _Noise, free: np.ndarray) -> list[tuple[int, Finding]]:
     e = run.final
     with np.errstate(invalid="ignore"):
-        at_chance = free & (e >= run.chance - noise.threshold_vs_constant(e))
+        at_chance = free & (e >= run.chance - noise.threshold_vs_constant(e, run.at))
     out = []
     for start, stop in _runs(at_chance, bridge=_BRIDGE, over=free):
         segment = slice(start, stop)
@@ -585,12 +640,36 @@ def _chance_level(run: _Run, noise: _Noise, free: np.ndarray) -> list[tuple[int,
     return out
 
 
+def _no_better_than_random_init(run: _Run, noise: _Noise, free: np.ndarray, split: str) -> list[tuple[int, Finding]]:
+    """Layers whose error is not clearly below the random-init copy's (see :func:`diagnose`)."""
+    if run.random_init is None or _untrained(run):
+        return []
+    e, r = run.final, run.random_init
+    with np.errstate(invalid="ignore"):
+        same = free & run.trainable & np.isfinite(r) & (r - e <= noise.threshold(e, r, run.at, run.at))
+    out = []
+    for start, stop in _runs(same, bridge=_BRIDGE, over=free & run.trainable):
+        segment = slice(start, stop)
+        names = run.names[segment]
+        where = names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}"
+        gain = r[segment] - e[segment]
+        threshold = float(np.nanmax(noise.threshold(e[segment], r[segment], run.at[segment], run.at[segment])))
+        text = (f"{split} error {_range(e[segment])} at {where} ({run.when()}) against {_range(r[segment])} for the same "
+                f"probes on a random-init copy: gain {_range(gain)}, within noise (threshold {_fmt(threshold)})")
+        suggestion = ("training put nothing linearly usable here beyond what the architecture gives at random weights "
+                      "(random features of a wide layer are often separable): check that these layers receive gradient "
+                      "(skips around them, saturated activations, frozen parameters), or train longer")
+        out.append((start, Finding(kind="no_better_than_random_init", layers=tuple(names), evidence=text,
+                                   suggestion=suggestion)))
+    return out
+
+
 def _overfitting(run: _Run, noise: _Noise, finite: np.ndarray, split: str, overfit_gap: float,
                  overfit_ratio: float) -> list[tuple[int, Finding]]:
     e, t = run.final, run.train
     with np.errstate(invalid="ignore"):
         gap = e - t
-        far = (gap > overfit_gap) & (gap > noise.threshold_vs_constant(e)) & (t <= overfit_ratio * e)
+        far = (gap > overfit_gap) & (gap > noise.threshold_vs_constant(e, run.at)) & (t <= overfit_ratio * e)
         flagged = finite & np.isfinite(t) & far
     out = []
     for start, stop in _runs(flagged, bridge=_BRIDGE, over=finite):
@@ -603,9 +682,14 @@ def _overfitting(run: _Run, noise: _Noise, finite: np.ndarray, split: str, overf
                 f"features ({run.reduction[widest]}) for {run.n_train:,} training examples")
         target = max(16, run.n_train // 10)
         l2 = f" (now {run.l2:g})" if math.isfinite(run.l2) else ""
-        suggestion = (f"the probe memorises the training split: the layer is too wide for the data. Reduce it "
-                      f"(reduce='pool' or 'pool2' for feature maps, 'subset{target}' otherwise) "
-                      f"or raise the probes' l2{l2}")
+        reduce = (f"the probe memorises the training split: the layer is too wide for the data. Reduce it "
+                  f"(reduce='pool' or 'pool2' for feature maps, 'subset{target}' otherwise)")
+        if run.l2_chosen:
+            suggestion = (f"{reduce}; its l2 was already chosen on held-out training data, so the gap is what the "
+                          "best-regularised probe leaves: add a control task (baselines=['control']) to see how much "
+                          "a probe this wide can memorise")
+        else:
+            suggestion = f"{reduce}, raise the probes' l2{l2}, or let it be chosen on held-out data (l2='auto')"
         out.append((start, Finding(kind="probe_overfitting", layers=tuple(names), evidence=text, suggestion=suggestion)))
     return out
 
@@ -625,8 +709,8 @@ def _stalled(run: _Run, noise: _Noise, free: np.ndarray, stall_epochs: int, loss
     best = float(np.nanmin(e))
     at_best = int(np.nanargmin(e))
     with np.errstate(invalid="ignore"):
-        flat = start_e - e <= np.maximum(np.sqrt(noise.se(start_e) ** 2 + noise.se(e) ** 2), noise.min_delta)
-        lagging = e - best > noise.threshold(e, best)
+        flat = start_e - e <= np.maximum(np.sqrt(noise.se(start_e, run.at) ** 2 + noise.se(e, run.at) ** 2), noise.min_delta)
+        lagging = e - best > noise.threshold(e, best, run.at, at_best)
         stalled = free & run.trainable & np.isfinite(start_e) & flat & lagging
     out = []
     since = run.when(window.start)

@@ -259,6 +259,81 @@ def test_finding_kinds_are_documented_and_filterable():
     assert Finding("stalled", ("a",), "e", "s").span() == "a"
 
 
+# --------------------------------------------------------------------- random-init baseline and repeats
+def with_controls(ds: xr.Dataset, *, random_init=None, repeat_sd=None, repeats: int = 5) -> xr.Dataset:
+    """``ds`` with a random-init baseline whose errors are ``random_init`` (layers x epochs, or per layer),
+    and/or repeats spread around ``probe`` with standard deviation ``repeat_sd`` (per layer, or one value)."""
+    n_layers, n_epochs, n_metrics = ds.sizes["layer"], ds.sizes["epoch"], ds.sizes["metric"]
+    if random_init is not None:
+        base = np.repeat(ds["probe"].values[:, :, None, :], 1, axis=2).copy()
+        values = np.broadcast_to(np.asarray(random_init, dtype=float).reshape(n_layers, -1), (n_layers, n_epochs))
+        base[:, :, 0, list(ds["metric"].values).index("valid_error")] = values
+        ds = ds.assign(baselines=(("layer", "epoch", "baseline", "metric"), base)).assign_coords(baseline=["random_init"])
+    if repeat_sd is not None:
+        unit = np.random.default_rng(0).normal(size=(n_layers, n_epochs, repeats, n_metrics))
+        unit = (unit - unit.mean(2, keepdims=True)) / unit.std(2, ddof=1, keepdims=True)
+        sd = np.broadcast_to(np.asarray(repeat_sd, dtype=float).reshape(-1), (n_layers,))[:, None, None, None]
+        ds = ds.assign(probe_repeat=(("layer", "epoch", "repeat", "metric"), ds["probe"].values[:, :, None, :] + sd * unit))
+        ds = ds.assign_coords(repeat=np.arange(repeats))
+    check_run(ds)
+    return ds
+
+
+def test_layers_no_better_than_random_init_are_one_finding_and_the_input_none():
+    valid = np.array([0.60, 0.50, 0.40, 0.30, 0.20, 0.10])
+    # conv1 ... pool3 match their random-init copy; the last two layers beat it clearly.
+    ds = with_controls(run_with(valid, n_valid=2000, steps=[500]), random_init=[0.60, 0.50, 0.41, 0.29, 0.45, 0.50])
+    findings = diagnose(ds)
+    assert [(f.kind, f.layers) for f in findings] == [("no_better_than_random_init", tuple(layer_names(6)[1:4]))]
+    evidence = findings[0].evidence
+    assert "against 0.290-0.500 for the same probes on a random-init copy" in evidence and "within noise" in evidence
+    assert "receive gradient" in findings[0].suggestion
+    assert findings.of("no_better_than_random_init")[0].first == "conv1"
+
+
+def test_random_init_gain_beyond_noise_is_no_finding_and_untrained_runs_are_skipped():
+    valid = np.array([0.60, 0.50, 0.40, 0.30, 0.20, 0.10])
+    assert len(diagnose(with_controls(run_with(valid, n_valid=2000, steps=[500]), random_init=valid + 0.2))) == 0
+    # At step 0 the model is a random initialisation itself: equal errors say nothing.
+    untrained = with_controls(run_with(valid, n_valid=2000, steps=[0]), random_init=valid)
+    assert "no_better_than_random_init" not in kinds(diagnose(untrained))
+    assert kinds(diagnose(with_controls(run_with(valid, n_valid=2000, steps=[500]), random_init=valid))) == [
+        "no_better_than_random_init"]
+
+
+def test_the_noise_model_uses_the_repeats_spread_where_it_exceeds_the_binomial_error():
+    valid = np.array([0.30, 0.20, 0.12, 0.16, 0.10, 0.05])  # a +0.04 step at layer 3
+    plain = run_with(valid, n_valid=20_000)
+    assert kinds(diagnose(plain)) == ["non_monotonic"]
+    # Repeats that scatter by 0.03 make a 0.04 step noise; a tiny spread leaves the binomial error in charge.
+    noisy = diagnose(with_controls(plain, repeat_sd=0.03))
+    assert kinds(noisy) == [] and noisy.settings["noise"] == "binomial and repeats"
+    tight = diagnose(with_controls(plain, repeat_sd=1e-4))
+    assert kinds(tight) == ["non_monotonic"] and tight[0].evidence == diagnose(plain)[0].evidence
+    # Only the layers that scatter widen their noise.
+    one_layer = diagnose(with_controls(plain, repeat_sd=[0, 0, 0.03, 0, 0, 0]))
+    assert kinds(one_layer) == []
+    assert diagnose(plain).settings["noise"] == "binomial"
+
+
+def test_an_overfitting_probe_whose_l2_was_chosen_points_at_the_reduction_and_the_control_task():
+    valid = np.array([0.30, 0.25, 0.20, 0.18, 0.15, 0.12])
+    ds = run_with(valid, train=np.zeros(6), n_valid=2000)
+    fixed = diagnose(ds).of("probe_overfitting")[0].suggestion
+    assert "raise the probes' l2 (now 0.0001)" in fixed
+    chosen = diagnose(ds.assign_attrs(l2="auto")).of("probe_overfitting")[0].suggestion
+    assert "already chosen on held-out training data" in chosen and "baselines=['control']" in chosen
+
+
+def test_random_init_and_repeats_from_make_run_are_read():
+    ds = make_run(baselines=("random_init", "control"), repeats=4, repeat_sd=0.001)
+    ds.attrs["n_valid"] = 100_000
+    findings = diagnose(ds)
+    # make_run's random-init errors equal the task's at the input only, which is never flagged.
+    assert "no_better_than_random_init" not in kinds(findings)
+    assert findings.settings["noise"] == "binomial and repeats"
+
+
 # --------------------------------------------------------------------- errors
 def test_not_a_run_is_refused_in_one_line():
     with pytest.raises(TypeError, match="expected a probekit run .* got dict"):

@@ -32,8 +32,13 @@ controls (see ``docs/methodology.md``):
   :data:`MDL_BLOCKS` (0.1 %, 0.2 %, 0.4 %, 0.8 %, 1.6 %, 3.2 %, 6.25 %, 12.5 %,
   25 %, 50 %, 100 %, at least one example each); the first block is coded
   with the uniform code (``log2 K`` bits per label), and every next block with
-  a probe fitted on all the examples before it. Compression = uniform code
-  length (``n log2 K``) / MDL.
+  a probe fitted on all the ``t`` examples before it, its prediction mixed
+  with the uniform code as if ``K`` pseudo-examples, one per class, had been
+  seen: ``p = (t p_probe + 1) / (t + K)`` (Laplace's rule; without it a probe
+  fitted on a few examples, whose bias is not regularised, gives classes it
+  has not seen yet a near-zero probability, and on a small split the first
+  blocks' cost would swamp the code). Compression = uniform code length
+  (``n log2 K``) / MDL.
 
 This module works on models, label tensors and feature tensors; it imports no
 other part of the engine (the monitor hands it the probe fitter), and never
@@ -311,7 +316,8 @@ def online_code_length(
 
     The examples are put in a seeded random order and cut at :func:`block_ends`;
     the first block costs ``log2 K`` bits per label, and each next block the
-    cross-entropy (in bits) of a probe fitted on every example before it.
+    cross-entropy (in bits) of a probe fitted on the ``t`` examples before it,
+    mixed with the uniform code: ``p = (t p_probe + 1) / (t + K)``.
 
     Args:
         features: ``{layer: (n, d) tensor}`` of the training split.
@@ -336,6 +342,8 @@ def online_code_length(
         seen, coded = order[:start], order[start:end]
         logits = fit({layer: x[seen.to(x.device)] for layer, x in features.items()}, y[seen])
         for layer, x in features.items():
-            out = logits[layer](x[coded.to(x.device)].float())
-            bits[layer] += float(F.cross_entropy(out, y[coded].to(out.device), reduction="sum")) / math.log(2)
+            probs = F.softmax(logits[layer](x[coded.to(x.device)].float()).double(), dim=1)
+            mixed = (start * probs + 1.0) / (start + num_classes)
+            picked = mixed.gather(1, y[coded].to(mixed.device).reshape(-1, 1))
+            bits[layer] += float(-picked.log2().sum())
     return {layer: (bits[layer], uniform) for layer in features}

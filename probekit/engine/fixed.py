@@ -16,11 +16,11 @@ import torch
 import xarray as xr
 from torch import nn
 
+from probekit.engine.batch import MASK_KEY
 from probekit.engine.checkpoints import load_checkpoint
 from probekit.engine.devices import placed, resolve_device, wants_channels_last
 from probekit.engine.features import DEFAULT_CACHE_BYTES
 from probekit.engine.monitor import MONITOR_CONSTRAINTS, UPDATE_CONSTRAINTS, ProbeMonitor
-from probekit.engine.probes import DEFAULT_L2
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import check_params
 
@@ -47,7 +47,11 @@ def probe(
     resume: bool = False,
     overwrite: bool = False,
     num_classes: int | None = None,
-    l2: float = DEFAULT_L2,
+    l2: float | str = "auto",
+    baselines: str | Sequence[str] | None = None,
+    groups: Mapping[str, object] | None = None,
+    repeats: int = 1,
+    metrics: str | Sequence[str] | None = None,
     batch_size: int = 256,
     budget: int = DEFAULT_BUDGET,
     max_flatten: int = DEFAULT_MAX_FLATTEN,
@@ -58,6 +62,8 @@ def probe(
     model_name: str | None = None,
     dataset_name: str | None = None,
     tracer_kwargs: Mapping[str, object] | None = None,
+    label_key: str | None = None,
+    mask_key: str = MASK_KEY,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
     epoch: int = 0,
@@ -77,7 +83,12 @@ def probe(
         overwrite: replace an existing store.
         num_classes: classes of the probing task; when not given, ``data.info.num_classes``,
             else inferred from the labels.
-        l2: probe L2 strength (per example, standardised features).
+        l2: probe L2 strength (per example, standardised features), or ``"auto"`` (the default):
+            chosen per layer on a held-out fold of the training split (see :class:`ProbeMonitor`).
+        baselines: ``["random_init", "control"]`` or a subset: the run's baselines (see :class:`ProbeMonitor`).
+        groups: the control task's example types, ``{split: one integer per example}``.
+        repeats: fits per probe on bootstrap resamples (more than 1 adds ``probe_repeat``).
+        metrics: optional measures, e.g. ``["mdl"]`` (online code length and compression).
         batch_size: extraction batch size for splits that are not DataLoaders.
         budget: the ``"auto"`` reduction's feature budget per probe.
         max_flatten: largest layer ``"flatten"`` accepts.
@@ -88,6 +99,9 @@ def probe(
         model_name: the model's name recorded in the run (default: its class name).
         dataset_name: the data's name recorded in the run (default: ``data.info.name``, else ``"user data"``).
         tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`).
+        label_key: the key of a row's label, for data whose items are mappings (e.g. Hugging Face
+            ``datasets`` rows); the model's keyword arguments are all the other keys.
+        mask_key: the key of a mapping batch's mask of real tokens (``"attention_mask"``).
         device: ``"cuda"`` when available, else ``"cpu"``, by default.
         channels_last: channels-last memory for conv nets; default on CPU (faster there).
         epoch: the row's epoch number (0 or more).
@@ -103,17 +117,20 @@ def probe(
     check_params(
         _PROBE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
         max_flatten=max_flatten, seed=seed, store=store, resume=resume, overwrite=overwrite, l2=l2,
-        batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
+        baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, batch_size=batch_size, max_iter=max_iter,
+        cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
         dataset_name=dataset_name, device=device, channels_last=channels_last, epoch=epoch, step=step,
+        label_key=label_key, mask_key=mask_key,
     )
     device = resolve_device(device)
     use_cl = wants_channels_last(model, device, channels_last)
     with placed(model, device, use_cl):
         with ProbeMonitor(
             model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
-            num_classes=num_classes, l2=l2, batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
+            num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
+            batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
             max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
-            channels_last=use_cl, tracer_kwargs=tracer_kwargs,
+            channels_last=use_cl, tracer_kwargs=tracer_kwargs, label_key=label_key, mask_key=mask_key,
         ) as monitor:
             if not monitor.rows:
                 monitor.update(epoch=epoch, step=step)
@@ -133,7 +150,11 @@ def probe_checkpoints(
     resume: bool = False,
     overwrite: bool = False,
     num_classes: int | None = None,
-    l2: float = DEFAULT_L2,
+    l2: float | str = "auto",
+    baselines: str | Sequence[str] | None = None,
+    groups: Mapping[str, object] | None = None,
+    repeats: int = 1,
+    metrics: str | Sequence[str] | None = None,
     batch_size: int = 256,
     budget: int = DEFAULT_BUDGET,
     max_flatten: int = DEFAULT_MAX_FLATTEN,
@@ -144,6 +165,8 @@ def probe_checkpoints(
     model_name: str | None = None,
     dataset_name: str | None = None,
     tracer_kwargs: Mapping[str, object] | None = None,
+    label_key: str | None = None,
+    mask_key: str = MASK_KEY,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
 ) -> xr.Dataset:
@@ -158,8 +181,9 @@ def probe_checkpoints(
         epochs: each checkpoint's epoch number (default 0, 1, 2, ...).
         steps: each checkpoint's training step (default: unknown, ``None``).
         store, resume: as for :func:`probe`; resuming skips checkpoints already written.
-        layers, reduce, overwrite, num_classes, l2, batch_size, budget, max_flatten, seed, max_iter,
-            cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, device, channels_last:
+        layers, reduce, overwrite, num_classes, l2, baselines, groups, repeats, metrics, batch_size, budget,
+            max_flatten, seed, max_iter,
+            cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, label_key, mask_key, device, channels_last:
             as for :func:`probe`.
 
     Example:
@@ -168,8 +192,10 @@ def probe_checkpoints(
     check_params(
         _CHECKPOINTS_CONSTRAINTS, build_model=build_model, tracer_kwargs=tracer_kwargs,
         num_classes=num_classes, budget=budget, max_flatten=max_flatten, seed=seed, store=store, resume=resume,
-        overwrite=overwrite, l2=l2, batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
+        overwrite=overwrite, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
+        batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
         model_name=model_name, dataset_name=dataset_name, device=device, channels_last=channels_last,
+        label_key=label_key, mask_key=mask_key,
     )
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:
@@ -192,9 +218,10 @@ def probe_checkpoints(
         model.to(memory_format=torch.channels_last)
     with ProbeMonitor(
         model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
-        num_classes=num_classes, l2=l2, batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
+        num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
+        batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
         max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
-        channels_last=use_cl, tracer_kwargs=tracer_kwargs,
+        channels_last=use_cl, tracer_kwargs=tracer_kwargs, label_key=label_key, mask_key=mask_key,
     ) as monitor:
         for path, epoch, step in zip(checkpoints, epochs, steps):
             if monitor.rows and epoch <= monitor.rows[-1].epoch:

@@ -39,10 +39,12 @@ from probekit.engine.features import (
 from probekit.engine.plan import PLAN_CONSTRAINTS, build_plan
 from probekit.engine.batch import MASK_KEY, to_device
 from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, preserved_state
-from probekit.engine.probes import DEFAULT_L2, OnlineProbes, fit_probes, score
+from probekit.engine import controls
+from probekit.engine.features import IGNORE_INDEX
+from probekit.engine.probes import FALLBACK_L2, MIN_PER_CLASS, OnlineProbes, fit_probes, score
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
-from probekit.run.schema import EpochRow, build_dataset, metric_names
+from probekit.run.schema import EpochRow, build_dataset, metric_name, metric_names
 from probekit.run.store import RunWriter
 
 __all__ = ["MONITOR_CONSTRAINTS", "Mode", "ProbeMonitor", "UPDATE_CONSTRAINTS"]
@@ -59,7 +61,11 @@ MONITOR_CONSTRAINTS = {
     "mode": [Options("snapshot", "online")],
     "resume": [bool],
     "overwrite": [bool],
-    "l2": [Interval(float, 0, None)],
+    "l2": [Interval(float, 0, None), Options("auto")],
+    "baselines": [str, list, tuple, None],
+    "groups": [Mapping, None],
+    "repeats": [Interval(int, 1, None)],
+    "metrics": [str, list, tuple, None],
     "probe_lr": [Interval(float, 0, None, closed="neither")],
     "batch_size": [Interval(int, 1, None)],
     "max_iter": [Interval(int, 1, None)],
@@ -138,7 +144,7 @@ def _chance_error(splits: dict, num_classes: int, labels: _Labels) -> float:
     return float((target.long() != majority).float().mean())
 
 
-def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, l2: float, seed: int, device,
+def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, l2: float | str, seed: int, device,
                 batch_size: int, budget: int, model_name: str | None, dataset_name: str | None, chance: float,
                 labels: _Labels, mask_key: str, label_key: str | None) -> dict:
     def size(name: str) -> int:
@@ -164,7 +170,7 @@ def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, 
         **data_attrs,
         "num_classes": num_classes,
         "chance_error": chance,
-        "l2": float(l2),
+        "l2": l2 if l2 == "auto" else float(l2),
         "seed": int(seed),
         "batch_size": int(batch_size),
         "budget": int(budget),
@@ -248,7 +254,32 @@ class ProbeMonitor:
         overwrite: replace an existing store.
         num_classes: classes of the probing task; when not given, ``data.info.num_classes``
             (a :class:`probekit.data.Splits`), else inferred from the labels.
-        l2: probe L2 strength (per example, standardised features).
+        l2: probe L2 strength (per example, standardised features), or ``"auto"`` (the
+            default): per layer and epoch, the value (and, under ``reduce="auto"``, the
+            pooling candidate) with the lowest cross-entropy on a seeded held-out fold of
+            the training split, then a refit on the whole split (see
+            :mod:`probekit.engine.probes`); the run's ``l2`` variable records the value.
+            A training split with fewer than 5 examples of some class falls back to
+            ``l2=1e-3``, and the run's ``l2_fallback`` attribute says so. Online mode
+            with ``"auto"`` runs a few L2 values as parallel heads per layer and reports
+            the head with the lowest running training loss, each batch scored before
+            the heads step on it (held-out batches).
+        baselines: ``["random_init", "control"]`` or a subset (snapshot mode): ``random_init``
+            fits the same probes on a freshly initialised, seeded copy of the architecture
+            (computed once per run: it does not change as the model trains); ``control``
+            fits them to Hewitt & Liang's control task and adds ``{split}_selectivity``
+            (control error - task error). Stored in the run's ``baseline`` variable; see
+            :mod:`probekit.engine.controls` and ``docs/methodology.md``.
+        groups: the control task's example types, ``{split: one integer per example}``
+            (e.g. the source image of augmented copies); default: each example is its own
+            type (token-level runs: the token id, ``input_ids``).
+        repeats: refit every probe this many times (snapshot mode), on stratified bootstrap
+            resamples of the training split, with per-repeat seeds for random reductions,
+            at the L2 value and candidate chosen on the whole split; with more than one,
+            ``probe_repeat`` holds every repeat and ``probe`` their mean.
+        metrics: optional measures: ``["mdl"]`` adds ``train_mdl`` (online code length in
+            bits on the block schedule of :data:`probekit.engine.controls.MDL_BLOCKS`) and
+            ``train_compression`` (uniform code / MDL), per layer (snapshot mode).
         probe_lr: the online probes' learning rate (``mode="online"``; never the model's).
         batch_size: extraction batch size for splits that are not DataLoaders.
         budget: the ``"auto"`` reduction's feature budget per probe.
@@ -294,7 +325,11 @@ class ProbeMonitor:
         resume: bool = False,
         overwrite: bool = False,
         num_classes: int | None = None,
-        l2: float = DEFAULT_L2,
+        l2: float | Literal["auto"] = "auto",
+        baselines: str | Sequence[str] | None = None,
+        groups: Mapping[str, object] | None = None,
+        repeats: int = 1,
+        metrics: str | Sequence[str] | None = None,
         probe_lr: float = 1e-3,
         batch_size: int = 256,
         budget: int = DEFAULT_BUDGET,
@@ -313,13 +348,23 @@ class ProbeMonitor:
         check_params(
             MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
             max_flatten=max_flatten, seed=seed, store=store, mode=mode, resume=resume, overwrite=overwrite, l2=l2,
-            probe_lr=probe_lr, batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
+            baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, probe_lr=probe_lr,
+            batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
             model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, label_key=label_key,
             mask_key=mask_key,
         )
         self.model, self.mode, self.quiet = model, mode, quiet
         self.label_key, self.mask_key = label_key, mask_key
-        self.l2, self.max_iter, self.batch_size, self.cache_bytes = float(l2), int(max_iter), int(batch_size), cache_bytes
+        self.l2 = l2 if l2 == "auto" else float(l2)
+        self.max_iter, self.batch_size, self.cache_bytes = int(max_iter), int(batch_size), cache_bytes
+        self.baselines, self.repeats = controls.check_baselines(baselines), int(repeats)
+        self.extra_metrics = controls.check_metrics(metrics)
+        self.seed, self._reduce, self._budget, self._max_flatten = int(seed), reduce, budget, max_flatten
+        if mode == "online" and (self.baselines or self.repeats > 1 or self.extra_metrics):
+            raise ValueError(
+                "baselines=, repeats= and metrics=['mdl'] refit probes to their optimum, which online mode never does; "
+                "use mode='snapshot' (or pk.probe_checkpoints on saved snapshots)"
+            )
         self.channels_last = channels_last
         self.splits = as_splits(data)
         info = getattr(data, "info", None)
@@ -344,13 +389,26 @@ class ProbeMonitor:
         for reducer in self.plan.reducers.values():
             reducer.to(self.device)
         self.layers = self.plan.layers
-        self.metrics = metric_names(list(self.splits), self.num_classes)
+        self.metrics = metric_names(list(self.splits), self.num_classes, control="control" in self.baselines,
+                                    mdl="mdl" in self.extra_metrics)
+        self.groups = controls.check_groups(groups, {k: split_size(v) for k, v in self.splits.items()})
+        if self.groups is not None and (self.examples == "tokens" or "control" not in self.baselines):
+            raise ValueError("groups= are the control task's example types: pass them with baselines=['control'] "
+                             "in a run of per-example labels (token-level runs take each token's id as its type)")
         chance = _chance_error(self.splits, self.num_classes, labels)
         attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
                             device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
                             dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
                             label_key=label_key)
+        attrs.update(self._control_attrs(labels["train"].labels))
         self.layout = self.plan.layout(self.metrics, attrs)
+        self.layout.baselines, self.layout.repeats = self.baselines, self.repeats
+        self._random_init: tuple | None = None  # the random-init baseline, computed once
+        if "random_init" in self.baselines:
+            self._fresh, permuted = controls.random_init_copy(model, seed=self.seed)
+            self._fresh_graph = LayerGraph(self._fresh, example, tracer_kwargs=tracer_kwargs)
+            if permuted:
+                self.layout.attrs["random_init_permuted"] = ", ".join(permuted)[:1000]
         self._writer = RunWriter(store, self.layout, resume=resume, overwrite=overwrite) if store is not None else None
         self.store = Path(store) if store is not None else None
         self.rows: list[EpochRow] = list(self._writer.rows) if self._writer else []
@@ -379,6 +437,24 @@ class ProbeMonitor:
         self._hooks.attach()
         dims = {n: self.plan.reducers[n].out_features for n in self.layers}
         self._online = OnlineProbes(dims, self.num_classes, lr=probe_lr, l2=self.l2).to(self.device)
+
+    def _control_attrs(self, train_labels: torch.Tensor) -> dict:
+        """The run attributes of its controls: baselines, repeats, metrics, and the ``l2="auto"`` fallback."""
+        attrs = {"baselines": ", ".join(self.baselines), "repeats": self.repeats}
+        if self.extra_metrics:
+            attrs["metrics"] = ", ".join(self.extra_metrics)
+            attrs["mdl_blocks"] = ", ".join(f"{f:g}" for f in controls.MDL_BLOCKS)
+        if self.l2 == "auto" and self.mode == "snapshot":
+            counts = torch.bincount(train_labels.reshape(-1).long().cpu(), minlength=self.num_classes)
+            fewest = int(counts.min())
+            if fewest < MIN_PER_CLASS:
+                attrs["l2_fallback"] = (
+                    f"l2='auto' needs at least {MIN_PER_CLASS} training examples of every class to hold out a fold, and "
+                    f"class {int(counts.argmin())} has {fewest}; every probe was fitted with the fixed l2={FALLBACK_L2:g}"
+                )
+                warnings.warn(attrs["l2_fallback"] + " (recorded as the run's l2_fallback attribute)",
+                              RuntimeWarning, stacklevel=3)
+        return attrs
 
     def _is_module(self, name: str) -> bool:
         try:
@@ -441,12 +517,10 @@ class ProbeMonitor:
             raise ValueError(f"epoch {epoch} is not after the last written epoch {self.rows[-1].epoch}; epochs must increase")
         with preserved_state(self.model):
             self.model.eval()
-            if self._online is None:
-                probe, nonfinite, iterations, converged = self._snapshot()
-            else:
-                probe, nonfinite, iterations, converged = self._online_scores()
+            parts = self._snapshot() if self._online is None else self._online_scores()
+        nonfinite = parts["nonfinite"]
         row = EpochRow(
-            epoch=epoch, step=_UNKNOWN_STEP if step is None else int(step), probe=probe, nonfinite=nonfinite, iterations=iterations, converged=converged,
+            epoch=epoch, step=_UNKNOWN_STEP if step is None else int(step), **parts,
             model_loss=float("nan") if model_loss is None else float(model_loss),
             model_error=float("nan") if model_error is None else float(model_error),
             wall_time=time.monotonic() - self._clock,
@@ -468,8 +542,9 @@ class ProbeMonitor:
             self._online.reset_running()
         return build_dataset(self.layout, [row])
 
-    def _extract_all(self, run, splits: Sequence[str]) -> dict:
-        dims = {n: self.plan.reducers[n].out_features for n in self.layers}
+    def _extract_all(self, run, splits: Sequence[str], reducers: Mapping | None = None) -> dict:
+        reducers = self.plan.reducers if reducers is None else reducers
+        dims = {n: reducers[n].out_features for n in self.layers if n in reducers}
         out = {}
         for split in splits:
             data = self.splits[split]
@@ -481,32 +556,166 @@ class ProbeMonitor:
                 )
         return out
 
-    def _snapshot(self):
+    def _snapshot(self) -> dict:
+        """Every probe fitted to its optimum on this epoch's features, with the run's controls."""
         cached = self._extract_all(build_extractor(self.graph, self.plan.reducers), list(self.splits))
-        n_layers, metrics = len(self.layers), self.metrics
-        probe = np.full((n_layers, len(metrics)), np.nan)
-        nonfinite = np.zeros(n_layers, bool)
-        iterations = np.zeros(n_layers, np.int64)
-        converged = np.zeros(n_layers, bool)
-        train = cached["train"]
-        for i, layer in enumerate(self.layers):
-            nonfinite[i] = any(c.nonfinite[layer] for c in cached.values())
-        fits = fit_probes(
-            {layer: train.features[layer].to(self.device) for i, layer in enumerate(self.layers) if not nonfinite[i]},
-            train.labels, self.num_classes, l2=self.l2, max_iter=self.max_iter,
-        )
-        for i, layer in enumerate(self.layers):
-            if nonfinite[i]:
-                continue
-            fit = fits.pop(layer)
-            iterations[i], converged[i] = fit.iterations, fit.converged
-            for split, features in cached.items():
-                scores = score(fit.logits, features.features[layer].to(self.device), features.labels, self.num_classes)
-                for measure, value in scores.items():
-                    probe[i, metrics.index(f"{split}_{measure}")] = value
-        return probe, nonfinite, iterations, converged
+        nonfinite = np.array([any(c.nonfinite[layer] for c in cached.values()) for layer in self.layers], bool)
+        kept = [layer for layer, bad in zip(self.layers, nonfinite) if not bad]
+        views = {split: c.features for split, c in cached.items()}
+        labels = {split: c.labels for split, c in cached.items()}
+        fits = self._fit(views["train"], labels["train"], kept, self.l2)
+        probe = self._scores(fits, views, labels)
+        parts = {
+            "nonfinite": nonfinite,
+            "iterations": np.array([fits[n].iterations if n in fits else 0 for n in self.layers], np.int64),
+            "converged": np.array([fits[n].converged if n in fits else False for n in self.layers], bool),
+            "l2": np.array([fits[n].l2 if n in fits else np.nan for n in self.layers], np.float64),
+        }
+        if self.repeats > 1:
+            parts["repeat"] = self._repeat_scores(cached, fits)
+            with warnings.catch_warnings():  # a layer with no finite repeat stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                probe = np.nanmean(parts["repeat"], axis=1)
+        if "mdl" in self.extra_metrics:
+            self._mdl(views["train"], labels["train"], fits, probe)
+        if self.baselines:
+            baseline = np.full((len(self.layers), len(self.baselines), len(self.metrics)), np.nan)
+            if "random_init" in self.baselines:
+                baseline[:, self.baselines.index("random_init")] = self._random_init_scores()
+            if "control" in self.baselines:
+                control = self._control_labels(cached)
+                control_fits = self._fit(views["train"], control["train"], kept, self.l2)
+                baseline[:, self.baselines.index("control")] = self._scores(control_fits, views, control)
+                self._selectivity(probe, baseline[:, self.baselines.index("control")])
+                if "repeat" in parts:
+                    for r in range(self.repeats):
+                        self._selectivity(parts["repeat"][:, r], baseline[:, self.baselines.index("control")])
+            parts["baseline"] = baseline
+        return {"probe": probe, **parts}
 
-    def _online_scores(self):
+    def _fit(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, layers: Sequence[str],
+             l2: float | str | Mapping[str, float], candidates: Mapping[str, Mapping[str, slice]] | None = None) -> dict:
+        """One probe per layer of ``layers``; by default each reducer's candidates (a ``reduce="auto"`` pyramid) compete."""
+        if candidates is None:
+            candidates = {n: dict(getattr(self.plan.reducers[n], "candidates", None) or {}) for n in layers}
+        return fit_probes(
+            {n: features[n].to(self.device) for n in layers}, labels, self.num_classes, l2=l2,
+            candidates={n: c for n, c in candidates.items() if n in layers and c}, seed=self.seed, max_iter=self.max_iter,
+        )
+
+    def _scores(self, fits: Mapping, features: Mapping[str, Mapping[str, torch.Tensor]],
+                labels: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """``(layer, metric)`` scores of ``fits`` on every split (NaN for layers without a fit and unscored metrics)."""
+        probe = np.full((len(self.layers), len(self.metrics)), np.nan)
+        for i, layer in enumerate(self.layers):
+            if layer not in fits:
+                continue
+            for split, by_layer in features.items():
+                scores = score(fits[layer].logits, by_layer[layer].to(self.device), labels[split].to(self.device),
+                               self.num_classes)
+                for measure, value in scores.items():
+                    probe[i, self.metrics.index(metric_name(split, measure))] = value
+        return probe
+
+    def _chosen(self, fits: Mapping) -> tuple[dict, dict]:
+        """The L2 value and the candidate each fit chose, to refit with them fixed."""
+        l2 = {n: float(f.l2) for n, f in fits.items()}
+        candidates = {n: {f.spec: f.columns} for n, f in fits.items() if getattr(f, "spec", None) is not None}
+        return l2, candidates
+
+    def _selectivity(self, probe: np.ndarray, control: np.ndarray) -> None:
+        """``{split}_selectivity`` = control error - task error, in place."""
+        for split in self.splits:
+            error = self.metrics.index(metric_name(split, "error"))
+            probe[:, self.metrics.index(metric_name(split, "selectivity"))] = control[:, error] - probe[:, error]
+
+    def _repeat_scores(self, cached: Mapping, fits: Mapping) -> np.ndarray:
+        """``(layer, repeat, metric)``: each repeat refits on a stratified bootstrap resample of the training split,
+        with its own seed for random reductions, at the L2 value and candidate chosen on the whole split."""
+        l2, candidates = self._chosen(fits)
+        out = np.full((len(self.layers), self.repeats, len(self.metrics)), np.nan)
+        labels = {split: c.labels for split, c in cached.items()}
+        for r in range(self.repeats):
+            views = {split: dict(c.features) for split, c in cached.items()}
+            seeded = self._repeat_reducers(r, list(fits))
+            bad = set()
+            if seeded:
+                extra = self._extract_all(build_extractor(self.graph, seeded), list(self.splits), reducers=seeded)
+                for split, c in extra.items():
+                    views[split].update(c.features)
+                    bad.update(n for n, flag in c.nonfinite.items() if flag)
+            rows = controls.bootstrap_indices(labels["train"], self.seed, r)
+            layers = [n for n in fits if n not in bad]
+            train = {n: views["train"][n].to(self.device)[rows.to(self.device)] for n in layers}
+            refits = self._fit(train, labels["train"][rows], layers, {n: l2[n] for n in layers}, candidates)
+            out[:, r] = self._scores(refits, views, labels)
+        return out
+
+    def _repeat_reducers(self, repeat: int, layers: Sequence[str]) -> dict:
+        """The reducers of repeat ``repeat`` that differ from the run's (seeded ones: subsets, projections)."""
+        plan = build_plan(self.graph, self.layers, self._reduce, num_classes=self.num_classes,
+                          seed=controls.repeat_seed(self.seed, repeat), budget=self._budget, max_flatten=self._max_flatten)
+        return {n: plan.reducers[n].to(self.device) for n in layers
+                if plan.reducers[n].describe() != self.plan.reducers[n].describe()}
+
+    def _mdl(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, fits: Mapping, probe: np.ndarray) -> None:
+        """``train_mdl`` and ``train_compression`` in place: the online code at each layer's chosen L2 and candidate."""
+        l2, candidates = self._chosen(fits)
+
+        def fit(block: Mapping[str, torch.Tensor], block_labels: torch.Tensor) -> dict:
+            refits = self._fit(block, block_labels, list(block), {n: l2[n] for n in block}, candidates)
+            return {n: f.logits for n, f in refits.items()}
+
+        codes = controls.online_code_length({n: features[n].to(self.device) for n in fits}, labels, self.num_classes,
+                                            fit=fit, seed=self.seed)
+        for layer, (bits, uniform) in codes.items():
+            i = self.layers.index(layer)
+            probe[i, self.metrics.index(metric_name("train", "mdl"))] = bits
+            probe[i, self.metrics.index(metric_name("train", "compression"))] = uniform / bits
+
+    def _random_init_scores(self) -> np.ndarray:
+        """The random-init baseline's ``(layer, metric)`` scores, computed on the first call and kept."""
+        if self._random_init is None:
+            cached = self._extract_all(build_extractor(self._fresh_graph, self.plan.reducers), list(self.splits))
+            kept = [n for n in self.layers if not any(c.nonfinite[n] for c in cached.values())]
+            views = {split: c.features for split, c in cached.items()}
+            labels = {split: c.labels for split, c in cached.items()}
+            self._random_init = self._scores(self._fit(views["train"], labels["train"], kept, self.l2), views, labels)
+            del self._fresh, self._fresh_graph  # the copy's memory goes back
+        return self._random_init
+
+    def _control_labels(self, cached: Mapping) -> dict:
+        """The control task's labels of every split (fixed for the run)."""
+        if getattr(self, "_control", None) is None:
+            if self.examples == "tokens":
+                types = {split: self._token_types(split) for split in cached}
+            else:
+                types = controls.example_types({split: int(c.labels.shape[0]) for split, c in cached.items()}, self.groups)
+            for split, c in cached.items():
+                if types[split].numel() != c.labels.shape[0]:
+                    raise ValueError(
+                        f"the control task found {types[split].numel()} example types in the {split} split for "
+                        f"{c.labels.shape[0]} probe examples; give groups= one entry per example"
+                    )
+            self._control = controls.control_labels(types, cached["train"].labels, self.num_classes, seed=self.seed)
+        return {split: labels.to(self.device) for split, labels in self._control.items()}
+
+    def _token_types(self, split: str) -> torch.Tensor:
+        """A token-level split's token ids at its labelled tokens, in the order of its probe examples."""
+        out = []
+        for inputs, y in batches(self.splits[split], self.batch_size, label_key=self.label_key, name=split):
+            ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+            ids = ids[0] if isinstance(ids, (tuple, list)) else ids
+            y = torch.as_tensor(y)
+            if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or tuple(ids.shape) != tuple(y.shape):
+                raise ValueError(
+                    f"the control task of a token-level run takes each token's id as its type, and the {split} split's "
+                    "batches hold no integer (N, T) token ids ('input_ids') matching the labels; drop 'control' from baselines="
+                )
+            out.append(ids[y != IGNORE_INDEX].cpu())
+        return torch.cat(out)
+
+    def _online_scores(self) -> dict:
         splits = [s for s in self.splits if s != "train"]
         self._hooks.detach()
         try:
@@ -527,8 +736,10 @@ class ProbeMonitor:
                 scores = score(self._online.logits_of(layer), features.features[layer], features.labels, self.num_classes)
                 for measure, value in scores.items():
                     probe[i, metrics.index(f"{split}_{measure}")] = value
-        iterations = np.full(n_layers, self._online.steps, np.int64)
-        return probe, nonfinite, iterations, np.ones(n_layers, bool)
+        l2_of = getattr(self._online, "l2_of", None)
+        l2 = [l2_of(layer) if l2_of is not None else self.l2 for layer in self.layers]
+        return {"probe": probe, "nonfinite": nonfinite, "iterations": np.full(n_layers, self._online.steps, np.int64),
+                "converged": np.ones(n_layers, bool), "l2": np.array(l2, np.float64)}
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:

@@ -117,3 +117,129 @@ def test_bad_names_get_one_line_errors_listing_the_known_ones():
     with pytest.raises(ValueError, match="unknown metric 'mld'.*choose from: error, loss, top5, mdl"):
         controls.check_metrics(["mld"])
     assert controls.check_metrics(["error", "mdl"]) == ("mdl",)
+
+
+# ----------------------------------------------------------------------------- in a run
+def _digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, torch.tensor(y)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_random_init_gain_is_zero_untrained_and_positive_at_the_output_of_a_trained_model():
+    import probekit as pk
+
+    x, y = _digits()
+    data = {"train": (x[:600], y[:600]), "valid": (x[1000:1400], y[1000:1400])}
+    layers = ["input", "2", "3"]
+
+    def gain(model):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ds = pk.probe(model, data, layers=layers, baselines=["random_init"], quiet=True)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not touched
+        task = ds.probe.sel(metric="valid_error").squeeze("epoch")
+        fresh = ds.baselines.sel(baseline="random_init", metric="valid_error").squeeze("epoch")
+        return (fresh - task).values
+
+    untrained = gain(_mlp(seed=1))
+    assert untrained[0] == 0  # the input is the same for both
+    assert abs(untrained[1]) < 0.03  # 64 random features: as good as another random init's
+    assert abs(untrained[2]) < 0.15  # 10 random outputs vary more from one init to the next
+    model = _mlp(seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[:600]), y[:600]).backward()
+        optimizer.step()
+    trained = gain(model)
+    assert trained[0] == 0 and trained[-1] > 0.2
+
+
+def test_a_memorising_probe_has_low_selectivity():
+    import probekit as pk
+
+    x, y = _digits()
+    generator = torch.Generator().manual_seed(0)
+
+    def copies(k):  # noisy copies of 150 images: each image is one type of the control task
+        return (x[:150].repeat(k, 1, 1, 1) + 0.05 * torch.randn(150 * k, 1, 8, 8, generator=generator),
+                y[:150].repeat(k), torch.arange(150).repeat(k))
+
+    (tx, ty, tg), (vx, vy, vg) = copies(4), copies(2)
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(64, 2048), nn.ReLU())
+    data, groups = {"train": (tx, ty), "valid": (vx, vy)}, {"train": tg, "valid": vg}
+
+    def selectivity(reduce, l2, groups):
+        ds = pk.probe(wide, data, layers=["2"], reduce=reduce, l2=l2, baselines=["control"], groups=groups, quiet=True)
+        return float(ds.probe.sel(metric="valid_selectivity").item()), float(ds.probe.sel(metric="valid_error").item())
+
+    memorising, error = selectivity("flatten", 1e-4, groups)
+    assert error < 0.05 and memorising < 0.1  # it learns the task, and the control task as well
+    small, _ = selectivity("subset8", 1e-1, groups)
+    assert small > memorising + 0.2  # a small probe cannot memorise 150 random labels
+    unseen, _ = selectivity("flatten", 1e-4, None)  # each example its own type: no valid type was seen in training
+    assert unseen > 0.8
+
+
+def test_the_repeats_band_contains_the_single_fit():
+    import probekit as pk
+    from tests.conftest import tiny_convnet
+
+    x, y = _digits()
+    data = {"train": (x[:1000], y[:1000]), "valid": (x[1000:1400], y[1000:1400])}
+    layers = ["input", "relu1", "fc1", "fc2"]
+    single = pk.probe(tiny_convnet(), data, layers=layers, reduce={"relu1": "subset64"}, quiet=True)
+    ds = pk.probe(tiny_convnet(), data, layers=layers, reduce={"relu1": "subset64"}, repeats=8, quiet=True)
+    repeats = ds.probe_repeat.sel(metric="valid_error").squeeze("epoch").values  # (layer, repeat)
+    one = single.probe.sel(metric="valid_error").squeeze("epoch").values
+    assert ds.sizes["repeat"] == 8 and np.isfinite(repeats).all()
+    assert (repeats.std(1) > 0).all()  # bootstrap resamples (and, at relu1, subsets) differ
+    # A bootstrap fit sees about 63% distinct examples, so the repeats sit a little above the full fit
+    # (bootstrap bias); a band of 3 standard deviations still holds it.
+    spread = 3 * repeats.std(1, ddof=1)
+    low, high = repeats.mean(1) - spread, repeats.mean(1) + spread
+    assert ((low <= one) & (one <= high)).all(), (low, one, high)
+    np.testing.assert_allclose(ds.probe.sel(metric="valid_error").squeeze("epoch").values, repeats.mean(1))
+    np.testing.assert_array_equal(ds.l2.values, single.l2.values)  # chosen on the whole split, then kept
+
+
+def test_mdl_on_random_labels_is_close_to_the_uniform_code():
+    import probekit as pk
+    from tests.conftest import tiny_convnet
+
+    x, _ = _digits()
+    labels = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    data = {"train": (x[:600], labels[:600]), "valid": (x[1000:1200], labels[1000:1200])}
+    ds = pk.probe(tiny_convnet(), data, layers=["input", "relu1", "fc2"], metrics=["mdl"], quiet=True)
+    compression = ds.probe.sel(metric="train_compression").squeeze("epoch").values
+    assert ((compression > 0.9) & (compression < 1.1)).all(), compression
+    mdl = ds.probe.sel(metric="train_mdl").squeeze("epoch").values
+    np.testing.assert_allclose(mdl * compression, 600 * math.log2(10))
+
+
+def test_bad_control_arguments_get_one_line_errors(tmp_path):
+    import probekit as pk
+    from tests.conftest import tiny_convnet
+
+    x, y = _digits()
+    data = {"train": (x[:200], y[:200]), "valid": (x[1000:1100], y[1000:1100])}
+    with pytest.raises(ValueError, match="unknown baseline 'random'.*known baselines are: random_init, control"):
+        pk.probe(tiny_convnet(), data, baselines=["random"], quiet=True)
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1; got 0"):
+        pk.probe(tiny_convnet(), data, repeats=0, quiet=True)
+    with pytest.raises(ValueError, match="online mode never does; use mode='snapshot'"):
+        pk.ProbeMonitor(tiny_convnet(), data, mode="online", baselines=["control"], layers=["fc2"], quiet=True)
+    with pytest.raises(ValueError, match="groups= are the control task's example types"):
+        pk.probe(tiny_convnet(), data, groups={"train": torch.arange(200), "valid": torch.arange(100)}, quiet=True)
+    few = {"train": (x[:30], y[:30]), "valid": (x[1000:1100], y[1000:1100])}  # 3 examples per class
+    with pytest.warns(RuntimeWarning, match="needs at least 5 training examples of every class"):
+        ds = pk.probe(tiny_convnet(), few, layers=["fc2"], store=tmp_path / "few.zarr", quiet=True)
+    assert "l2=0.001" in pk.open_run(tmp_path / "few.zarr").attrs["l2_fallback"]
+    assert ds.attrs["l2"] == "auto" and ds.l2.values.ravel().tolist() == [1e-3]

@@ -154,7 +154,7 @@ def test_probe_and_probe_checkpoints_check_their_own_arguments(digits_tensors, t
         pk.probe(tiny_convnet(), digits_tensors, device=3, quiet=True)
     with pytest.raises(ValueError, match="epoch must be an integer >= 0 or None; got -1"):
         pk.probe(tiny_convnet(), digits_tensors, epoch=-1, quiet=True)
-    with pytest.raises(ValueError, match="l2 must be a finite number >= 0; got -1"):
+    with pytest.raises(ValueError, match="l2 must be a finite number >= 0 or one of 'auto'; got -1"):
         pk.probe(tiny_convnet(), digits_tensors, l2=-1, quiet=True)
     with pytest.raises(ValueError, match="build_model must be a Callable; got 'convnet'"):
         pk.probe_checkpoints("convnet", [tmp_path / "c.pt"], digits_tensors, quiet=True)

@@ -92,8 +92,8 @@ def test_explicit_arguments_win_over_what_the_data_implies(digits_tensors):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"mode": "both"}, "mode must be one of 'snapshot', 'online'; got 'both'"),
-    ({"l2": -1.0}, "l2 must be a finite number >= 0; got -1.0"),
-    ({"l2": float("nan")}, "l2 must be a finite number >= 0; got nan"),
+    ({"l2": -1.0}, "l2 must be a finite number >= 0 or one of 'auto'; got -1.0"),
+    ({"l2": float("nan")}, "l2 must be a finite number >= 0 or one of 'auto'; got nan"),
     ({"probe_lr": 0}, "probe_lr must be a finite number > 0; got 0"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1; got 0"),
     ({"max_iter": 2.5}, "max_iter must be an integer >= 1; got 2.5"),

@@ -40,10 +40,21 @@ _FLAGS = {
     "--lr": _POSITIVE_RATE,
     "--probe-lr": _POSITIVE_RATE,
     "--momentum": [Interval(float, 0, None)],
-    "--l2": [Interval(float, 0, None)],
+    "--l2": [Interval(float, 0, None), Options("auto")],
+    "--repeats": _POSITIVE_INT,
     "--batch-size": _POSITIVE_INT,
     "--train-batch-size": _POSITIVE_INT,
 }
+
+
+def _l2_value(text: str) -> float | str:
+    """``--l2``: ``auto`` or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto; got {text!r}") from None
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -170,7 +181,8 @@ def cmd_run(args) -> int:
     layers = args.layers.split(",") if args.layers and "," in args.layers else args.layers
     shared: Mapping[str, object] = dict(
         layers=layers, reduce=args.reduce, quiet=args.quiet, model_name=args.name or args.model.split(":")[-1],
-        batch_size=args.batch_size, budget=args.budget, l2=args.l2, store=args.out, resume=args.resume,
+        batch_size=args.batch_size, budget=args.budget, l2=args.l2, baselines=args.baselines, repeats=args.repeats,
+        metrics=args.metrics, store=args.out, resume=args.resume,
         overwrite=args.overwrite, device=args.device, seed=args.seed,
     )
     if args.epochs == 0 and args.mode == "snapshot":
@@ -260,7 +272,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the model's optimiser")
     run.add_argument("--probe-lr", type=float, default=1e-3,
                      help="the online probes' learning rate, --mode online (default: 0.001); not the model's (--lr)")
-    run.add_argument("--l2", type=float, default=1e-3, help="probe L2 strength")
+    run.add_argument("--l2", type=_l2_value, default="auto",
+                     help="probe L2 strength, or auto (default): chosen per layer on a held-out fold of the training split")
+    run.add_argument("--baselines", help="comma-separated baselines: random_init, control")
+    run.add_argument("--repeats", type=int, default=1, help="fits per probe on bootstrap resamples (default: 1)")
+    run.add_argument("--metrics", help="comma-separated optional measures: mdl")
     run.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
     run.add_argument("--train-batch-size", type=int, default=64, help="the model's training minibatch size")
     run.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -38,7 +38,6 @@ from probekit.engine.checkpoints import safe_load
 from probekit.engine.devices import resolve_device
 from probekit.engine.features import DEFAULT_CACHE_BYTES, as_splits
 from probekit.engine.monitor import ProbeMonitor
-from probekit.engine.probes import DEFAULT_L2
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
 from probekit.run.store import write_atomic
@@ -193,7 +192,11 @@ def train_and_probe(
     reduce: str | Mapping[str, str] | None = None,
     mode: Literal["snapshot", "online"] = "snapshot",
     num_classes: int | None = None,
-    l2: float = DEFAULT_L2,
+    l2: float | str = "auto",
+    baselines: str | Sequence[str] | None = None,
+    groups: Mapping[str, object] | None = None,
+    repeats: int = 1,
+    metrics: str | Sequence[str] | None = None,
     probe_lr: float = 1e-3,
     batch_size: int = 256,
     budget: int = DEFAULT_BUDGET,
@@ -234,7 +237,11 @@ def train_and_probe(
         mode: ``"snapshot"`` (probes fitted after each epoch) or ``"online"`` (one probe
             step per training minibatch, with ``probe_lr``).
         num_classes: classes; when given it wins over the number the data implies.
-        l2: the probes' L2 strength.
+        l2: the probes' L2 strength, or ``"auto"`` (the default): chosen per layer and epoch on a
+            held-out fold of the training split (online: parallel heads; see :class:`~probekit.engine.ProbeMonitor`).
+        baselines, groups, repeats, metrics: the run's controls (snapshot mode; see
+            :class:`~probekit.engine.ProbeMonitor`): ``baselines=["random_init", "control"]``,
+            the control task's ``groups=``, ``repeats=K`` bootstrap refits, ``metrics=["mdl"]``.
         probe_lr: the online probes' learning rate (never the model's: see ``lr``).
         batch_size: the probes' feature-extraction batch size (not the training one: see ``train_batch_size``).
         budget, max_flatten: limits of the automatic reduction.
@@ -269,7 +276,8 @@ def train_and_probe(
 
     with ProbeMonitor(
         model, data, layers=layers, reduce=reduce, store=store, mode=mode, resume=resume, overwrite=overwrite,
-        num_classes=num_classes, l2=l2, probe_lr=probe_lr, batch_size=batch_size, budget=budget,
+        num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
+        probe_lr=probe_lr, batch_size=batch_size, budget=budget,
         max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
         model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, tracer_kwargs=tracer_kwargs,
         label_key=label_key, mask_key=mask_key,

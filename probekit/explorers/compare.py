@@ -6,7 +6,10 @@ applied to every run: a layer rule (*all*, *merge points only*, *every k-th*),
 a relative-depth window, the metric, the split and an epoch. The comparison
 owns one :class:`CompareState` and is its controller; its views are
 :mod:`probekit.explorers.widgets`' and its chart is
-:func:`probekit.plots.comparison`.
+:func:`probekit.plots.comparison` (each run's baselines dashed, as its
+*baselines* menu selects them), with, when it is given one, the layer
+similarity of two models (:func:`probekit.cka`) as a heatmap beside it
+(:func:`probekit.plots.cka_heatmap`).
 
 This module imports pandas, xarray, altair and ipywidgets: never torch.
 """
@@ -74,6 +77,7 @@ class CompareState:
         epoch: The epoch asked for on the runs' epochs taken together: an
             epoch number, or negative to count from the end (``-1``, the
             latest). Each run is drawn at its last epoch up to it.
+        baselines: The baselines drawn as dashed lines; None: every one the runs have.
         version: Counts the times new run data arrived.
         status: A one-line message for the user.
         alert: Whether ``status`` reports a problem (shown in red).
@@ -86,9 +90,21 @@ class CompareState:
     measure: str = "error"
     split: str = "valid"
     epoch: int = -1
+    baselines: tuple[str, ...] | None = None
     version: int = 0
     status: str = ""
     alert: bool = False
+
+    @property
+    def known_baselines(self) -> list[str]:
+        """The baselines any ready run has, in the order they first appear."""
+        return list(dict.fromkeys(b for _, ds in self.ready for b in plots.baselines_of(ds)))
+
+    @property
+    def baselines_shown(self) -> tuple[str, ...]:
+        """The baselines drawn: those of the runs that are selected."""
+        known = self.known_baselines
+        return tuple(known) if self.baselines is None else tuple(b for b in known if b in self.baselines)
 
     @property
     def ready(self) -> list[tuple[str, xr.Dataset]]:
@@ -144,7 +160,8 @@ def _compared_runs(state: CompareState) -> tuple[dict[str, xr.Dataset], list[dic
 def _comparison_chart(state: CompareState, shown: dict[str, xr.Dataset]) -> alt.LayerChart | None:
     if not shown:
         return None
-    return plots.comparison(shown, measure=state.measure, split=state.split, epoch=-1)
+    return plots.comparison(shown, measure=state.measure, split=state.split, epoch=-1,
+                            baselines=list(state.baselines_shown))
 
 
 def _common(values: list[list[str]]) -> list[str]:
@@ -164,10 +181,11 @@ class Comparison(LiveApp):
 
     Attributes:
         state: The current :class:`CompareState`.
-        charts: ``{"comparison": JupyterChart}``.
+        charts: ``{"comparison": JupyterChart}``, and ``"cka"`` (the CKA heatmap) when given ``cka=``.
         controls: The control widgets: ``rule`` (all / merge points only /
             every k-th), ``k``, ``depth`` (a FloatRangeSlider), ``measure``,
-            ``split``, ``epoch.widget`` and ``status``.
+            ``split``, ``baselines`` (a SelectMultiple, hidden when no run has
+            one), ``epoch.widget`` and ``status``.
         widget: The app's root widget.
 
     Example:
@@ -189,7 +207,9 @@ class Comparison(LiveApp):
         measure: str = "error",
         split: str | None = None,
         epoch: int = -1,
+        cka: xr.DataArray | None = None,
     ):
+        similarity = None if cka is None else plots.cka_heatmap(cka)  # refuses what is not pk.cka's result, at once
         self._sources = _compare_sources(runs, names, wait=live)
         self._poller = Poller([s for s in self._sources if s.path is not None], interval, self._data_arrived,
                               self._set_status)
@@ -205,8 +225,15 @@ class Comparison(LiveApp):
         self._table.add_class("probekit-runs")
         self._panel = ChartPanel("comparison")
         self.charts: dict[str, alt.JupyterChart] = {"comparison": self._panel.widget}
+        views = [self._panel.widget]
+        if similarity is not None:
+            self._cka_panel = ChartPanel("cka")
+            self._cka_panel.show("cka", lambda: similarity)
+            self.charts["cka"] = self._cka_panel.widget
+            views.append(self._cka_panel.widget)
+        charts = widgets.HBox(views, layout=widgets.Layout(flex_flow="row wrap", align_items="flex-start"))
         self.widget = widgets.VBox(
-            [self._header, widgets.HBox([self.controls.widget, widgets.VBox([self._panel.widget, self._table])])]
+            [self._header, widgets.HBox([self.controls.widget, widgets.VBox([charts, self._table])])]
         )
         self.widget.add_class("probekit-compare")
         self.state = CompareState(runs=tuple((s.label, s.dataset) for s in self._sources), version=1)
@@ -272,6 +299,7 @@ class Comparison(LiveApp):
         measure: str | None = None,
         split: str | None = None,
         epoch: int | None = None,
+        baselines: str | Sequence[str] | None = None,
     ) -> Comparison:
         """Change the selection from code, as the widgets do; unset arguments stay.
 
@@ -285,6 +313,8 @@ class Comparison(LiveApp):
             epoch: An epoch number of the runs taken together, or negative to
                 count from the end (``-1``: each run's latest); each run is
                 drawn at its last epoch up to it.
+            baselines: The baselines drawn as dashed lines: names some run has,
+                ``"all"``, or ``()`` for none.
 
         Returns:
             The comparison, so calls chain.
@@ -318,6 +348,18 @@ class Comparison(LiveApp):
             if self.state.epochs:
                 epoch_index(self.state.epochs, epoch)
             changes["epoch"] = int(epoch)
+        if baselines is not None:
+            if baselines == "all":
+                changes["baselines"] = None
+            else:
+                names = (baselines,) if isinstance(baselines, str) else tuple(baselines)
+                known = self.state.known_baselines
+                for name in names:
+                    if not known:
+                        raise ValueError(f"baseline {name!r} is not in these runs, which have no baselines; "
+                                         "probe with baselines=['random_init', 'control'] to get them")
+                    check_in_run("baseline", name, known)
+                changes["baselines"] = names
         self.state = replace(self.state, status="", alert=False, **changes)
         self._render()
         return self
@@ -380,14 +422,15 @@ class Comparison(LiveApp):
         self.controls.show(
             rule=state.rule, every=state.every, depth_range=state.depth_range, measures=measures,
             measure=state.measure, splits=splits, split=state.split, epochs=state.epochs, epoch=state.epoch_shown,
-            status=state.status, alert=state.alert,
+            status=state.status, alert=state.alert, baselines=state.known_baselines, shown_baselines=state.baselines_shown,
         )
         shown, rows = _compared_runs(state)
         live = " &middot; <b style='color:#2e7d32'>live</b>" if self.live else ""
         self._header.value = (
             f"<b>{len(state.runs)} runs</b> by relative depth: {html.escape(', '.join(n for n, _ in state.runs))}{live}"
         )
-        key = (state.version, state.rule, state.every, state.depth_range, state.measure, state.split, state.epoch)
+        key = (state.version, state.rule, state.every, state.depth_range, state.measure, state.split, state.epoch,
+               state.baselines_shown)
         self._panel.show(key, lambda: _comparison_chart(state, shown))
         self._table.value = table_html(pd.DataFrame(rows))
 
@@ -440,6 +483,7 @@ def compare(
     measure: str = "error",
     split: str | None = None,
     epoch: int = -1,
+    cka: xr.DataArray | None = None,
 ) -> Comparison:
     """An app over several runs of different architectures, aligned by relative depth.
 
@@ -465,12 +509,16 @@ def compare(
         epoch: An epoch number of the runs taken together, or negative to count
             from the end; each run is drawn at its last epoch up to it. ``-1``
             (the default) draws each run's latest.
+        cka: The layer similarity of two models, :func:`probekit.cka`'s result
+            (or one read back with ``xr.open_zarr(path)["cka"]``), shown as a
+            heatmap beside the comparison.
 
     Returns:
         The :class:`Comparison`; end a cell with it to show it.
 
     Example:
         >>> pk.compare({"Inception v3": "data/runs/inception_v3.zarr", "ResNet-50": "data/runs/resnet50.zarr"})
+        >>> pk.compare([resnet_run, inception_run], cka=pk.cka(resnet, inception, data))
     """
     return Comparison(runs, names=names, live=live, interval=interval, layers=layers, every=every,
-                      depth_range=depth_range, measure=measure, split=split, epoch=epoch)
+                      depth_range=depth_range, measure=measure, split=split, epoch=epoch, cka=cka)

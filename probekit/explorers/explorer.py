@@ -54,6 +54,7 @@ class ExploreState:
         split: ``"train"``, ``"valid"`` or ``"test"``.
         epoch: The epoch asked for: an epoch number, or negative to count from
             the end (``-1``, the latest, follows a live run as epochs land).
+        baselines: The baselines drawn as dashed curves; None: every one the run has.
         version: Counts the times new run data arrived.
         status: A one-line message for the user ("" when all is well).
         alert: Whether ``status`` reports a problem (shown in red).
@@ -64,9 +65,16 @@ class ExploreState:
     measure: str = "error"
     split: str = "valid"
     epoch: int = -1
+    baselines: tuple[str, ...] | None = None
     version: int = 0
     status: str = ""
     alert: bool = False
+
+    @property
+    def baselines_shown(self) -> tuple[str, ...]:
+        """The baselines the charts draw (those of the run that are selected)."""
+        names = tuple(plots.baselines_of(self.run)) if self.run is not None else ()
+        return names if self.baselines is None else tuple(b for b in names if b in self.baselines)
 
     @property
     def epoch_shown(self) -> int | None:
@@ -100,12 +108,13 @@ def _epoch_column(epoch: int) -> alt.Chart:
 def _profile_chart(state: ExploreState) -> alt.LayerChart:
     return plots.depth_profile(
         state.run, measure=state.measure, epoch=state.epoch_shown, splits=_profile_splits(state.run, state.split),
-        layers=list(state.layers),
+        layers=list(state.layers), baselines=list(state.baselines_shown),
     )
 
 
 def _curves_chart(state: ExploreState) -> alt.LayerChart:
-    chart = plots.training_curves(state.run, measure=state.measure, split=state.split, layers=list(state.layers))
+    chart = plots.training_curves(state.run, measure=state.measure, split=state.split, layers=list(state.layers),
+                                  baselines=list(state.baselines_shown))
     return chart + _epoch_rule(state.epoch_shown)
 
 
@@ -123,6 +132,19 @@ def _findings_of(ds: xr.Dataset, split: str, epoch: int) -> pd.DataFrame:
     return diagnose(ds, split=split, epoch=epoch).to_frame()
 
 
+def _baselines_asked(baselines: str | Sequence[str], known: Sequence[str]) -> tuple[str, ...] | None:
+    """A ``baselines=`` selection: ``"all"`` (None: whatever the run has), or names it has."""
+    if baselines == "all":
+        return None
+    names = (baselines,) if isinstance(baselines, str) else tuple(baselines)
+    for name in names:
+        if not known:
+            raise ValueError(f"baseline {name!r} is not in this run, which has no baselines; "
+                             "probe with baselines=['random_init', 'control'] to get them")
+        check_in_run("baseline", name, list(known))
+    return names
+
+
 class Explorer(LiveApp):
     """One run in an app: layers, metric, split and epoch drive four charts.
 
@@ -138,7 +160,8 @@ class Explorer(LiveApp):
             ``.chart`` is the Altair chart shown and ``.spec`` its Vega-Lite.
         controls: The control widgets: ``layers`` (a SelectMultiple), the
             buttons ``all``, ``merges`` and ``every`` with the box ``k``,
-            ``measure``, ``split``, ``epoch.widget`` (a SelectionSlider) and
+            ``measure``, ``split``, ``baselines`` (a SelectMultiple of the run's
+            baselines, hidden without any), ``epoch.widget`` (a SelectionSlider) and
             ``status``. Setting their values acts as a user would.
         widget: The app's root widget.
 
@@ -229,6 +252,7 @@ class Explorer(LiveApp):
         measure: str | None = None,
         split: str | None = None,
         epoch: int | None = None,
+        baselines: str | Sequence[str] | None = None,
     ) -> Explorer:
         """Change the selection from code, as the widgets do; unset arguments stay.
 
@@ -240,6 +264,8 @@ class Explorer(LiveApp):
             split: ``"train"``, ``"valid"`` or ``"test"``.
             epoch: An epoch number, or negative to count from the end: ``-1``
                 follows the latest epoch, ``-2`` the one before it, ...
+            baselines: The baselines drawn as dashed curves: names the run has
+                (``"random_init"``, ``"control"``), ``"all"`` or ``()`` for none.
 
         Returns:
             The explorer, so calls chain.
@@ -266,6 +292,8 @@ class Explorer(LiveApp):
         if epoch is not None:
             epoch_position(ds, epoch)
             changes["epoch"] = int(epoch)
+        if baselines is not None:
+            changes["baselines"] = _baselines_asked(baselines, plots.baselines_of(ds))
         self.state = replace(self.state, status="", alert=False, **changes)
         self._render()
         return self
@@ -370,6 +398,8 @@ class Explorer(LiveApp):
             epoch=state.epoch_shown,
             status=state.status,
             alert=state.alert,
+            baselines=plots.baselines_of(ds) if ds is not None else (),
+            shown_baselines=state.baselines_shown,
         )
 
     def _render(self) -> None:
@@ -381,7 +411,7 @@ class Explorer(LiveApp):
                 panel.show(None, lambda: None)
             self._findings_view.value = status_html("waiting for the first epoch" if state.run is not None else "")
             return
-        view = (state.version, state.layers, state.measure, state.split, state.epoch_shown)
+        view = (state.version, state.layers, state.measure, state.split, state.epoch_shown, state.baselines_shown)
         self._panels["profile"].show(view, lambda: _profile_chart(state))
         self._panels["curves"].show(view, lambda: _curves_chart(state))
         self._panels["heatmap"].show(view, lambda: _heatmap_chart(state))
@@ -422,7 +452,10 @@ def explore(
     epoch marked), the layer x epoch heatmap (the chosen epoch outlined) and
     the diagnosis of the chosen split at the chosen epoch
     (:func:`probekit.diagnosis.diagnose`, which also reads the epochs before
-    it), drawn on the profile and listed below it.
+    it), drawn on the profile and listed below it. A run's baselines are
+    dashed curves in the profile and the training curves, each one an entry
+    of the *baselines* menu (deselect it to hide it); repeated fits are drawn
+    as their mean with a band.
 
     Args:
         run: A run dataset, or the path of its store.

@@ -188,6 +188,18 @@ def _split_buttons() -> widgets.ToggleButtons:
     return widgets.ToggleButtons(options=["valid"], description="split", style={"button_width": "64px"})
 
 
+def _baselines_menu() -> widgets.SelectMultiple:
+    """The run's baselines, each drawn as dashed curves while selected; hidden for runs without any."""
+    menu = widgets.SelectMultiple(options=[], rows=2, description="baselines", layout=widgets.Layout(width="96%"))
+    menu.add_class("probekit-baselines")
+    return menu
+
+
+def _show_baselines(menu: widgets.SelectMultiple, names: Sequence[str], chosen: Sequence[str]) -> None:
+    _set_options(menu, list(names), tuple(chosen))
+    menu.layout.display = None if names else "none"
+
+
 class _Controls:
     """What both explorers' controls share: widget changes reach the owner unless the owner is setting them."""
 
@@ -211,7 +223,7 @@ class ExploreControls(_Controls):
     Args:
         on_change: Called with the user's change as keyword arguments of
             :meth:`probekit.explorers.Explorer.select` (``layers=``, ``every=``,
-            ``measure=``, ``split=`` or ``epoch=``).
+            ``measure=``, ``split=``, ``baselines=`` or ``epoch=``).
 
     Example:
         >>> controls = ExploreControls(explorer._user_change)
@@ -230,8 +242,10 @@ class ExploreControls(_Controls):
             button.add_class(f"probekit-{name}")
         self.measure = _measure_dropdown()
         self.split = _split_buttons()
+        self.baselines = _baselines_menu()
         self.epoch = EpochSlider()
         self.status = widgets.HTML()
+        self.baselines.observe(lambda change: self._changed(baselines=tuple(change["new"])), names="value")
         self.layers.observe(lambda change: self._changed(layers=tuple(change["new"])), names="value")
         self.measure.observe(lambda change: self._changed(measure=change["new"]), names="value")
         self.split.observe(lambda change: self._changed(split=change["new"]), names="value")
@@ -247,6 +261,7 @@ class ExploreControls(_Controls):
                 widgets.HBox([self.every, self.k]),
                 self.measure,
                 self.split,
+                self.baselines,
                 self.epoch.widget,
                 self.status,
             ],
@@ -266,9 +281,15 @@ class ExploreControls(_Controls):
         epoch: int | None,
         status: str,
         alert: bool,
+        baselines: Sequence[str] = (),
+        shown_baselines: Sequence[str] = (),
     ) -> None:
-        """Show these values; ``names`` None (no run read yet) disables the controls."""
+        """Show these values; ``names`` None (no run read yet) disables the controls.
+
+        ``baselines`` are the run's (the menu is hidden without any), ``shown_baselines`` those drawn.
+        """
         with self._guard:
+            _show_baselines(self.baselines, baselines, shown_baselines)
             options = list(names or [])
             _set_options(self.layers, options, tuple(layers))
             self.layers.rows = max(4, min(12, len(options)))
@@ -286,7 +307,7 @@ class CompareControls(_Controls):
 
     Args:
         on_change: Called with the user's change as keyword arguments (``rule=``,
-            ``every=``, ``depth_range=``, ``measure=``, ``split=`` or ``epoch=``).
+            ``every=``, ``depth_range=``, ``measure=``, ``split=``, ``baselines=`` or ``epoch=``).
 
     Example:
         >>> controls = CompareControls(comparison._user_change)
@@ -305,16 +326,19 @@ class CompareControls(_Controls):
                                               continuous_update=False, readout_format=".2f")
         self.measure = _measure_dropdown()
         self.split = _split_buttons()
+        self.baselines = _baselines_menu()
         self.epoch = EpochSlider()
         self.status = widgets.HTML()
+        self.baselines.observe(lambda change: self._changed(baselines=tuple(change["new"])), names="value")
         self.rule.observe(lambda change: self._changed(rule=change["new"]), names="value")
         self.k.observe(lambda change: self._changed(every=change["new"]), names="value")
         self.depth.observe(lambda change: self._changed(depth_range=tuple(change["new"])), names="value")
         self.measure.observe(lambda change: self._changed(measure=change["new"]), names="value")
         self.split.observe(lambda change: self._changed(split=change["new"]), names="value")
         self.epoch.widget.observe(self._epoch_changed, names="value")
-        self.widget = widgets.VBox([self.rule, self.k, self.depth, self.measure, self.split, self.epoch.widget,
-                                    self.status], layout=widgets.Layout(width="380px", min_width="320px"))
+        self.widget = widgets.VBox([self.rule, self.k, self.depth, self.measure, self.split, self.baselines,
+                                    self.epoch.widget, self.status],
+                                   layout=widgets.Layout(width="380px", min_width="320px"))
 
     def show(
         self,
@@ -330,9 +354,15 @@ class CompareControls(_Controls):
         epoch: int | None,
         status: str,
         alert: bool,
+        baselines: Sequence[str] = (),
+        shown_baselines: Sequence[str] = (),
     ) -> None:
-        """Show these values (``epoch``: the epoch number the slider points at, None for the last)."""
+        """Show these values (``epoch``: the epoch number the slider points at, None for the last).
+
+        ``baselines`` are those any run has (the menu is hidden without any), ``shown_baselines`` those drawn.
+        """
         with self._guard:
+            _show_baselines(self.baselines, baselines, shown_baselines)
             self.rule.value = rule
             self.k.value = every
             self.k.disabled = rule != "every"

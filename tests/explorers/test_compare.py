@@ -88,3 +88,34 @@ def test_compare_errors(two_runs):
         cmp.select(depth_range=(0.8, 0.2))
     with pytest.raises(ValueError, match="split='dev' is not in this run; choose from: train, valid, test"):
         cmp.select(split="dev")
+
+
+def test_compare_baselines_menu_and_dashed_lines(two_runs):
+    runs = {**two_runs, "controlled": make_run(n_layers=6, n_epochs=4, baselines=("random_init",), model="c")}
+    cmp = compare(runs)
+    assert cmp.controls.baselines.options == ("random_init",) and cmp.controls.baselines.layout.display is None
+    dashed = [u for u in spec(cmp, "comparison")["layer"] if u["encoding"].get("strokeDash", {}).get("field") == "baseline"]
+    assert len(dashed) == 1
+    cmp.controls.baselines.value = ()
+    assert cmp.state.baselines_shown == ()
+    assert not [u for u in spec(cmp, "comparison")["layer"] if "strokeDash" in u.get("encoding", {})]
+    with pytest.raises(ValueError, match="baseline='control' is not in this run; choose from: random_init"):
+        cmp.select(baselines="control")
+    plain = compare(two_runs)
+    assert plain.controls.baselines.layout.display == "none"
+
+
+def test_compare_shows_a_cka_heatmap_beside_the_runs(two_runs):
+    import numpy as np
+    import xarray as xr
+
+    sim = xr.DataArray(np.eye(3), dims=("layer_a", "layer_b"), name="cka",
+                       coords={"layer_a": ["a", "b", "c"], "layer_b": ["x", "y", "z"]},
+                       attrs={"estimator": "debiased", "n_examples": 50, "model_a": "deep", "model_b": "shallow"})
+    cmp = compare(two_runs, cka=sim)
+    assert set(cmp.charts) == {"comparison", "cka"}
+    heat = spec(cmp, "cka")
+    assert {(r["layer_a"], r["layer_b"]) for r in rows(heat, "rect") if r["cka"] == 1.0} == {("a", "x"), ("b", "y"), ("c", "z")}
+    assert "cka" not in compare(two_runs).charts
+    with pytest.raises(TypeError, match="cka_heatmap takes pk.cka's result"):
+        compare(two_runs, cka=two_runs["deep"])

@@ -165,3 +165,37 @@ def test_close_closes_only_the_explorers_widgets(run):
     first.close()
     assert first.widget.comm is None and first.charts["curves"].comm is None
     assert second.widget.comm is not None
+
+
+# --------------------------------------------------------------------------
+# Baselines: entries of a menu, dashed curves in the charts
+
+
+def _dashed_rows(chart: dict) -> list[dict]:
+    found = [chart["datasets"][name] for unit, name in units(chart)
+             if mark(unit) == "line" and unit["encoding"].get("strokeDash", {}).get("field") == "baseline"]
+    return [row for data in found for row in data]
+
+
+def test_the_baselines_menu_lists_the_runs_baselines_and_draws_the_selected_ones_dashed():
+    ex = explore(make_run(baselines=("random_init", "control"), repeats=3))
+    assert ex.controls.baselines.options == ("random_init", "control")
+    assert ex.controls.baselines.value == ("random_init", "control")
+    assert ex.controls.baselines.layout.display is None
+    for name in ("profile", "curves"):
+        assert {row["baseline"] for row in _dashed_rows(spec(ex, name))} == {"random_init", "control"}
+    ex.controls.baselines.value = ("control",)
+    assert ex.state.baselines_shown == ("control",)
+    assert {row["baseline"] for row in _dashed_rows(spec(ex, "curves"))} == {"control"}
+    ex.controls.baselines.value = ()
+    assert not _dashed_rows(spec(ex, "profile")) and not _dashed_rows(spec(ex, "curves"))
+    assert ex.select(baselines="all").controls.baselines.value == ("random_init", "control")
+    with pytest.raises(ValueError, match="baseline='shuffled' is not in this run; choose from: random_init, control"):
+        ex.select(baselines=["shuffled"])
+
+
+def test_a_run_without_baselines_hides_the_menu(ex):
+    assert ex.controls.baselines.options == () and ex.controls.baselines.layout.display == "none"
+    assert not _dashed_rows(spec(ex, "curves"))
+    with pytest.raises(ValueError, match="has no baselines; probe with baselines="):
+        ex.select(baselines="control")

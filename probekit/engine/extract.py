@@ -21,19 +21,20 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import fx, nn
 
-from probekit.engine.batch import call_model
-from probekit.engine.points import LayerGraph
+from probekit.engine.batch import MASK_KEY, attention_mask, call_model
+from probekit.engine.points import LayerGraph, read_point
 from probekit.engine.reduce import Reducer
 
 __all__ = ["Extractor", "GraphExtractor", "HookExtractor", "build_extractor"]
 
 
-def build_extractor(graph: LayerGraph, reducers: Mapping[str, Reducer]) -> Extractor:
+def build_extractor(graph: LayerGraph, reducers: Mapping[str, Reducer], *, mask_key: str = MASK_KEY) -> Extractor:
     """The one-pass extractor of ``graph``'s model: ``{name: reducers[name](output)}`` per batch.
 
     Args:
         graph: the model's probe points.
         reducers: one reducer per probe point to read, by name (see :func:`probekit.engine.reduce.make_reducer`).
+        mask_key: the key of a mapping batch's mask of real tokens, used when ``mask=`` is not given.
 
     Example:
         >>> graph = LayerGraph(model, x[:2])
@@ -42,8 +43,13 @@ def build_extractor(graph: LayerGraph, reducers: Mapping[str, Reducer]) -> Extra
         torch.Size([64, 32])
     """
     if graph.traced:
-        return GraphExtractor(graph, reducers)
-    return HookExtractor(graph.model, reducers, {name: graph.point(name).module for name in reducers})
+        extractor: Extractor = GraphExtractor(graph, reducers)
+    else:
+        points = {name: graph.point(name) for name in reducers}
+        extractor = HookExtractor(graph.model, reducers, {name: p.module for name, p in points.items()},
+                                  readers={name: p.read for name, p in points.items()})
+    extractor.mask_key = mask_key
+    return extractor
 
 
 class Extractor:
@@ -51,13 +57,26 @@ class Extractor:
 
     ``extractor(inputs, *, mask=None, tokens=None)``: ``inputs`` is a batch in any of the
     forms of :mod:`probekit.engine.batch` (a tensor, positional tuple or keyword mapping).
+    ``mask`` is the ``(N, T)`` mask of real tokens the sequence reductions use (``None``:
+    the batch's ``mask_key`` entry, else every token is real); ``tokens`` the ``(N, T)``
+    labelled tokens of a token-level run, whose reducers return one row per labelled token.
     """
 
     names: list[str]
+    reducers: dict[str, Reducer]
+    mask_key: str = MASK_KEY
 
     def __call__(self, inputs: object, *, mask: torch.Tensor | None = None,
                  tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.run(inputs, mask=mask, tokens=tokens)
+        if mask is None:
+            mask = attention_mask(inputs, self.mask_key)
+        for reducer in self.reducers.values():
+            reducer.batch_mask, reducer.batch_tokens = mask, tokens
+        try:
+            return self.run(inputs, mask=mask, tokens=tokens)
+        finally:
+            for reducer in self.reducers.values():
+                reducer.batch_mask = reducer.batch_tokens = None
 
     def run(self, inputs: object, *, mask: torch.Tensor | None = None,
             tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -75,6 +94,7 @@ class GraphExtractor(Extractor):
 
     def __init__(self, graph: LayerGraph, reducers: Mapping[str, Reducer]):
         self.names = list(reducers)
+        self.reducers = dict(reducers)
         self.graph = graph
         source, nodes = graph.source_graph(self.names)
         new = fx.Graph()
@@ -87,8 +107,15 @@ class GraphExtractor(Extractor):
             node = by_name[nodes[name]]
             target = f"probekit_reduce_{i}"
             root[target] = reducers[name]
+            point = graph.point(name)
             with new.inserting_after(node):
-                outputs[name] = new.call_module(target, (node,))
+                if point.field is not None or point.batch_dim:
+                    # A field of a structured output (an RNN's sequence), examples first.
+                    read = new.call_function(read_point, (node, point.field, point.batch_dim))
+                    with new.inserting_after(read):
+                        outputs[name] = new.call_module(target, (read,))
+                else:
+                    outputs[name] = new.call_module(target, (node,))
         new.output(outputs)
         _add_in_place(new, graph.model)
         for node in new.nodes:
@@ -118,17 +145,21 @@ class HookExtractor(Extractor):
         reducers: one reducer per probe point, by name.
         modules: the module each point reads (its output), by point name; ``None``
             reads the model's first input.
+        readers: per point name, what of the module's output is probed (see
+            :meth:`~probekit.engine.points.ProbePoint.read`); default: its hidden state.
 
     While attached (``attach()`` / ``detach()``) the hooks capture reduced features
     on every forward pass of the model, including the user's own training steps;
     ``latest`` holds the last batch's features.
     """
 
-    def __init__(self, model: nn.Module, reducers: Mapping[str, Reducer], modules: Mapping[str, str | None]):
+    def __init__(self, model: nn.Module, reducers: Mapping[str, Reducer], modules: Mapping[str, str | None],
+                 readers: Mapping[str, Callable[[object], torch.Tensor]] | None = None):
         self.model = model
         self.names = list(reducers)
         self.reducers = dict(reducers)
         self.modules = dict(modules)
+        self.readers = dict(readers or {})
         self.latest: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
@@ -139,7 +170,7 @@ class HookExtractor(Extractor):
             reducer = self.reducers[name]
             module_name = self.modules[name]
             if module_name is None:
-                self._handles.append(self.model.register_forward_pre_hook(self._pre_hook(name, reducer)))
+                self._handles.append(self.model.register_forward_pre_hook(self._pre_hook(name, reducer), with_kwargs=True))
             else:
                 module = self.model.get_submodule(module_name)
                 self._handles.append(module.register_forward_hook(self._hook(name, reducer)))
@@ -150,15 +181,18 @@ class HookExtractor(Extractor):
         self._handles = []
 
     def _hook(self, name: str, reducer: Reducer) -> Callable:
+        read = self.readers.get(name)
+
         def hook(module, args, output):
             with torch.no_grad():
-                self.latest[name] = reducer(output)
+                self.latest[name] = reducer(read(output) if read is not None else output)
         return hook
 
     def _pre_hook(self, name: str, reducer: Reducer) -> Callable:
-        def hook(module, args):
+        def hook(module, args, kwargs):
             with torch.no_grad():
-                self.latest[name] = reducer(args[0])
+                value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+                self.latest[name] = reducer(value)
         return hook
 
     def run(self, inputs: object, *, mask: torch.Tensor | None = None,

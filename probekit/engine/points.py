@@ -1,26 +1,43 @@
-"""Which points of a model can be probed: their names, shapes and depth.
+"""Which points of a model can be probed: their names, shapes, layouts and depth.
 
 A *probe point* is any intermediate value of a model's forward pass that
-holds one tensor per example: module outputs (``conv1``, ``layer3.2``) and
-functional nodes (a residual ``add``, an Inception ``cat``). Points are found
-by tracing the model with ``torch.fx`` (torchvision's public ``NodePathTracer``,
-so names are the module paths users know); a model that cannot be traced falls
-back to forward hooks on its modules, with a warning.
+holds one tensor per example: module outputs (``conv1``, ``layer3.2``,
+``encoder.layer.3``) and functional nodes (a residual ``add``, an Inception
+``cat``). Points are found by tracing the model with ``torch.fx``
+(torchvision's public ``NodePathTracer``, so names are the module paths users
+know); a model that cannot be traced (most Hugging Face ``transformers``
+models) falls back to forward hooks on its modules, with a warning, and gets
+the same default points and names.
+
+Each point has a *layout*: ``"map"`` (channels first, ``C x H x W``),
+``"tokens"`` (a sequence, channels last, ``T x H``) or ``"vector"``. It is
+inferred from the module that produces the point (convolutions, batch norms
+and pooling make maps; linear layers, embeddings, layer norms, attention,
+transformer blocks and recurrent layers make token sequences) and can be set
+per layer with ``layouts={layer: layout}``. A module whose output is a tuple
+or a ``ModelOutput`` is read at its hidden state (``reads``: ``output[0]``,
+``last_hidden_state``); ``"name:field"`` reads another field (``"h.0:1"``,
+``"encoder:pooler_output"``).
 
 This module owns :class:`ProbePoint`, :class:`LayerGraph` (discovery and name
-resolution), :func:`list_layers`, the tracer's configuration (``tracer_kwargs=``),
-and the two facts every later stage shares about a layer's output: which tensor
-of it is probed (:func:`as_tensor`) and how its shape reads (:func:`probekit.params.shape_text`).
-It is the start of the engine's path: it imports no other engine module (the
-one forward pass that feeds the probes is :mod:`probekit.engine.extract`), and
-never the run store, the diagnosis, the charts or the explorers.
+resolution), :func:`list_layers`, the tracer's configuration
+(``tracer_kwargs=``), :func:`preserved_state` and the two facts every later
+stage shares about a layer's output: which tensor of it is probed
+(:func:`as_tensor`, :meth:`ProbePoint.read`) and how its shape reads
+(:func:`probekit.params.shape_text`). It imports :mod:`~probekit.engine.batch`
+(what a batch is) and the run schema's layout names, and no later engine
+module (the one forward pass that feeds the probes is
+:mod:`probekit.engine.extract`); never the run store, the diagnosis, the
+charts or the explorers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,10 +49,11 @@ from torch import fx, nn
 
 from probekit.engine.batch import batch_size, call_model, first_tensor, take
 from probekit.params import check_params, choices, shape_text
+from probekit.run.schema import LAYOUTS
 
 __all__ = [
-    "INPUT", "TRACER_KEYS", "TRACE_CONSTRAINTS", "LayerGraph", "ProbePoint", "as_tensor",
-    "list_layers", "preserved_state", "tracer_options",
+    "INPUT", "LAYOUTS", "TRACER_KEYS", "TRACE_CONSTRAINTS", "LayerGraph", "ProbePoint", "as_tensor", "hidden_field",
+    "list_layers", "preserved_state", "read_field", "read_point", "tracer_options",
 ]
 
 #: The name of the model's (first) input as a probe point.
@@ -43,11 +61,28 @@ INPUT = "input"
 #: What ``tracer_kwargs=`` may set: keyword arguments of torchvision's ``NodePathTracer`` (a ``torch.fx.Tracer``).
 TRACER_KEYS = ("leaf_modules", "autowrap_functions", "autowrap_modules")
 #: Argument checks of everything that traces a model (:class:`LayerGraph`, :func:`list_layers`, and their callers).
-TRACE_CONSTRAINTS = {"model": [nn.Module], "tracer_kwargs": [Mapping, None]}
+TRACE_CONSTRAINTS = {"model": [nn.Module], "tracer_kwargs": [Mapping, None], "layouts": [Mapping, None]}
+#: The two batch sizes shapes are discovered with: a dim that follows them is the batch dim.
+_DISCOVERY_SIZES = (2, 3)
+
+#: Modules whose output is channels first (a 1-D map when it has two dims per example).
+_MAP_MODULES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._AvgPoolNd,
+                nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+#: Modules whose output is channels last: a (tokens x hidden) sequence when it has two dims per example.
+_TOKEN_MODULES = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention, nn.RNNBase,
+                  nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
+                  nn.TransformerDecoder, nn.Transformer)
+#: Class names of sequence modules in other libraries (timm's Block, transformers' BertLayer, GPT2Block, Conv1D, ...).
+_TOKEN_NAMES = re.compile(r"(Block|Layer|Embeddings?|Attention|SelfOutput|Output|Intermediate|Encoder|Decoder|"
+                          r"Transformer|Mlp|MLP|FeedForward|RMSNorm|LayerNorm|Conv1D|Pooler)$")
+#: Modules that leave their input as it is (in eval mode): never default points.
+_NO_OPS = (nn.Identity, nn.modules.dropout._DropoutNd)
+_NO_OP_NAMES = ("DropPath", "StochasticDepth", "Identity")
 
 
 def as_tensor(output: object) -> torch.Tensor:
-    """The tensor a probe reads from a layer's output: the output, or its first tensor.
+    """The tensor a probe reads from a layer's output: the output, or its hidden state (see :func:`hidden_field`).
 
     Example:
         >>> as_tensor({"logits": torch.zeros(2, 3), "aux": None}).shape
@@ -55,18 +90,68 @@ def as_tensor(output: object) -> torch.Tensor:
     """
     if isinstance(output, torch.Tensor):
         return output
+    field = hidden_field(output)
+    if field is None:
+        raise TypeError(f"a probed layer must output a tensor (or a tuple/dict holding one); got {type(output).__name__}")
+    return read_field(output, field)
+
+
+def _fields(output: object) -> list[tuple[int | str, torch.Tensor]]:
+    """A structured output's tensor fields, one level deep: ``(index or key, tensor)``."""
     if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, Sequence):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise TypeError(f"a probed layer must output a tensor (or a tuple/dict holding one); got {type(output).__name__}")
+        return [(key, value) for key, value in output.items() if isinstance(value, torch.Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [(i, value) for i, value in enumerate(output) if isinstance(value, torch.Tensor)]
+    return []
+
+
+def hidden_field(output: object) -> int | str | None:
+    """The field of a structured output a probe reads by default: its hidden state.
+
+    A mapping (a ``ModelOutput``) is read at ``last_hidden_state`` when it has it, else at
+    its first tensor; a tuple at its first tensor (an RNN's output sequence, a transformer
+    layer's hidden states). ``None`` for a tensor, or when nothing holds one.
+    """
+    if isinstance(output, Mapping) and isinstance(output.get("last_hidden_state"), torch.Tensor):
+        return "last_hidden_state"
+    fields = _fields(output)
+    return fields[0][0] if fields else None
+
+
+def read_field(output: object, field: int | str | None) -> torch.Tensor:
+    """``output[field]`` of a structured output (a key, an attribute or an index); the output itself for ``None``."""
+    if field is None:
+        value = output
+    elif isinstance(output, Mapping) and field in output:
+        value = output[field]
+    elif isinstance(field, int) and isinstance(output, (tuple, list)) and -len(output) <= field < len(output):
+        value = output[field]
+    else:
+        value = getattr(output, str(field), None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"field {field!r} of a {type(output).__name__} output is not a tensor ({type(value).__name__})")
+    return value
+
+
+def _reads_text(field: int | str | None) -> str:
+    return "" if field is None else (f"output[{field}]" if isinstance(field, int) else str(field))
+
+
+def read_point(output: object, field: int | str | None, batch_dim: int) -> torch.Tensor:
+    """A point's tensor of ``output``: its ``field`` (``None``: the hidden state), the examples' dim moved first."""
+    value = read_field(output, field) if field is not None else as_tensor(output)
+    return value.movedim(batch_dim, 0) if batch_dim else value
 
 
 @dataclass(frozen=True)
 class ProbePoint:
-    """One place in a model's forward pass where a probe can read features."""
+    """One place in a model's forward pass where a probe can read features.
+
+    ``shape`` is per example; ``layout`` is ``"map"``, ``"tokens"``, ``"vector"`` or
+    ``None`` (a two-dim output of unknown origin: pass ``layouts=``); ``field`` is the
+    field of a structured output it reads (``None``: the output itself); ``batch_dim``
+    the dim of the output that holds the examples (1 for a sequence-first RNN).
+    """
 
     name: str
     op: str
@@ -76,21 +161,223 @@ class ProbePoint:
     aliases: tuple[str, ...] = ()
     train_only: bool = False
     module: str | None = None
+    layout: str | None = None
+    field: int | str | None = None
+    batch_dim: int = 0
+    recurrent: bool = False
 
     @property
     def features(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def reads(self) -> str:
+        """What of the output is probed: ``""`` (the output), ``"output[0]"``, ``"last_hidden_state"``, ..."""
+        return _reads_text(self.field)
+
+    def read(self, output: object) -> torch.Tensor:
+        """The probed tensor of this point's output, examples first."""
+        return read_point(output, self.field, self.batch_dim)
+
 
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag on exit, whatever happens inside."""
+    """Leave ``model`` exactly as found on exit, whatever happens inside.
+
+    Every module's train/eval flag is restored, and every parameter and buffer
+    whose value changed inside (a traced ``num_batches_tracked += 1`` of timm's
+    fused ``BatchNormAct2d``, running statistics updated by a train-mode pass) is
+    copied back from a copy taken on entry.
+    """
     modes = [(module, module.training) for module in model.modules()]
+    tensors = [(t, t._version, t.detach().clone()) for t in _state_tensors(model)]
     try:
         yield
     finally:
         for module, mode in modes:
             module.training = mode
+        with torch.no_grad():
+            for tensor, version, saved in tensors:
+                if tensor._version != version:
+                    tensor.copy_(saved)
+
+
+def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen, found = set(), []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            found.append(tensor)
+    return found
+
+
+def _resize(inputs: object, n: int) -> object:
+    """A batch of exactly ``n`` examples: its first ``n``, repeated in turn when it has fewer."""
+    have = batch_size(inputs)
+    if have >= n:
+        return take(inputs, n)
+    index = torch.arange(n) % have
+
+    def pick(value):
+        return value[index.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == have else value
+
+    if isinstance(inputs, torch.Tensor):
+        return pick(inputs)
+    if isinstance(inputs, Mapping):
+        return {key: pick(value) for key, value in inputs.items()}
+    values = [pick(value) for value in inputs]
+    return values if isinstance(inputs, list) else tuple(values)
+
+
+def _structure(value: object) -> dict[int | str | None, tuple[int, ...]] | None:
+    """The shapes of a value's tensors: ``{None: shape}`` for a tensor, ``{field: shape}`` for a tuple or mapping."""
+    if isinstance(value, torch.Tensor):
+        return {None: tuple(value.shape)}
+    fields = _fields(value)
+    return {field: tuple(t.shape) for field, t in fields} if fields else None
+
+
+def _batch_dim(small: tuple[int, ...], large: tuple[int, ...]) -> int | None:
+    """The one dim that follows the batch size between the two discovery runs; ``None`` if there is none."""
+    if len(small) != len(large):
+        return None
+    moved = [i for i, (a, b) in enumerate(zip(small, large)) if a != b]
+    if len(moved) == 1 and (small[moved[0]], large[moved[0]]) == _DISCOVERY_SIZES:
+        return moved[0]
+    return None
+
+
+def _no_op(module: nn.Module | None) -> bool:
+    return module is not None and (isinstance(module, _NO_OPS) or type(module).__name__ in _NO_OP_NAMES)
+
+
+def _module_layout(module: nn.Module) -> str | None:
+    """The layout a module's two-dims-per-example output has, from its class; ``None`` when the class does not say."""
+    if isinstance(module, _MAP_MODULES):
+        return "map"
+    if isinstance(module, _TOKEN_MODULES) or _TOKEN_NAMES.search(type(module).__name__):
+        return "tokens"
+    return None
+
+
+def _subtree_layout(module: nn.Module) -> str | None:
+    """A sequence model's layout from what it contains: recurrent, attention or embedding layers and no 1-D convolutions."""
+    kinds = set()
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv1d, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd)) and \
+                not isinstance(sub, (nn.Conv2d, nn.Conv3d)):
+            kinds.add("map")
+        elif isinstance(sub, (nn.RNNBase, nn.MultiheadAttention, nn.Embedding, nn.TransformerEncoderLayer,
+                              nn.TransformerDecoderLayer)) or re.search(r"(Attention|Embeddings?|Transformer)$", type(sub).__name__):
+            kinds.add("tokens")
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _infer_layout(rank: int, known: str | None, model: nn.Module, enclosing: Sequence[str]) -> str | None:
+    """A point's layout: a vector below two dims per example, a map above; two dims from the module, then its containers."""
+    if rank <= 1:
+        return "vector"
+    if rank >= 3:
+        return "map"
+    if known is not None:
+        return known
+    for name in enclosing:
+        module = _get(model, name)
+        if module is None:
+            continue
+        found = _module_layout(module) if name else None
+        if found is not None:
+            return found
+    for name in enclosing:
+        module = _get(model, name)
+        if module is not None:
+            found = _subtree_layout(module)
+            if found is not None:
+                return found
+    return None
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        return None
+
+
+def _enclosing(qualname: str) -> list[str]:
+    """The module paths that contain a point, innermost first, ending with the model itself (``""``)."""
+    parts = qualname.split(".") if qualname else []
+    return [".".join(parts[:k]) for k in range(len(parts), 0, -1)] + [""]
+
+
+def _repeated(module: nn.Module) -> bool:
+    """A container of two or more blocks of one class (``encoder.layer``, ``h``, ``blocks``, ``layers``, ``layer1``)."""
+    if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+        return False
+    children = list(module.children())
+    return len(children) >= 2 and len({type(c) for c in children}) == 1 and \
+        not isinstance(children[0], (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _holds_repeated(module: nn.Module) -> bool:
+    return any(_repeated(sub) for sub in module.modules())
+
+
+def _is_plain_container(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and any(True for _ in module.children())
+
+
+def _block_names(module: nn.Module, prefix: str = "") -> list[str]:
+    """Default points under ``module``: each block of a repeated container at any depth, and the modules around them.
+
+    A child that is a repeated container gives its blocks; a child that holds one
+    somewhere inside is opened (so ``bert.embeddings``, ``bert.encoder.layer.N`` and
+    ``bert.pooler`` are found); a plain container is opened one level (ResNet's
+    ``layer1`` gives ``layer1.0``, ...); any other child is one point. No-op modules
+    (``Identity``, dropout, drop-path) are skipped.
+    """
+    names = []
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        if _no_op(child):
+            continue
+        if _repeated(child):
+            names += [f"{full}.{sub}" for sub, block in child.named_children() if not _no_op(block)]
+        elif _holds_repeated(child):
+            names += _block_names(child, f"{full}.")
+        elif _is_plain_container(child):
+            names += [f"{full}.{sub}" for sub, block in child.named_children() if not _no_op(block)]
+        else:
+            names.append(full)
+    return names
+
+
+_SHAPE_WORDS = re.compile(r"shape|size|channel|dimension|\bdims?\b|mat1|mat2|broadcast|expected input|must match", re.I)
+
+
+def _model_error(model: nn.Module, example: object, error: Exception) -> Exception:
+    """One line for a forward that raised: the model's own message, and a shape hint only when it is about shapes."""
+    first = first_tensor(example)
+    message = str(error).strip().splitlines()[0][:300] if str(error).strip() else "(no message)"
+    text = f"{type(model).__name__} raised {type(error).__name__}: {message}"
+    if _SHAPE_WORDS.search(message):
+        shape = shape_text(first.shape[1:]) if first is not None else type(example).__name__
+        text += f"; it cannot run on an input of per-example shape {shape}: check the input's size and channels"
+    else:
+        text += " (running the example input to find its probe points)"
+    return ValueError(text)
+
+
+def _check_not_detection(model: nn.Module, example: object) -> None:
+    """torchvision's detection models take a list of images and return detections: probe their backbone."""
+    module = type(model).__module__
+    if module.startswith("torchvision.models.detection") and hasattr(model, "backbone"):
+        given = "a list of images" if isinstance(example, (list, tuple)) else "images"
+        raise TypeError(
+            f"{type(model).__name__} is a detection model: it takes {given} and returns detections, not one tensor per "
+            "example, and probekit takes batched tensors; probe its feature extractor instead: "
+            "pk.list_layers(model.backbone, torch.stack(images))"
+        )
 
 
 def tracer_options(tracer_kwargs: Mapping[str, object] | None = None) -> dict[str, object]:
@@ -133,15 +420,15 @@ def tracer_options(tracer_kwargs: Mapping[str, object] | None = None) -> dict[st
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs a traced graph once, keeping each node's output shape, not its value."""
+    """Runs a traced graph once, keeping the shapes of each node's output (see :func:`_structure`), not its value."""
 
     def __init__(self, module: fx.GraphModule):
         super().__init__(module, garbage_collect_values=True)
-        self.shapes: dict[str, tuple[int, ...] | None] = {}
+        self.shapes: dict[str, dict | None] = {}
 
     def run_node(self, node: fx.Node):
         value = super().run_node(node)
-        self.shapes[node.name] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        self.shapes[node.name] = _structure(value)
         return value
 
 
@@ -149,12 +436,17 @@ class LayerGraph:
     """The probe points of one model, found from an example input.
 
     Args:
-        model: any ``nn.Module``; it is left exactly as it was found.
-        example_input: one input batch (a tensor, or a tuple of the model's inputs);
-            only its first two examples are run.
+        model: any ``nn.Module``; it is left exactly as it was found (flags, parameters, buffers).
+        example_input: one input batch: a tensor, a tuple of positional arguments or a
+            mapping of keyword arguments (see :mod:`probekit.engine.batch`). Shapes are
+            discovered from batches of 2 and 3 of its examples (repeated when it has
+            fewer), so a leading dim that is not the batch (an RNN's ``h_n``) is never
+            taken for it.
         tracer_kwargs: passed to torchvision's ``NodePathTracer`` on top of its
             defaults (see :func:`tracer_options`): ``leaf_modules`` (module classes
             kept whole, one probe point each), ``autowrap_functions``, ``autowrap_modules``.
+        layouts: ``{layer: "map" | "tokens" | "vector"}`` for points whose inferred
+            layout is wrong or unknown.
 
     Example:
         >>> graph = LayerGraph(torchvision.models.resnet50(), torch.randn(2, 3, 224, 224))
@@ -164,29 +456,39 @@ class LayerGraph:
         'layer3.2.relu_2'
     """
 
-    def __init__(self, model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None):
-        check_params(TRACE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs)
+    def __init__(self, model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None,
+                 layouts: Mapping[str, str] | None = None):
+        check_params(TRACE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, layouts=layouts)
         self.model = model
-        self._batch = min(batch_size(example_input), 2)
-        example = take(example_input, self._batch)
-        self._signature, self._concrete = _forward_binding(model, example)
+        batch_size(example_input)
+        _check_not_detection(model, example_input)
+        first = first_tensor(example_input)
+        self._input_dtype_integer = not (first.is_floating_point() or first.is_complex())
+        examples = [_resize(example_input, n) for n in _DISCOVERY_SIZES]
+        self._signature, self._concrete = _forward_binding(model, examples[0])
         tracer = tracer_options(tracer_kwargs)
         self._graphs: dict[str, fx.Graph] = {}
         self._node_of: dict[str, str] = {}  # probe point name -> fx node name
-        try:
-            self._trace_graphs(tracer)
-            self.traced = True
-        except Exception as error:  # noqa: BLE001 - any tracing failure falls back to hooks
-            warnings.warn(
-                f"{type(model).__name__} cannot be traced with torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                "probing module outputs with forward hooks instead (functional nodes such as residual adds are not available). "
-                "To trace it, keep the module that fails whole with tracer_kwargs={'leaf_modules': [ThatModule]}",
-                stacklevel=3,
-            )
-            self.traced = False
-        self.points = self._graph_points(example) if self.traced else self._hook_points(example)
-        self._by_name = {p.name: p for p in self.points}
-        self._aliases = {alias: p for p in self.points for alias in p.aliases}
+        self._fields: dict[str, dict] = {}  # probe point name -> {field: (per-example shape, batch dim)}
+        with preserved_state(model):
+            try:
+                self._trace_graphs(tracer)
+                self.traced = True
+            except Exception as error:  # noqa: BLE001 - any tracing failure falls back to hooks
+                warnings.warn(
+                    f"{type(model).__name__} cannot be traced with torch.fx ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                    "probing module outputs with forward hooks instead (functional nodes such as residual adds are not available). "
+                    "To trace it, keep the module that fails whole with tracer_kwargs={'leaf_modules': [ThatModule]}",
+                    stacklevel=3,
+                )
+                self.traced = False
+            points = self._graph_points(examples) if self.traced else self._hook_points(examples)
+        self._by_name = {p.name: p for p in points}
+        self._aliases = {alias: p.name for p in points for alias in p.aliases}
+        self.points = points
+        self._layouts: dict[str, str] = {}
+        for name, layout in (layouts or {}).items():
+            self.set_layout(name, layout)
 
     # ------------------------------------------------------------------ discovery
     def graph_args(self, inputs: object) -> tuple:
@@ -202,14 +504,13 @@ class LayerGraph:
         from torchvision.models.feature_extraction import NodePathTracer
 
         self._names: dict[str, dict[str, str]] = {}
-        with preserved_state(self.model):
-            for mode in ("eval", "train"):
-                self.model.train(mode == "train")
-                tracer = NodePathTracer(**options)
-                self._graphs[mode] = tracer.trace(self.model, concrete_args=self._concrete)
-                self._names[mode] = {node.name: qualname for node, qualname in tracer.node_to_qualname.items()}
+        for mode in ("eval", "train"):
+            self.model.train(mode == "train")
+            tracer = NodePathTracer(**options)
+            self._graphs[mode] = tracer.trace(self.model, concrete_args=self._concrete)
+            self._names[mode] = {node.name: qualname for node, qualname in tracer.node_to_qualname.items()}
 
-    def _graph_points(self, example: tuple) -> list[ProbePoint]:
+    def _graph_points(self, examples: list) -> list[ProbePoint]:
         names = self._names
         eval_names, train_names = set(names["eval"].values()), set(names["train"].values())
         # Train-only nodes (Inception's aux head) are offered when the train graph
@@ -221,28 +522,39 @@ class LayerGraph:
         qualname = names[self._base]
 
         try:
-            shapes = self._shapes(graph, example)
+            runs = [self._shapes(graph, example) for example in examples]
         except Exception as error:  # noqa: BLE001 - retried on the eval graph, else one line on the input
             if self._base == "train":
                 # Train-only branches (an aux head) may not fit this input size; the eval graph may.
                 self._base, graph, qualname = "eval", self._graphs["eval"], names["eval"]
                 self._graphs.pop("train")
                 try:
-                    shapes = self._shapes(graph, example)
+                    runs = [self._shapes(graph, example) for example in examples]
                 except Exception as retry:  # noqa: BLE001
-                    raise self._input_error(example, retry) from retry
+                    raise _model_error(self.model, examples[0], retry) from retry
                 warnings.warn(
                     f"train-only layers of {type(self.model).__name__} (e.g. an auxiliary head) cannot run on this input "
                     f"({str(error).splitlines()[0][:120]}); they are not offered as probe points", stacklevel=4,
                 )
             else:
-                raise self._input_error(example, error) from error
+                raise _model_error(self.model, examples[0], error) from error
 
-        nodes = [
-            n for n in graph.nodes
-            if n.op not in ("output", "get_attr") and shapes.get(n.name) and len(shapes[n.name]) >= 1
-            and shapes[n.name][0] == self._batch
-        ]
+        found: dict[str, dict] = {}  # node name -> {field: (per-example shape, batch dim)}
+        for node in graph.nodes:
+            if node.op in ("output", "get_attr"):
+                continue
+            small, large = runs[0].get(node.name), runs[1].get(node.name)
+            if not small or not large or set(small) != set(large):
+                continue
+            module = self.model.get_submodule(node.target) if node.op == "call_module" else None
+            fields = {}
+            for field in small:
+                dim = _batch_dim(small[field], large[field])
+                if dim == 0 or (dim is not None and isinstance(module, nn.RNNBase)):
+                    fields[field] = (small[field][:dim] + small[field][dim + 1:], dim)
+            if fields:
+                found[node.name] = fields
+        nodes = [n for n in graph.nodes if n.name in found]
         placeholders = [n for n in nodes if n.op == "placeholder"]
         point_names = {}
         for i, node in enumerate(placeholders):
@@ -255,7 +567,8 @@ class LayerGraph:
             parts = qualname.get(node.name, "").split(".")
             for k in range(1, len(parts)):
                 last_node[".".join(parts[:k])] = node.name
-        containers = {name for name, module in self.model.named_modules() if name and any(True for _ in module.children())}
+        # Modules traced into (containers, and modules such as timm's LayerNorm that call functions) end at their last node.
+        containers = {name for name, _ in self.model.named_modules() if name}
         aliases: dict[str, list[str]] = {}
         for container, node_name in last_node.items():
             if container in containers:
@@ -265,75 +578,126 @@ class LayerGraph:
             if node.op == "call_module":
                 module_calls[node.target] = module_calls.get(node.target, 0) + 1
 
+        layout_of: dict[str, str | None] = {}
+        rank_of: dict[str, int] = {}
         points = []
         last = max(len(nodes) - 1, 1)
         for depth, node in enumerate(nodes):
             name = point_names[node.name]
             self._node_of[name] = node.name
+            submodule = self.model.get_submodule(node.target) if node.op == "call_module" else None
             op = "input" if node.op == "placeholder" else (
-                type(self.model.get_submodule(node.target)).__name__ if node.op == "call_module"
-                else getattr(node.target, "__name__", str(node.target))
+                type(submodule).__name__ if submodule is not None else getattr(node.target, "__name__", str(node.target))
             )
             module = node.target if node.op == "call_module" and module_calls.get(node.target) == 1 else None
+            fields = found[node.name]
+            field = None if None in fields else _default_field(fields)
+            if field is None and None not in fields:
+                continue
+            shape, dim = fields[field]
+            self._fields[name] = fields
+            known = _module_layout(submodule) if submodule is not None else None
+            if known is None and node.op != "placeholder":
+                # A functional node (add, getitem, an activation) keeps the layout of what it reads.
+                inputs = [a for a in node.all_input_nodes if a.name in layout_of and rank_of.get(a.name) == len(shape)]
+                known = next((layout_of[a.name] for a in inputs if layout_of[a.name]), None)
+            enclosing = [] if node.op == "placeholder" else _enclosing(qualname.get(node.name, ""))[1:]
+            layout = _infer_layout(len(shape), known, self.model, enclosing or [""])
+            layout_of[node.name], rank_of[node.name] = layout, len(shape)
             points.append(ProbePoint(
-                name=name, op=op, shape=shapes[node.name][1:], depth=depth, relative_depth=depth / last,
+                name=name, op=op, shape=shape, depth=depth, relative_depth=depth / last,
                 aliases=tuple(sorted(aliases.get(node.name, []), key=len, reverse=True)),
                 train_only=self._base == "train" and qualname.get(node.name) not in eval_names and node.op != "placeholder",
-                module=module,
+                module=module, layout=layout, field=field, batch_dim=dim, recurrent=isinstance(submodule, nn.RNNBase),
             ))
-        return points
+        return _renumber(points)
 
-    def _shapes(self, graph: fx.Graph, example: tuple) -> dict[str, tuple[int, ...] | None]:
+    def _shapes(self, graph: fx.Graph, example: object) -> dict[str, dict | None]:
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
             recorder = _ShapeRecorder(fx.GraphModule(self.model, graph))
             recorder.run(*self.graph_args(example))
         return recorder.shapes
 
-    def _input_error(self, example: object, error: Exception) -> ValueError:
-        first = first_tensor(example)
-        shape = shape_text(first.shape[1:]) if isinstance(first, torch.Tensor) else type(first).__name__
-        return ValueError(
-            f"{type(self.model).__name__} cannot run on an input of per-example shape {shape} "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the input's size and channels"
-        )
+    def _hook_points(self, examples: list) -> list[ProbePoint]:
+        runs: list[dict[str, dict]] = []
+        for example in examples:
+            order: dict[str, dict] = {}
+            handles = []
 
-    def _hook_points(self, example: tuple) -> list[ProbePoint]:
-        order: dict[str, tuple[int, ...]] = {}
-        handles = []
+            def recorder(name: str, order=order) -> Callable:
+                def hook(module, args, output):
+                    structure = _structure(output)
+                    if structure:
+                        order.pop(name, None)  # a module called twice counts at its last call
+                        order[name] = structure
+                return hook
 
-        def recorder(name: str) -> Callable:
-            def hook(module, args, output):
-                try:
-                    tensor = as_tensor(output)
-                except TypeError:
-                    return
-                if tensor.dim() >= 1 and tensor.shape[0] == self._batch:
-                    order.pop(name, None)  # a module called twice counts at its last call
-                    order[name] = tuple(tensor.shape[1:])
-            return hook
+            for name, module in self.model.named_modules():
+                if name:
+                    handles.append(module.register_forward_hook(recorder(name)))
+            try:
+                with preserved_state(self.model), torch.no_grad():
+                    self.model.eval()
+                    call_model(self.model, example)
+            except Exception as error:  # noqa: BLE001 - one line naming the model's own error
+                raise _model_error(self.model, example, error) from error
+            finally:
+                for handle in handles:
+                    handle.remove()
+            runs.append(order)
 
-        for name, module in self.model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(recorder(name)))
-        try:
-            with preserved_state(self.model), torch.no_grad():
-                self.model.eval()
-                call_model(self.model, example)
-        except Exception as error:  # noqa: BLE001 - one line naming the input
-            raise self._input_error(example, error) from error
-        finally:
-            for handle in handles:
-                handle.remove()
-        first = first_tensor(example)
-        entries = [(INPUT, tuple(first.shape[1:]), "input")]
+        first = [first_tensor(example) for example in examples]
+        entries = []
+        if first[0] is not None and _batch_dim(tuple(first[0].shape), tuple(first[1].shape)) == 0:
+            entries.append((INPUT, {None: (tuple(first[0].shape[1:]), 0)}, "input"))
         # Hooks fire when a module *finishes*: a container after its children.
-        entries += [(name, shape, type(self.model.get_submodule(name)).__name__) for name, shape in order.items()]
+        for name, small in runs[0].items():
+            large = runs[1].get(name)
+            if not large or set(small) != set(large):
+                continue
+            module = self.model.get_submodule(name)
+            fields = {}
+            for field in small:
+                dim = _batch_dim(small[field], large[field])
+                if dim == 0 or (dim is not None and isinstance(module, nn.RNNBase)):
+                    fields[field] = (small[field][:dim] + small[field][dim + 1:], dim)
+            if fields:
+                entries.append((name, fields, type(module).__name__))
+        points = []
         last = max(len(entries) - 1, 1)
-        return [
-            ProbePoint(name=name, op=op, shape=shape, depth=i, relative_depth=i / last, module=None if name == INPUT else name)
-            for i, (name, shape, op) in enumerate(entries)
-        ]
+        for i, (name, fields, op) in enumerate(entries):
+            field = None if None in fields else _default_field(fields)
+            if field is None and None not in fields:
+                continue
+            shape, dim = fields[field]
+            self._fields[name] = fields
+            module = None if name == INPUT else self.model.get_submodule(name)
+            known = _module_layout(module) if module is not None else None
+            layout = _infer_layout(len(shape), known, self.model, _enclosing(name)[1:] if module is not None else [""])
+            points.append(ProbePoint(
+                name=name, op=op, shape=shape, depth=i, relative_depth=i / last, module=None if name == INPUT else name,
+                layout=layout, field=field, batch_dim=dim, recurrent=isinstance(module, nn.RNNBase),
+            ))
+        return _renumber(points)
+
+    # ------------------------------------------------------------------ layouts
+    def set_layout(self, name: str, layout: str) -> None:
+        """Set the layout of point ``name`` (``layouts=``): ``"map"``, ``"tokens"`` or ``"vector"``."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layouts[{name!r}] is {layout!r}; a layout is one of {choices(LAYOUTS)}")
+        point = self.point(name)
+        rank = len(point.shape)
+        if (layout == "tokens" and rank != 2) or (layout == "map" and rank < 2):
+            need = "two dims per example (tokens x hidden)" if layout == "tokens" else "channels and spatial dims"
+            raise ValueError(f"layouts[{name!r}] = {layout!r} needs {need}; {point.name!r} has per-example shape "
+                             f"{shape_text(point.shape)}")
+        self._replace(point, layout=layout)
+
+    def _replace(self, point: ProbePoint, **changes) -> None:
+        new = dataclasses.replace(point, **changes)
+        self._by_name[point.name] = new
+        self.points = [new if p.name == point.name else p for p in self.points]
 
     # ------------------------------------------------------------------ names
     @property
@@ -346,7 +710,9 @@ class LayerGraph:
             "name": [p.name for p in self.points],
             "aliases": [", ".join(p.aliases) for p in self.points],
             "op": [p.op for p in self.points],
+            "reads": [p.reads for p in self.points],
             "shape": [shape_text(p.shape) for p in self.points],
+            "layout": [p.layout or "?" for p in self.points],
             "features": [p.features for p in self.points],
             "depth": [p.depth for p in self.points],
             "relative_depth": [round(p.relative_depth, 4) for p in self.points],
@@ -354,11 +720,13 @@ class LayerGraph:
         })
 
     def point(self, name: str) -> ProbePoint:
-        """The probe point called ``name`` (a node name, a container alias or ``'input'``)."""
+        """The probe point called ``name``: a node name, a container alias, ``'input'``, or ``'name:field'``."""
         if name in self._by_name:
             return self._by_name[name]
         if name in self._aliases:
-            return self._aliases[name]
+            return self._by_name[self._aliases[name]]
+        if ":" in name:
+            return self._field_point(name)
         candidates = list(self._by_name) + list(self._aliases)
         close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
         hint = f"closest: {', '.join(repr(c) for c in close)}" if close else f"valid names start with: {', '.join(repr(c) for c in candidates[:5])}"
@@ -367,19 +735,43 @@ class LayerGraph:
             f"Use pk.list_layers(model, example_input) to see all {len(self.points)} probe points."
         )
 
-    def blocks(self) -> list[str]:
-        """Default probe points: the input and the output of each top-level block.
+    def _field_point(self, name: str) -> ProbePoint:
+        """``'h.0:1'`` / ``'encoder:pooler_output'``: another field of a structured output, as a point of its own."""
+        base_name, _, text = name.rpartition(":")
+        base = self.point(base_name)
+        fields = self._fields.get(base.name, {})
+        field: int | str = int(text) if re.fullmatch(r"-?\d+", text) else text
+        if field not in fields:
+            offered = [_reads_text(f) for f in fields if f is not None]
+            raise ValueError(
+                f"layer {name!r}: {base.name!r} has no tensor field {text!r} holding one row per example; "
+                + (f"its fields are {choices(offered)}" if offered else "its output is a single tensor")
+            )
+        shape, dim = fields[field]
+        module = _get(self.model, base.module) if base.module else None
+        layout = _infer_layout(len(shape), _module_layout(module) if module is not None else base.layout,
+                               self.model, _enclosing(base.module or "")[1:])
+        point = dataclasses.replace(base, name=name, aliases=(), shape=shape, field=field, batch_dim=dim, layout=layout)
+        self._by_name[name] = point
+        if self.traced:
+            self._node_of[name] = self._node_of[base.name]
+        return point
 
-        Top-level children of the model count as blocks; a child that is a plain
-        container (``Sequential``, ``ModuleList``, ``ModuleDict``) is opened one level,
-        so ResNet's ``layer1`` gives ``layer1.0``, ``layer1.1``, ...
+    def blocks(self) -> list[str]:
+        """Default probe points: the input, and the blocks of the model.
+
+        Each block of a repeated-block container (a ``Sequential`` or ``ModuleList`` of
+        two or more modules of one class) is a point, at any depth: ``encoder.layer.N``,
+        ``h.N``, ``blocks.N``, ``layers.N``, ``layer1.N``. So is every module beside
+        them on the way down (embeddings, a final norm, a pooler, the head); a plain
+        container is opened one level. No-op modules (``Identity``, dropout) are not
+        defaults, and neither is an input of token ids (integers).
         """
-        wanted = [INPUT]
-        for name, child in self.model.named_children():
-            if isinstance(child, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and any(True for _ in child.children()):
-                wanted += [f"{name}.{sub}" for sub, _ in child.named_children()]
-            else:
-                wanted.append(name)
+        wanted = []
+        first = self._by_name.get(INPUT)
+        if first is not None and not _integer_input(self, first):
+            wanted.append(INPUT)
+        wanted += _block_names(self.model)
         known = set(self._by_name) | set(self._aliases)
         return _unique_points(self, [w for w in wanted if w in known])
 
@@ -407,7 +799,7 @@ class LayerGraph:
         if len(set(layers)) != len(layers):
             dupes = sorted({n for n in layers if layers.count(n) > 1})
             raise ValueError(f"layers= names {dupes} more than once; name each probe point once")
-        return sorted(layers, key=lambda n: self.point(n).depth)
+        return sorted(layers, key=lambda n: (self.point(n).depth, n))
 
     # ------------------------------------------------------------------ for extraction
     def source_graph(self, names: Sequence[str]) -> tuple[fx.Graph, dict[str, str]]:
@@ -428,6 +820,21 @@ class LayerGraph:
             node_of_qualname = {q: node for node, q in self._names[mode].items()}
             nodes = {name: node_of_qualname.get(qualname.get(node), node) for name, node in nodes.items()}
         return self._graphs[mode], nodes
+
+
+def _default_field(fields: dict) -> int | str | None:
+    if "last_hidden_state" in fields:
+        return "last_hidden_state"
+    return next(iter(fields), None)
+
+
+def _renumber(points: list[ProbePoint]) -> list[ProbePoint]:
+    last = max(len(points) - 1, 1)
+    return [dataclasses.replace(p, depth=i, relative_depth=i / last) for i, p in enumerate(points)]
+
+
+def _integer_input(graph: LayerGraph, point: ProbePoint) -> bool:
+    return point.op == "input" and getattr(graph, "_input_dtype_integer", False)
 
 
 def _bind(model: nn.Module, signature: inspect.Signature, inputs: object) -> inspect.BoundArguments:
@@ -480,21 +887,31 @@ def _unique_points(graph: LayerGraph, names: list[str]) -> list[str]:
     return result
 
 
-def list_layers(model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None) -> pd.DataFrame:
+def list_layers(model: nn.Module, example_input: object, *, tracer_kwargs: Mapping[str, object] | None = None,
+                layouts: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Every point of ``model`` a probe can read, in forward order.
 
     Args:
-        model: any ``nn.Module``; left exactly as it was.
-        example_input: one batch of inputs (only its first two examples are used).
+        model: any ``nn.Module``; left exactly as it was (flags, parameters and buffers).
+        example_input: one batch of inputs: a tensor, a tuple of positional arguments or a
+            mapping of keyword arguments (e.g. ``input_ids`` and ``attention_mask``).
         tracer_kwargs: added to the tracer's defaults (see :func:`tracer_options`): e.g.
             ``{"leaf_modules": [MyBlock]}`` keeps every ``MyBlock`` as one probe point, and
             lets a model trace whose ``MyBlock`` has data-dependent control flow.
+        layouts: ``{layer: "map" | "tokens" | "vector"}`` where the inferred layout is wrong or ``?``.
 
     Returns:
         A DataFrame with one row per probe point: ``name`` (what ``layers=`` takes),
         ``aliases`` (container modules that end at this point, also accepted),
-        ``op``, per-example ``shape``, ``features``, ``depth`` (forward order),
-        ``relative_depth`` (0 at the input, 1 at the output) and ``train_only``.
+        ``op``, ``reads`` (what of a structured output is probed: ``output[0]`` of a
+        tuple, ``last_hidden_state`` of a ``ModelOutput``; empty for a tensor),
+        per-example ``shape``, ``layout`` (``map``, ``tokens``, ``vector``, or ``?``
+        when it cannot be inferred: pass ``layouts=``), ``features``, ``depth``
+        (forward order), ``relative_depth`` (0 at the input, 1 at the output) and ``train_only``.
+
+    Another field of a structured output is its own point, named ``"layer:field"``:
+    an index (``"h.0:1"``, a tuple's second tensor; ``"gru:1"``, an RNN's ``h_n``) or a
+    key (``"encoder:pooler_output"``). Any of these names goes in ``layers=``.
 
     Example:
         >>> import torchvision, probekit as pk
@@ -502,4 +919,4 @@ def list_layers(model: nn.Module, example_input: object, *, tracer_kwargs: Mappi
         >>> table[table.aliases != ""].name.tolist()[:2]
         ['layer1.0.relu_2', 'layer1.1.relu_2']
     """
-    return LayerGraph(model, example_input, tracer_kwargs=tracer_kwargs).frame()
+    return LayerGraph(model, example_input, tracer_kwargs=tracer_kwargs, layouts=layouts).frame()

@@ -99,7 +99,7 @@ def test_aux_head_dropped_with_a_warning_when_the_input_is_too_small_for_it():
 
 
 def test_wrong_input_shape_is_one_line_naming_the_shape():
-    with pytest.raises(ValueError, match=r"cannot run on an input of per-example shape 3x8x8 .*check the input"):
+    with pytest.raises(ValueError, match=r"Sequential raised RuntimeError: .*channels.*cannot run on an input of per-example shape 3x8x8: check the input"):
         LayerGraph(tiny_convnet(), torch.randn(2, 3, 8, 8))
 
 

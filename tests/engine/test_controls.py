@@ -243,3 +243,20 @@ def test_bad_control_arguments_get_one_line_errors(tmp_path):
         ds = pk.probe(tiny_convnet(), few, layers=["fc2"], store=tmp_path / "few.zarr", quiet=True)
     assert "l2=0.001" in pk.open_run(tmp_path / "few.zarr").attrs["l2_fallback"]
     assert ds.attrs["l2"] == "auto" and ds.l2.values.ravel().tolist() == [1e-3]
+
+
+def test_online_mode_records_the_head_it_reports_under_l2_auto():
+    import probekit as pk
+    from probekit.engine.probes import ONLINE_L2_PATH
+    from tests.conftest import tiny_convnet
+
+    x, y = _digits()
+    model = tiny_convnet()
+    mon = pk.ProbeMonitor(model, {"train": (x[:400], y[:400]), "valid": (x[1000:1200], y[1000:1200])}, mode="online",
+                          layers=["relu1", "fc2"], quiet=True, probe_lr=1e-2)
+    for i in range(0, 400, 50):
+        model(x[i:i + 50])
+        mon.step(y[i:i + 50])
+    ds = mon.update(epoch=0)
+    mon.close()
+    assert ds.attrs["l2"] == "auto" and set(ds.l2.values.ravel().tolist()) <= set(ONLINE_L2_PATH)

@@ -62,6 +62,7 @@ def probe(
     model_name: str | None = None,
     dataset_name: str | None = None,
     tracer_kwargs: Mapping[str, object] | None = None,
+    layouts: Mapping[str, str] | None = None,
     label_key: str | None = None,
     mask_key: str = MASK_KEY,
     device: str | torch.device | None = None,
@@ -99,6 +100,7 @@ def probe(
         model_name: the model's name recorded in the run (default: its class name).
         dataset_name: the data's name recorded in the run (default: ``data.info.name``, else ``"user data"``).
         tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`).
+        layouts: ``{layer: "map" | "tokens" | "vector"}`` where the inferred layout is wrong or unknown.
         label_key: the key of a row's label, for data whose items are mappings (e.g. Hugging Face
             ``datasets`` rows); the model's keyword arguments are all the other keys.
         mask_key: the key of a mapping batch's mask of real tokens (``"attention_mask"``).
@@ -115,7 +117,7 @@ def probe(
         >>> ds.probe.sel(metric="valid_error").squeeze("epoch").to_series()
     """
     check_params(
-        _PROBE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
+        _PROBE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, layouts=layouts, num_classes=num_classes, budget=budget,
         max_flatten=max_flatten, seed=seed, store=store, resume=resume, overwrite=overwrite, l2=l2,
         baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, batch_size=batch_size, max_iter=max_iter,
         cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
@@ -130,7 +132,7 @@ def probe(
             num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
             batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
             max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
-            channels_last=use_cl, tracer_kwargs=tracer_kwargs, label_key=label_key, mask_key=mask_key,
+            channels_last=use_cl, tracer_kwargs=tracer_kwargs, layouts=layouts, label_key=label_key, mask_key=mask_key,
         ) as monitor:
             if not monitor.rows:
                 monitor.update(epoch=epoch, step=step)
@@ -165,6 +167,7 @@ def probe_checkpoints(
     model_name: str | None = None,
     dataset_name: str | None = None,
     tracer_kwargs: Mapping[str, object] | None = None,
+    layouts: Mapping[str, str] | None = None,
     label_key: str | None = None,
     mask_key: str = MASK_KEY,
     device: str | torch.device | None = None,
@@ -183,14 +186,15 @@ def probe_checkpoints(
         store, resume: as for :func:`probe`; resuming skips checkpoints already written.
         layers, reduce, overwrite, num_classes, l2, baselines, groups, repeats, metrics, batch_size, budget,
             max_flatten, seed, max_iter,
-            cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, label_key, mask_key, device, channels_last:
+            cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, layouts, label_key, mask_key, device,
+            channels_last:
             as for :func:`probe`.
 
     Example:
         >>> ds = pk.probe_checkpoints(lambda: pk.zoo.paper_convnet(), ["c0.pt", "c1.pt"], data, steps=[0, 500])
     """
     check_params(
-        _CHECKPOINTS_CONSTRAINTS, build_model=build_model, tracer_kwargs=tracer_kwargs,
+        _CHECKPOINTS_CONSTRAINTS, build_model=build_model, tracer_kwargs=tracer_kwargs, layouts=layouts,
         num_classes=num_classes, budget=budget, max_flatten=max_flatten, seed=seed, store=store, resume=resume,
         overwrite=overwrite, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
         batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
@@ -221,7 +225,7 @@ def probe_checkpoints(
         num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
         batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
         max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
-        channels_last=use_cl, tracer_kwargs=tracer_kwargs, label_key=label_key, mask_key=mask_key,
+        channels_last=use_cl, tracer_kwargs=tracer_kwargs, layouts=layouts, label_key=label_key, mask_key=mask_key,
     ) as monitor:
         for path, epoch, step in zip(checkpoints, epochs, steps):
             if monitor.rows and epoch <= monitor.rows[-1].epoch:

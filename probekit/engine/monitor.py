@@ -293,6 +293,8 @@ class ProbeMonitor:
         channels_last: extract with channels-last inputs (a conv net whose weights are channels-last).
         tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`), e.g.
             ``{"leaf_modules": [MyBlock]}``.
+        layouts: ``{layer: "map" | "tokens" | "vector"}`` where the inferred layout (see
+            :func:`probekit.list_layers`) is wrong or unknown.
         label_key: the key of a row's label, for data whose items are mappings (a Hugging Face
             ``datasets`` row); the model's keyword arguments are all the row's other keys.
         mask_key: the key of a mapping batch's mask of real tokens, passed to mask-aware sequence
@@ -342,11 +344,12 @@ class ProbeMonitor:
         dataset_name: str | None = None,
         channels_last: bool = False,
         tracer_kwargs: Mapping[str, object] | None = None,
+        layouts: Mapping[str, str] | None = None,
         label_key: str | None = None,
         mask_key: str = MASK_KEY,
     ):
         check_params(
-            MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, num_classes=num_classes, budget=budget,
+            MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, layouts=layouts, num_classes=num_classes, budget=budget,
             max_flatten=max_flatten, seed=seed, store=store, mode=mode, resume=resume, overwrite=overwrite, l2=l2,
             baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, probe_lr=probe_lr,
             batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
@@ -383,9 +386,9 @@ class ProbeMonitor:
         example = _first_batch(self.splits["train"], 2, label_key)
         check_inputs(model, example)
         example = to_device(example, self.device)
-        self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs)
+        self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
         self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
-                                max_flatten=max_flatten)
+                                max_flatten=max_flatten, token_level=self.examples == "tokens")
         for reducer in self.plan.reducers.values():
             reducer.to(self.device)
         self.layers = self.plan.layers
@@ -406,7 +409,7 @@ class ProbeMonitor:
         self._random_init: tuple | None = None  # the random-init baseline, computed once
         if "random_init" in self.baselines:
             self._fresh, permuted = controls.random_init_copy(model, seed=self.seed)
-            self._fresh_graph = LayerGraph(self._fresh, example, tracer_kwargs=tracer_kwargs)
+            self._fresh_graph = LayerGraph(self._fresh, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
             if permuted:
                 self.layout.attrs["random_init_permuted"] = ", ".join(permuted)[:1000]
         self._writer = RunWriter(store, self.layout, resume=resume, overwrite=overwrite) if store is not None else None
@@ -654,7 +657,8 @@ class ProbeMonitor:
     def _repeat_reducers(self, repeat: int, layers: Sequence[str]) -> dict:
         """The reducers of repeat ``repeat`` that differ from the run's (seeded ones: subsets, projections)."""
         plan = build_plan(self.graph, self.layers, self._reduce, num_classes=self.num_classes,
-                          seed=controls.repeat_seed(self.seed, repeat), budget=self._budget, max_flatten=self._max_flatten)
+                          seed=controls.repeat_seed(self.seed, repeat), budget=self._budget, max_flatten=self._max_flatten,
+                          token_level=self.examples == "tokens")
         return {n: plan.reducers[n].to(self.device) for n in layers
                 if plan.reducers[n].describe() != self.plan.reducers[n].describe()}
 

@@ -32,7 +32,7 @@ each reducer of a sequence returns one row per labelled token (``batch_tokens``)
 its hidden vector reduced by ``flatten``, ``subsetN`` or ``projectN``.
 
 Every reducer has ``candidates``: ``{spec: column slice}`` of its output. It is one
-entry, except for ``"auto"`` on a feature map, which builds a :class:`Pyramid`:
+entry, except for ``"auto"`` on a feature map above the budget, which builds a :class:`Pyramid`:
 the concatenation of several poolings (``pool``, ``pool2``, ``pool4``, ...; each within
 the budget), among which a probe fit can choose.
 
@@ -418,9 +418,9 @@ def make_reducer(
     """Build the reducer for one layer of per-example shape ``in_shape`` and ``layout``.
 
     ``layout=None`` reads the shape's rank: a map from 2 dims up, else a vector.
-    ``"auto"``: a feature map gets a :class:`Pyramid` of poolings within ``budget``
-    (a single ``pool`` when only that fits, a ``subset`` when the channels alone exceed
-    it); a sequence gets ``"mean"`` (``"last"`` when ``layer`` is a recurrent layer's
+    ``"auto"``: a feature map within ``budget`` is flattened (nothing is lost); a larger one
+    gets a :class:`Pyramid` of poolings within ``budget`` (a single ``pool`` when only that
+    fits, a ``subset`` when the channels alone exceed it); a sequence gets ``"mean"`` (``"last"`` when ``layer`` is a recurrent layer's
     output: pass ``spec="last"``); a vector is flattened, or subset above ``budget``.
     ``token_level``: a sequence's labelled tokens, one row each (see :class:`PerToken`).
     """
@@ -453,7 +453,7 @@ def make_reducer(
         )
     total = math.prod(in_shape)
     if kind == "auto":
-        if layout == "map" and in_shape[0] <= budget and len(in_shape) <= 4:
+        if layout == "map" and total > budget and in_shape[0] <= budget and len(in_shape) <= 4:
             sizes = pyramid_sizes(tuple(in_shape), budget)
             return Pool(in_shape, 1) if sizes == [1] else Pyramid(in_shape, sizes)
         kind, number = parse_spec("flatten" if total <= budget else f"subset{budget}")

@@ -40,9 +40,9 @@ def test_one_forward_pass_per_batch_feeds_every_layer(digits_tensors):
     calls = []
     model.conv1.register_forward_hook(lambda *a: calls.append(1))
     pk.probe(model, digits_tensors, layers="all", batch_size=100, quiet=True)
-    # 1000 + 400 + 397 examples in batches of 100 -> 10 + 4 + 4 passes, plus the
-    # discovery pass that finds the probe points' shapes.
-    assert len(calls) == 18 + 1
+    # 1000 + 400 + 397 examples in batches of 100 -> 10 + 4 + 4 passes, plus the two
+    # discovery passes (batches of 2 and 3) that find the probe points' shapes and batch dims.
+    assert len(calls) == 18 + 2
 
 
 def test_store_schema_coordinates_and_provenance(digits_tensors, tmp_path):

@@ -97,6 +97,7 @@ def make_run(
         {
             "probe": (("layer", "epoch", "metric"), probe),
             "l2": (("layer", "epoch"), np.where(nonfinite, np.nan, 1e-4)),
+            "reduction_used": (("layer", "epoch"), np.repeat(reduction.astype(str)[:, None], n_epochs, axis=1)),
             "nonfinite": (("layer", "epoch"), nonfinite),
             "iterations": (("layer", "epoch"), np.full((n_layers, n_epochs), 50, dtype=np.int64)),
             "converged": (("layer", "epoch"), np.ones((n_layers, n_epochs), dtype=bool)),

@@ -27,7 +27,7 @@ import xarray as xr
 from probekit.params import choices
 
 __all__ = [
-    "BASELINES", "EPOCH_VARIABLES", "EXAMPLE_KINDS", "LAYOUTS", "MDL_SPLIT", "MEASURES", "MEASURE_LABELS", "RUN_COORDS",
+    "BASELINES", "EPOCH_VARIABLES", "REDUCTION_WIDTH", "EXAMPLE_KINDS", "LAYOUTS", "MDL_SPLIT", "MEASURES", "MEASURE_LABELS", "RUN_COORDS",
     "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS", "SPLITS", "SPLITS_SHOWN_FIRST", "SPLIT_MEASURES", "VARIABLE_DIMS",
     "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run", "epoch_arrays", "epoch_index", "epoch_position",
     "forward_order", "layout_for_shape", "layout_of", "measures_of", "metric_name", "metric_names", "row_values", "rows_of",
@@ -59,7 +59,7 @@ LAYOUTS = ("map", "tokens", "vector")
 #: The baselines a run can carry (see docs/methodology.md).
 BASELINES = ("random_init", "control")
 #: Data variables every run has.
-RUN_VARIABLES = ("probe", "l2", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time")
+RUN_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time")
 #: Coordinates every run has.
 RUN_COORDS = (
     "layer", "depth", "relative_depth", "op", "shape", "layout", "feature_dim", "reduction",
@@ -70,6 +70,7 @@ RUN_COORDS = (
 VARIABLE_DIMS = {
     "probe": ("layer", "epoch", "metric"),
     "l2": ("layer", "epoch"),
+    "reduction_used": ("layer", "epoch"),
     "nonfinite": ("layer", "epoch"),
     "iterations": ("layer", "epoch"),
     "converged": ("layer", "epoch"),
@@ -81,8 +82,10 @@ VARIABLE_DIMS = {
     "baselines": ("layer", "epoch", "baseline", "metric"),
     "probe_repeat": ("layer", "epoch", "repeat", "metric"),
 }
+#: Widest reduction text ``reduction_used`` holds (its fixed-width string dtype).
+REDUCTION_WIDTH = 48
 #: The epoch-indexed variables every run has.
-EPOCH_VARIABLES = ("probe", "l2", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
+EPOCH_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
 #: Attributes that describe one process's session, not the run: they may differ on resume.
 SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
 
@@ -215,6 +218,7 @@ class EpochRow:
     model_error: float = float("nan")
     wall_time: float = float("nan")
     l2: np.ndarray | None = None  # (layer,): the L2 strength of each fit; None: not recorded (NaN)
+    reduction_used: Sequence[str] | None = None  # (layer,): the reduction each fit read; None: the layer's ``reduction``
     baseline: np.ndarray | None = None  # (layer, baseline, metric), when the run has baselines
     repeat: np.ndarray | None = None  # (layer, repeat, metric), when the run has repeats > 1
 
@@ -226,6 +230,7 @@ def epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | No
     arrays = {
         "probe": probe,
         "l2": np.full((n_layers, size), np.nan),
+        "reduction_used": np.full((n_layers, size), "", dtype=f"<U{REDUCTION_WIDTH}"),
         "nonfinite": np.zeros((n_layers, size), dtype=bool),
         "iterations": np.zeros((n_layers, size), dtype=np.int64),
         "converged": np.zeros((n_layers, size), dtype=bool),
@@ -256,6 +261,8 @@ def row_values(row: EpochRow, layout: RunLayout) -> dict:
     n_layers, n_metrics = len(layout.layers), len(layout.metrics)
     values = {
         "probe": row.probe, "l2": np.full(n_layers, np.nan) if row.l2 is None else row.l2,
+        "reduction_used": np.array(layout.reduction if row.reduction_used is None else list(row.reduction_used),
+                                   dtype=f"<U{REDUCTION_WIDTH}"),
         "nonfinite": row.nonfinite, "iterations": row.iterations, "converged": row.converged,
         "model_loss": row.model_loss, "model_error": row.model_error, "wall_time": row.wall_time,
         "step": row.step, "epoch": row.epoch,
@@ -304,7 +311,7 @@ def rows_of(ds: xr.Dataset) -> list[EpochRow]:
             nonfinite=ds["nonfinite"].values[:, i].copy(), iterations=ds["iterations"].values[:, i].copy(),
             converged=ds["converged"].values[:, i].copy(), model_loss=float(ds["model_loss"].values[i]),
             model_error=float(ds["model_error"].values[i]), wall_time=float(ds["wall_time"].values[i]),
-            l2=ds["l2"].values[:, i].copy(),
+            l2=ds["l2"].values[:, i].copy(), reduction_used=[str(v) for v in ds["reduction_used"].values[:, i]],
             baseline=ds["baselines"].values[:, i].copy() if "baselines" in ds.data_vars else None,
             repeat=ds["probe_repeat"].values[:, i].copy() if "probe_repeat" in ds.data_vars else None,
         )

@@ -100,7 +100,8 @@ def _root_attrs(path: Path, *, writing: bool = False) -> dict:
 
 
 def _upgrade(ds: xr.Dataset) -> xr.Dataset:
-    """A schema-1 run in the schema-2 form: each layer's layout from its shape, ``l2`` from the run's one fixed value.
+    """A schema-1 run in the schema-2 form: each layer's layout from its shape, ``l2`` from the run's one fixed value,
+    ``reduction_used`` from its one reduction per layer.
 
     Schema 1 had no token sequences (every point was a feature map or a vector)
     and fitted every probe with the one L2 strength of its ``l2`` attribute, so
@@ -111,6 +112,8 @@ def _upgrade(ds: xr.Dataset) -> xr.Dataset:
     l2[np.asarray(ds["nonfinite"].values, dtype=bool)] = np.nan
     ds = ds.assign_coords(layout=("layer", np.array(layouts, dtype=str)))
     ds["l2"] = (("layer", "epoch"), l2)
+    used = np.repeat(np.asarray(ds["reduction"].values, dtype=str)[:, None], ds.sizes["epoch"], axis=1)
+    ds["reduction_used"] = (("layer", "epoch"), used)
     ds.attrs.update(probekit_schema=SCHEMA_VERSION, upgraded_from_schema=1)
     return ds
 

@@ -73,6 +73,7 @@ def test_baselines_and_repeats_round_trip_on_their_own_dims():
     for epoch in range(2):
         row = _row(epoch)
         row.l2 = np.array([1e-3, 1e-1, np.nan])
+        row.reduction_used = ["flatten", "pool2" if epoch else "pool", "flatten"]
         row.baseline = np.arange(3 * 2 * 4, dtype=float).reshape(3, 2, 4) + epoch
         row.repeat = np.arange(3 * 3 * 4, dtype=float).reshape(3, 3, 4) - epoch
         rows.append(row)
@@ -82,8 +83,10 @@ def test_baselines_and_repeats_round_trip_on_their_own_dims():
     assert ds["probe_repeat"].dims == ("layer", "epoch", "repeat", "metric")
     assert ds["baselines"].baseline.values.tolist() == ["random_init", "control"] and ds.sizes["repeat"] == 3
     assert ds["l2"].sel(layer="conv").values.tolist() == [1e-1, 1e-1]
+    assert ds["reduction_used"].sel(layer="conv").values.tolist() == ["pool", "pool2"]
     assert layout_of(ds) == layout
     for got, want in zip(rows_of(ds), rows, strict=True):
+        assert got.reduction_used == want.reduction_used
         for name in ("l2", "baseline", "repeat"):
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
 

@@ -573,6 +573,7 @@ class ProbeMonitor:
             "iterations": np.array([fits[n].iterations if n in fits else 0 for n in self.layers], np.int64),
             "converged": np.array([fits[n].converged if n in fits else False for n in self.layers], bool),
             "l2": np.array([fits[n].l2 if n in fits else np.nan for n in self.layers], np.float64),
+            "reduction_used": [self._reduction_used(n, fits.get(n)) for n in self.layers],
         }
         if self.repeats > 1:
             parts["repeat"] = self._repeat_scores(cached, fits)
@@ -619,6 +620,11 @@ class ProbeMonitor:
                 for measure, value in scores.items():
                     probe[i, self.metrics.index(metric_name(split, measure))] = value
         return probe
+
+    def _reduction_used(self, layer: str, fit) -> str:
+        """The reduction ``fit`` read: the candidate it chose among an ``auto(...)`` pyramid's, else the layer's own."""
+        spec = getattr(fit, "spec", None)
+        return spec if spec is not None else self.plan.reducers[layer].describe()
 
     def _chosen(self, fits: Mapping) -> tuple[dict, dict]:
         """The L2 value and the candidate each fit chose, to refit with them fixed."""

@@ -14,7 +14,8 @@ minutes; the real dataset, pretrained weights and full sizes are there when aske
 or ``probekit reproduce bypass --out runs`` (the command line is :mod:`probekit.cli`).
 :data:`REPRODUCTIONS` lists them; each lives in its own module
 (:mod:`~probekit.experiments.mnist_convnet`, :mod:`~probekit.experiments.bypass`,
-:mod:`~probekit.experiments.resnet_vs_inception`, :mod:`~probekit.experiments.random_init`).
+:mod:`~probekit.experiments.resnet_vs_inception`, :mod:`~probekit.experiments.random_init`,
+:mod:`~probekit.experiments.cka`).
 ``quick=True`` runs a reduced size (the tests' setting), never the paper's;
 stores written by a reproduction replace those of an earlier one at the same
 path. This module never imports argparse.
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from probekit.experiments import bypass, mnist_convnet, random_init, resnet_vs_inception
+from probekit.experiments import bypass, cka, mnist_convnet, random_init, resnet_vs_inception
 from probekit.experiments.reproduction import Options, Reproduction
 from probekit.params import choices
 
@@ -38,6 +39,7 @@ _RUNNERS: dict[str, Callable[[Options], Reproduction]] = {
     "bypass": bypass.run,
     "resnet-vs-inception": resnet_vs_inception.run,
     "random-init": random_init.run,
+    "cka-resnet-vs-inception": cka.run,
 }
 #: Every reproduction, by name: what it shows.
 REPRODUCTIONS: dict[str, str] = {
@@ -45,6 +47,7 @@ REPRODUCTIONS: dict[str, str] = {
     "bypass": bypass.DESCRIPTION,
     "resnet-vs-inception": resnet_vs_inception.DESCRIPTION,
     "random-init": random_init.DESCRIPTION,
+    "cka-resnet-vs-inception": cka.DESCRIPTION,
 }
 
 
@@ -63,7 +66,8 @@ def reproduce(
 
     Args:
         name: a key of :data:`REPRODUCTIONS`: ``"mnist-convnet"``, ``"bypass"``,
-            ``"resnet-vs-inception"`` or ``"random-init"``.
+            ``"resnet-vs-inception"``, ``"random-init"`` or ``"cka-resnet-vs-inception"``
+            (``cka.zarr`` beside the two models' stores).
         out: folder for the stores (``NAME.zarr``; ``resnet50.zarr`` and
             ``inception_v3.zarr`` for ``resnet-vs-inception``) and the figure
             (``NAME.png``, ``NAME.html``); existing ones are replaced.

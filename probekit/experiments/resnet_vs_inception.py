@@ -15,7 +15,7 @@ from probekit.experiments.reproduction import (
     Options, Reproduction, drop_checkpoint, errors, findings_lines, profile_line, seed, side_by_side, stacked,
 )
 
-__all__ = ["DESCRIPTION", "SCRATCH_SIZES", "run"]
+__all__ = ["DESCRIPTION", "SCRATCH_SIZES", "run", "train_from_scratch"]
 
 DESCRIPTION = (
     "ResNet-50 and Inception v3 probed on the same data: with --pretrained on Imagenette or ImageNet, the "
@@ -70,6 +70,15 @@ def run(options: Options) -> Reproduction:
 
 
 def _scratch_arch(options: Options, arch: str) -> tuple[xr.Dataset, dict]:
+    _, ds, settings = train_from_scratch(options, arch)
+    return ds, settings
+
+
+def train_from_scratch(options: Options, arch: str):
+    """Train ``arch`` from scratch on the upsampled digits, probing every epoch: ``(model, run, settings)``.
+
+    The recipe of the offline reproduction (also the models of ``cka-resnet-vs-inception``).
+    """
     from probekit import zoo
     from probekit.engine.training import train_and_probe
 
@@ -91,9 +100,9 @@ def _scratch_arch(options: Options, arch: str) -> tuple[xr.Dataset, dict]:
         reduce="pool", model_name=arch, dataset_name=info.name, batch_size=64,
     )
     drop_checkpoint(store)
-    return ds, {"model": arch, "weights": None, "dataset": info.name, "size": size, "sizes": sizes,
-                "epochs": epochs, "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "reduce": "pool",
-                "layers": list(model.probe_layers)}
+    return model, ds, {"model": arch, "weights": None, "dataset": info.name, "size": size, "limit": limit, "sizes": sizes,
+                       "epochs": epochs, "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "reduce": "pool",
+                       "layers": list(model.probe_layers)}
 
 
 def _pretrained_arch(options: Options, arch: str) -> tuple[xr.Dataset, dict]:

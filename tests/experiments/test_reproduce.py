@@ -118,9 +118,34 @@ def test_resnet_vs_inception_from_scratch_share_data_and_train_deep_layers_first
     assert set(result.numbers) == {"resnet50", "inception_v3"}
 
 
+@pytest.mark.slow
+def test_cka_resnet_vs_inception_matches_shallow_layers_with_shallow_ones(quick):
+    import xarray as xr
+
+    from probekit import zoo
+
+    result = quick("cka-resnet-vs-inception")
+    sim = xr.open_zarr(result.stores["cka"])["cka"].load()
+    assert sim.dims == ("layer_a", "layer_b")
+    assert sim["layer_a"].values.tolist() == list(zoo.RESNET50_LAYERS)
+    assert sim["layer_b"].values.tolist() == zoo.default_layers("inception_v3", aux_logits=False)
+    assert (sim.attrs["estimator"], sim.attrs["n_examples"]) == ("debiased", 128)
+    assert np.isfinite(sim.values).all() and (sim.values <= 1 + 1e-9).all()
+    # The same probe runs as resnet-vs-inception's, beside the similarity.
+    assert open_run(result.stores["resnet50"]).attrs["n_train"] == 128
+    # Depth corresponds: the closest Inception v3 layer to each ResNet-50 layer lies deeper for
+    # ResNet's deep third than for its shallow third (Kornblith et al.'s diagonal structure).
+    best = np.nanargmax(sim.values, axis=1)
+    third = len(best) // 3
+    assert best[-third:].mean() > best[1:1 + third].mean(), best
+    assert result.numbers["best_match"]["layer1.0"] == str(sim["layer_b"].values[best[1]])
+    assert result.figure.is_file() and result.figure_html.is_file()
+
+
 # --------------------------------------------------------------------- the API
 def test_reproductions_are_listed_with_descriptions():
-    assert list(experiments.REPRODUCTIONS) == ["mnist-convnet", "bypass", "resnet-vs-inception", "random-init"]
+    assert list(experiments.REPRODUCTIONS) == [
+        "mnist-convnet", "bypass", "resnet-vs-inception", "random-init", "cka-resnet-vs-inception"]
     assert all(len(text) > 40 for text in experiments.REPRODUCTIONS.values())
 
 

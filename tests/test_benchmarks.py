@@ -52,6 +52,43 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(math.isfinite(row["probekit_value"]) and row["probekit_value"] > 0 for row in rows)
 
 
+@pytest.mark.slow
+def test_sklearn_pipeline_comparison_runs_end_to_end(tmp_path):
+    """benchmarks.sklearn_pipeline at toy size: one row with a per-layer table of both sides' errors."""
+    out = tmp_path / "sklearn.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.sklearn_pipeline", "--train", "120", "--reps", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["figure"] == "9 sklearn pipeline" and math.isfinite(row["ratio"]) and row["probekit_value"] > 0
+    layers = row["layers"]
+    assert [r["layer"] for r in layers] == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    for r in layers:
+        for side in ("sklearn", "probekit", "probekit_l2_1e-3", "sklearn_scaled"):
+            assert 0 <= r[side] <= 1, r
+    assert row["mean_gap"] == pytest.approx(np.mean([r["probekit"] - r["sklearn"] for r in layers]))
+    assert "| layer | reduce | l2 |" in proc.stdout
+
+
+def test_sweep_prints_its_table():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--only", "gpt2,distilbert"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [cell.strip() for cell in lines[0].split("|")] == [
+        "model", "default points", "blocks present", "seconds", "state unchanged"]
+    rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]] for line in lines[1:3]}
+    assert set(rows) == {"transformers:GPT2Model", "transformers:DistilBertModel"}
+    for points, blocks, seconds, unchanged in rows.values():
+        assert int(points) >= 3 and blocks == "2/2" and float(seconds) > 0 and unchanged == "yes"
+    assert lines[-1].startswith("2 models")
+    unknown = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--only", "nothing"], cwd=ROOT,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert unknown.returncode == 2 and "no model of the sweep matches 'nothing'" in unknown.stderr
+
+
 def test_benchmark_entry_point_refuses_an_unknown_figure():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "9"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})

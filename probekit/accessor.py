@@ -109,15 +109,19 @@ class ProbekitAccessor:
         splits: Sequence[str] = ("train", "valid"),
         x: Literal["layer", "relative_depth"] = "layer",
         layers: str | Sequence[str] | None = None,
+        baselines: bool | str | Sequence[str] = True,
+        interval: bool = True,
     ):
-        """:func:`probekit.plots.depth_profile` of this run (a metric across layers at one epoch).
+        """:func:`probekit.plots.depth_profile` of this run (a metric across layers at one epoch;
+        baselines dashed, repeats as a band).
 
         Example:
             >>> ds.probekit.depth_profile(epoch=0, splits=("train", "valid", "test"))
         """
         from probekit import plots
 
-        return plots.depth_profile(self._run(), measure=measure, epoch=epoch, splits=splits, x=x, layers=layers)
+        return plots.depth_profile(self._run(), measure=measure, epoch=epoch, splits=splits, x=x, layers=layers,
+                                   baselines=baselines, interval=interval)
 
     def heatmap(
         self,
@@ -148,8 +152,11 @@ class ProbekitAccessor:
         layers: str | Sequence[str] | None = None,
         x: Literal["epoch", "step"] = "epoch",
         max_rows: int | None = None,
+        baselines: bool | str | Sequence[str] = True,
+        interval: bool = True,
     ):
-        """:func:`probekit.plots.training_curves` of this run (one line per layer over training).
+        """:func:`probekit.plots.training_curves` of this run (one line per layer over training;
+        baselines dashed, repeats as a band).
 
         Args:
             max_rows: the chart's row budget; None for its default.
@@ -160,7 +167,8 @@ class ProbekitAccessor:
         from probekit import plots
 
         budget = {} if max_rows is None else {"max_rows": max_rows}
-        return plots.training_curves(self._run(), measure=measure, split=split, layers=layers, x=x, **budget)
+        return plots.training_curves(self._run(), measure=measure, split=split, layers=layers, x=x, baselines=baselines,
+                                     interval=interval, **budget)
 
     def diagnosis_overlay(
         self,

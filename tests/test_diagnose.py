@@ -388,6 +388,12 @@ def test_accessor_wraps_diagnose_and_the_charts():
     assert isinstance(ds.probekit.training_curves(x="step"), alt.LayerChart)
     overlay = ds.probekit.diagnosis_overlay().to_dict()
     assert overlay["title"]["subtitle"] == "1 findings"
+    controlled = make_run(baselines=("random_init",), repeats=3)
+    for chart in (controlled.probekit.depth_profile(), controlled.probekit.training_curves()):
+        dashes = [u for u in chart.to_dict()["layer"] if "strokeDash" in u.get("encoding", {})]
+        assert len(dashes) == 1
+    plain = controlled.probekit.training_curves(baselines=False, interval=False).to_dict()
+    assert len(plain["layer"]) == 2
 
 
 def test_accessor_refuses_a_dataset_that_is_not_a_run_when_a_method_is_called():

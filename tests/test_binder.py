@@ -102,6 +102,35 @@ def test_pip_resolves_the_requirements_offline(tmp_path):
     assert set(installs) == {"probekit"}, f"everything but the checkout should already be satisfied; would install {installs}"
 
 
+#: The modules each runtime dependency of pyproject.toml provides, where the name differs.
+_MODULES = {"scikit-learn": "sklearn", "vl-convert-python": "vl_convert"}
+
+
+def test_notebooks_import_only_what_binder_installs():
+    """Binder installs the checkout and its runtime dependencies, never the test extras (timm, transformers):
+    every import of every notebook's code cells is the standard library's, probekit's or one of those."""
+    import ast
+
+    import nbformat
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    allowed = {"probekit", "IPython"} | {_MODULES.get(name, name) for name in
+                                         (Requirement(line).name for line in project["dependencies"])}
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+            tree = ast.parse(source.replace("await ", ""))
+            for node in ast.walk(tree):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for name in names:
+                    root = name.split(".")[0]
+                    assert root in allowed or root in sys.stdlib_module_names, (
+                        f"{path.name} imports {name}, which Binder does not install (allowed: {sorted(allowed)})")
+
+
 def test_post_build_opens_the_quickstart(tmp_path):
     """binder/postBuild is valid bash and points JupyterLab's default URL at the quickstart."""
     script = BINDER / "postBuild"

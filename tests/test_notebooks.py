@@ -25,7 +25,8 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = ["01-quickstart", "02-monitor-training", "03-inception-vs-resnet", "04-dead-layers", "05-workshop"]
+EXPECTED = ["01-quickstart", "02-monitor-training", "03-inception-vs-resnet", "04-dead-layers", "05-workshop",
+            "06-transformers"]
 #: Peak memory a notebook's kernel may use (Binder gives 1-2 GB).
 MEMORY_LIMIT_MB = 1536
 #: Seconds one cell may run before the run counts as hung.
@@ -39,6 +40,7 @@ CI_PARAMETERS: dict[str, dict[str, object]] = {
     "03-inception-vs-resnet": {"RUNS_DIR": "{root}/data/runs"},
     "04-dead-layers": {"RUNS_DIR": "{root}/data/runs"},
     "05-workshop": {"LIMIT": 200, "EPOCHS": 2},
+    "06-transformers": {"N_TRAIN": 400, "EPOCHS": 2},
 }
 
 # The kernel's own peak is VmHWM, the high-water mark of its address space: unlike
@@ -126,7 +128,7 @@ def run_notebook(path: Path, values: dict[str, object], workdir: Path) -> dict[s
     return memory
 
 
-def test_the_five_notebooks_are_there():
+def test_the_notebooks_are_there():
     assert [path.stem for path in NOTEBOOKS] == EXPECTED
     assert sorted(CI_PARAMETERS) == EXPECTED
 

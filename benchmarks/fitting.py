@@ -17,6 +17,13 @@ same stopping rule (both test the largest entry of the mean loss's
 gradient). Errors are on a separate validation split; a gap is the largest
 over layers, and a row meets its target only when the gap is within 1 point.
 
+Each case also gives a "path cost" row: ``fit_probes`` at its default
+``l2="auto"`` (the held-out fold, the L2 path of every layer, the choice
+and the refit; see ``probekit.engine.probes``) against one fit of every
+layer from scratch at the values the path chose, the two interleaved in
+one invocation; target 3x. Its note gives the chosen values and the valid
+error of both the chosen fits and the fixed default ``l2=1e-3``.
+
 The features are synthetic stand-ins for pooled convnet features (see
 ``benchmarks.workloads.features``); deeper "layers" separate the classes
 better, as in the paper.
@@ -31,9 +38,9 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from benchmarks.measure import Row, timed
+from benchmarks.measure import Row, interleave, timed
 from benchmarks.workloads import NUM_CLASSES, feature_split
-from probekit.engine.probes import DEFAULT_L2, fit_probes, score
+from probekit.engine.probes import DEFAULT_L2, L2_PATH, fit_probes, score
 
 SIZES = {
     "quick": {"n": 1000, "single": [256, 1024], "layers": 8, "reps": 1, "sklearn_threads": [1], "tight": False},
@@ -153,6 +160,42 @@ def _rows(case: str, layers: dict, config: dict, threads: list[int | None], *, t
     return rows, fastest
 
 
+def _path_row(case: str, layers: dict, reps: int) -> Row:
+    """``l2="auto"`` (path, choice, refit) against one fit at the chosen values from scratch."""
+    labels = next(iter(layers.values()))["train"][1]
+    train = {name: data["train"][0] for name, data in layers.items()}
+    chosen = {name: fit.l2 for name, fit in fit_probes(train, labels, NUM_CLASSES).items()}  # also the warm-up
+    answers = {}
+
+    def auto():
+        answers["auto"] = fit_probes(train, labels, NUM_CLASSES)
+
+    def fixed():
+        answers["fixed"] = fit_probes(train, labels, NUM_CLASSES, l2=chosen)
+
+    pairs = interleave(fixed, auto, reps=reps, warmup=False)
+    fits = answers["auto"]
+    default = fit_probes(train, labels, NUM_CLASSES, l2=DEFAULT_L2)
+
+    def valid_error(of: dict) -> float:
+        return statistics.mean(score(of[n].logits, *layers[n]["valid"], NUM_CLASSES)["error"] for n in layers)
+
+    counts = {value: sum(f.l2 == value for f in fits.values()) for value in L2_PATH}
+    picked = ", ".join(f"{value:g} x{count}" for value, count in counts.items() if count)
+    note = (f"chosen l2: {picked}; mean valid error {valid_error(fits):.3f} (l2=1e-3: {valid_error(default):.3f}); "
+            f"median L-BFGS iterations: path {statistics.median(f.path_iterations for f in fits.values()):.0f}, "
+            f"refit {statistics.median(f.iterations for f in fits.values()):.0f}, "
+            f"one fit {statistics.median(f.iterations for f in answers['fixed'].values()):.0f}")
+    return Row(
+        figure="2 fitting", case=f"{case}, l2='auto' path", baseline="one fit at the chosen l2",
+        baseline_value=pairs.baseline_median, probekit_value=pairs.candidate_median, unit="s", target=3.0,
+        note=note, pair_ratio=pairs.ratio,
+        extra={"times_s": pairs.as_dict(), "chosen_l2": {n: f.l2 for n, f in fits.items()},
+               "heldout": {n: f.heldout for n, f in fits.items()},
+               "valid_error_auto": valid_error(fits), "valid_error_default": valid_error(default)},
+    )
+
+
 def run(size: str) -> list[Row]:
     config = SIZES[size]
     n, threads = config["n"], config["sklearn_threads"]
@@ -161,10 +204,13 @@ def run(size: str) -> list[Row]:
     _sklearn(warm, blas_threads=1)
     rows = []
     for d in config["single"]:
-        new, fastest = _rows(f"1 layer, {n:,} x {d:,}", {"layer": _layer(n, d, 0, 0.5)}, config, threads, target=1.0)
-        rows += new
+        case, layer = f"1 layer, {n:,} x {d:,}", {"layer": _layer(n, d, 0, 0.5)}
+        new, fastest = _rows(case, layer, config, threads, target=1.0)
+        rows += new + [_path_row(case, layer, max(config["reps"], 2))]
         threads = [fastest]  # later cases time only the faster scikit-learn setting
     dims = [d // config["layers"] for d in RESNET50_DIMS]
     layers = {f"layer{i}": _layer(n, d, i, i / (len(dims) - 1)) for i, d in enumerate(dims)}
-    rows += _rows(f"all {len(dims)} ResNet-50 layers, {n:,} x {sum(dims):,}", layers, config, threads, target=0.5)[0]
+    case = f"all {len(dims)} ResNet-50 layers, {n:,} x {sum(dims):,}"
+    rows += _rows(case, layers, config, threads, target=0.5)[0]
+    rows.append(_path_row(case, layers, max(config["reps"] - 1, 2)))
     return rows

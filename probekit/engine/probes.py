@@ -22,7 +22,8 @@ informative features on 2,000 examples almost none. Per layer:
 - **Path.** The probe is fitted on the fitting part along the log-spaced
   path :data:`L2_PATH` (10, 1, 0.1, ..., 1e-6: eight decades), from the
   strong end down, each value warm-started from the previous one's weights
-  and stopped at a looser tolerance (``10 * tol``) than the final fit. After
+  and stopped at a looser tolerance (``100 * tol``, at most 1e-3) than the
+  final fit: a decade grid needs the held-out loss to about three digits. After
   each value the **mean cross-entropy on the held-out fold** (nats) is
   computed; the path stops early once it has failed to improve on the best
   value for :data:`PATIENCE` (2) consecutive values.
@@ -121,8 +122,8 @@ HOLDOUT = 0.2
 MIN_PER_CLASS = 5
 #: Values along the path without improvement on the best before the path stops.
 PATIENCE = 2
-#: The path's points stop at this multiple of ``tol`` (the refit at ``tol`` itself).
-_PATH_TOL = 10
+#: The path's points stop at this multiple of ``tol``, at most 1e-3 (the refit at ``tol`` itself).
+_PATH_TOL = 100
 #: A weaker L2 must lower the held-out loss by more than this (relative) to be chosen.
 _TIE = 1e-6
 #: The heads of :class:`OnlineProbes` with ``l2="auto"``.
@@ -554,7 +555,7 @@ def _fit_path(
     labels = labels.to(z.device)[order]
     n, d = z.shape
     grid = L2_PATH if l2 == "auto" else (l2,)
-    path_tol = _PATH_TOL * tol if len(grid) > 1 else tol
+    path_tol = max(tol, min(_PATH_TOL * tol, 1e-3)) if len(grid) > 1 else tol
 
     def blocks(rows: int, cols: int) -> int:  # never from the thread count: the same sums whoever computes them
         return max(1, min(_MAX_BLOCKS, rows * cols // _MIN_PARALLEL_ELEMENTS))

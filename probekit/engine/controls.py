@@ -263,18 +263,28 @@ def repeat_seed(seed: int, repeat: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(repeat)]).generate_state(1)[0] % 2**31)
 
 
-def bootstrap_indices(labels: torch.Tensor, seed: int, repeat: int) -> torch.Tensor:
+def bootstrap_indices(labels: torch.Tensor, seed: int, repeat: int, groups: torch.Tensor | None = None) -> torch.Tensor:
     """A stratified bootstrap resample of the training split: each class drawn with replacement to its own count.
 
     Every class keeps its number of examples, so every resample has every class.
+    With ``groups`` (each token's sequence, in a token-level run) whole groups
+    are drawn with replacement instead, as many as there are (a cluster
+    bootstrap: tokens of one sequence are not independent examples).
 
     Returns:
-        ``(n,)`` int64 row indices, on ``labels``' device, grouped by class.
+        ``(n,)`` int64 row indices, on ``labels``' device, grouped by class
+        (with ``groups``: by drawn group, as many rows as the drawn groups hold).
 
     Example:
         >>> rows = bootstrap_indices(torch.tensor([0, 0, 1, 1, 1]), seed=0, repeat=1)
     """
     generator = torch.Generator().manual_seed(repeat_seed(seed, repeat) + 1)
+    if groups is not None:
+        g = groups.reshape(-1).long().cpu()
+        ids, member = torch.unique(g, return_inverse=True)
+        rows_of = [torch.nonzero(member == k).reshape(-1) for k in range(ids.numel())]
+        drawn = torch.randint(ids.numel(), (ids.numel(),), generator=generator)
+        return torch.cat([rows_of[k] for k in drawn.tolist()]).to(labels.device)
     y = labels.reshape(-1).long().cpu()
     rows = []
     for k in torch.unique(y):

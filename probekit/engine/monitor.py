@@ -566,7 +566,7 @@ class ProbeMonitor:
         kept = [layer for layer, bad in zip(self.layers, nonfinite) if not bad]
         views = {split: c.features for split, c in cached.items()}
         labels = {split: c.labels for split, c in cached.items()}
-        fits = self._fit(views["train"], labels["train"], kept, self.l2)
+        fits = self._fit(views["train"], labels["train"], kept, self.l2, groups=self._sequences(cached))
         probe = self._scores(fits, views, labels)
         parts = {
             "nonfinite": nonfinite,
@@ -588,7 +588,7 @@ class ProbeMonitor:
                 baseline[:, self.baselines.index("random_init")] = self._random_init_scores()
             if "control" in self.baselines:
                 control = self._control_labels(cached)
-                control_fits = self._fit(views["train"], control["train"], kept, self.l2)
+                control_fits = self._fit(views["train"], control["train"], kept, self.l2, groups=self._sequences(cached))
                 baseline[:, self.baselines.index("control")] = self._scores(control_fits, views, control)
                 self._selectivity(probe, baseline[:, self.baselines.index("control")])
                 if "repeat" in parts:
@@ -598,14 +598,23 @@ class ProbeMonitor:
         return {"probe": probe, **parts}
 
     def _fit(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, layers: Sequence[str],
-             l2: float | str | Mapping[str, float], candidates: Mapping[str, Mapping[str, slice]] | None = None) -> dict:
-        """One probe per layer of ``layers``; by default each reducer's candidates (a ``reduce="auto"`` pyramid) compete."""
+             l2: float | str | Mapping[str, float], candidates: Mapping[str, Mapping[str, slice]] | None = None,
+             groups: torch.Tensor | None = None) -> dict:
+        """One probe per layer of ``layers``; by default each reducer's candidates (a ``reduce="auto"`` pyramid) compete.
+
+        ``groups`` (each row's sequence, in a token-level run) keeps sequences whole in the held-out fold.
+        """
         if candidates is None:
             candidates = {n: dict(getattr(self.plan.reducers[n], "candidates", None) or {}) for n in layers}
         return fit_probes(
             {n: features[n].to(self.device) for n in layers}, labels, self.num_classes, l2=l2,
             candidates={n: c for n, c in candidates.items() if n in layers and c}, seed=self.seed, max_iter=self.max_iter,
+            groups=groups,
         )
+
+    def _sequences(self, cached: Mapping) -> torch.Tensor | None:
+        """The training rows' sequences in a token-level run (for folds and resamples), else None."""
+        return cached["train"].groups if self.examples == "tokens" else None
 
     def _scores(self, fits: Mapping, features: Mapping[str, Mapping[str, torch.Tensor]],
                 labels: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -653,7 +662,7 @@ class ProbeMonitor:
                 for split, c in extra.items():
                     views[split].update(c.features)
                     bad.update(n for n, flag in c.nonfinite.items() if flag)
-            rows = controls.bootstrap_indices(labels["train"], self.seed, r)
+            rows = controls.bootstrap_indices(labels["train"], self.seed, r, groups=self._sequences(cached))
             layers = [n for n in fits if n not in bad]
             train = {n: views["train"][n].to(self.device)[rows.to(self.device)] for n in layers}
             refits = self._fit(train, labels["train"][rows], layers, {n: l2[n] for n in layers}, candidates)
@@ -690,7 +699,8 @@ class ProbeMonitor:
             kept = [n for n in self.layers if not any(c.nonfinite[n] for c in cached.values())]
             views = {split: c.features for split, c in cached.items()}
             labels = {split: c.labels for split, c in cached.items()}
-            self._random_init = self._scores(self._fit(views["train"], labels["train"], kept, self.l2), views, labels)
+            fits = self._fit(views["train"], labels["train"], kept, self.l2, groups=self._sequences(cached))
+            self._random_init = self._scores(fits, views, labels)
             del self._fresh, self._fresh_graph  # the copy's memory goes back
         return self._random_init
 

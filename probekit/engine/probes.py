@@ -18,6 +18,8 @@ informative features on 2,000 examples almost none. Per layer:
 - **Held-out fold.** The training split is divided once, for every layer
   alike, into a fitting part and a held-out fold: a seeded
   (``seed``), stratified 20% of each class (at least one example of each).
+  In a token-level run (``groups=``, each token's sequence) the fold takes
+  whole sequences instead, so that no sequence is on both sides of it.
   Valid and test splits are never looked at: they only report.
 - **Path.** The probe is fitted on the fitting part along the log-spaced
   path :data:`L2_PATH` (10, 1, 0.1, ..., 1e-6: eight decades), from the
@@ -270,6 +272,7 @@ def fit_probes(
     seed: int = 0,
     max_iter: int = 1000,
     tol: float = 1e-5,
+    groups: torch.Tensor | None = None,
 ) -> dict[str, ProbeFit]:
     """Fit one probe per layer, each as :func:`fit_probe` does, all on one held-out fold.
 
@@ -287,6 +290,9 @@ def fit_probes(
             (or with one candidate) reads all its columns. Entries for layers
             not in ``features`` are ignored (a caller may have left out a
             layer that could not be fitted).
+        groups: ``(n,)`` integer group of each row (the sequence a token came
+            from, in a token-level run): the held-out fold then takes whole
+            groups, so that no group is on both sides of it.
 
     Returns:
         ``{layer: ProbeFit}``, in the order of ``features``.
@@ -308,7 +314,14 @@ def fit_probes(
                          f"{tuple(labels.shape)} and features {shapes}")
     # One fold for every layer that chooses something (an L2 value, or among candidates).
     choosing = [name for name in features if strengths[name] == "auto" or len(slices[name]) > 1]
-    fold = _heldout_fold(labels, num_classes, seed) if choosing else None
+    if groups is not None and tuple(groups.shape) != tuple(labels.shape):
+        raise ValueError(f"groups= needs one group per row: shape {tuple(labels.shape)}; got {tuple(groups.shape)}")
+    if not choosing:
+        fold = None
+    elif groups is None:
+        fold = _heldout_fold(labels, num_classes, seed)
+    else:
+        fold = _heldout_groups(labels, groups, num_classes, seed)
     on_cpu = all(x.device.type == "cpu" for x in features.values())
     threads = torch.get_num_threads() if on_cpu else 1
     solve = dict(num_classes=num_classes, max_iter=max_iter, tol=tol)
@@ -393,6 +406,47 @@ def _heldout_fold(labels: torch.Tensor, num_classes: int, seed: int) -> tuple[to
         fit.append(rows[cut:])
     fit_rows, held_rows = torch.cat(fit).sort().values, torch.cat(held).sort().values
     return torch.cat([fit_rows, held_rows]), fit_rows.shape[0]
+
+
+#: Seeds :func:`_heldout_groups` tries before it gives up on a fold of whole groups with every class on both sides.
+_GROUP_FOLD_TRIES = 16
+
+
+def _heldout_groups(labels: torch.Tensor, groups: torch.Tensor, num_classes: int,
+                    seed: int) -> tuple[torch.Tensor, int] | str:
+    """A seeded held-out fold of whole groups (e.g. sequences): ``(order, n_fit)`` as :func:`_heldout_fold`, or why not.
+
+    Groups are shuffled and held out until they hold :data:`HOLDOUT` of the
+    rows. Every class present must keep at least one row on each side and
+    :data:`MIN_PER_CLASS` rows in all; up to :data:`_GROUP_FOLD_TRIES` seeds
+    are tried for such a fold.
+    """
+    y, g = labels.detach().cpu(), groups.detach().cpu().long()
+    counts = torch.bincount(y, minlength=num_classes)
+    present = counts > 0
+    scarce = [c for c in present.nonzero().flatten().tolist() if counts[c] < MIN_PER_CLASS]
+    if scarce:
+        c = min(scarce, key=lambda c: (int(counts[c]), c))
+        return (f"holds out a {HOLDOUT:.0%} fold of whole sequences and needs at least {MIN_PER_CLASS} labelled tokens "
+                f"of every class, but class {c} has {int(counts[c])}")
+    ids, member = torch.unique(g, return_inverse=True)
+    if ids.numel() < 2:
+        return f"holds out a {HOLDOUT:.0%} fold of whole sequences and needs at least 2 sequences; the training split has 1"
+    sizes = torch.bincount(member, minlength=ids.numel())
+    for attempt in range(_GROUP_FOLD_TRIES):
+        order = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed + attempt))
+        taken = torch.cumsum(sizes[order], 0)
+        cut = int(torch.searchsorted(taken, torch.tensor(HOLDOUT * y.shape[0]))) + 1
+        held_group = torch.zeros(ids.numel(), dtype=torch.bool)
+        held_group[order[:min(cut, ids.numel() - 1)]] = True
+        held = held_group[member]
+        held_counts = torch.bincount(y[held], minlength=num_classes)
+        fit_counts = counts - held_counts
+        if bool(((held_counts > 0) & (fit_counts > 0))[present].all()):
+            fit_rows, held_rows = (~held).nonzero().flatten(), held.nonzero().flatten()
+            return torch.cat([fit_rows, held_rows]), fit_rows.shape[0]
+    return (f"holds out a {HOLDOUT:.0%} fold of whole sequences with every class on both sides, and found none in "
+            f"{_GROUP_FOLD_TRIES} seeded tries; add sequences holding the rare classes")
 
 
 @contextmanager

@@ -260,3 +260,14 @@ def test_online_mode_records_the_head_it_reports_under_l2_auto():
     ds = mon.update(epoch=0)
     mon.close()
     assert ds.attrs["l2"] == "auto" and set(ds.l2.values.ravel().tolist()) <= set(ONLINE_L2_PATH)
+
+
+def test_bootstrap_of_a_token_level_run_draws_whole_sequences():
+    groups = torch.arange(20).repeat_interleave(3)
+    labels = torch.arange(60) % 2
+    rows = controls.bootstrap_indices(labels, seed=0, repeat=1, groups=groups)
+    drawn = groups[rows]
+    for g in torch.unique(drawn).tolist():  # a drawn sequence comes whole, once per draw
+        assert (drawn == g).sum() % 3 == 0
+    assert rows.numel() == 60
+    assert not torch.equal(rows, controls.bootstrap_indices(labels, seed=0, repeat=2, groups=groups))

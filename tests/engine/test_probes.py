@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 import probekit as pk
 from probekit.engine.extract import build_extractor
 from probekit.engine.points import LayerGraph
-from probekit.engine.probes import fit_probe, score, standardiser
+from probekit.engine.probes import fit_probe, fit_probes, score, standardiser
 from tests.conftest import tiny_convnet
 
 
@@ -264,3 +264,24 @@ def test_online_auto_heads_each_train_as_a_fixed_probe_and_the_best_is_reported(
     assert auto.train_scores("a")["loss"] == pytest.approx(run["loss"][best] / run["n"])
     assert auto.logits_of("a")(torch.randn(4, 6)).shape == (4, 3)
     assert fixed.l2_of("a") == 1e-1 and fixed.train_scores("a")["loss"] == pytest.approx(fixed.running["a"]["loss"][0] / 80)
+
+
+def test_held_out_fold_of_a_token_level_run_keeps_every_sequence_whole():
+    from probekit.engine.probes import _heldout_groups
+
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.arange(60).repeat_interleave(5)  # 60 sequences of 5 labelled tokens
+    labels = torch.randint(0, 3, (300,), generator=generator)
+    order, n_fit = _heldout_groups(labels, groups, 3, seed=0)
+    fit, held = set(groups[order[:n_fit]].tolist()), set(groups[order[n_fit:]].tolist())
+    assert fit and held and not fit & held
+    assert sorted(order.tolist()) == list(range(300))
+    assert 0.15 <= (300 - n_fit) / 300 <= 0.3
+    assert set(labels[order[n_fit:]].tolist()) == set(labels[order[:n_fit]].tolist()) == {0, 1, 2}
+    one = _heldout_groups(labels, torch.zeros(300, dtype=torch.long), 3, seed=0)
+    assert isinstance(one, str) and "needs at least 2 sequences" in one
+    x = torch.randn(300, 8, generator=generator)
+    fits = fit_probes({"a": x}, labels, 3, groups=groups)
+    assert fits["a"].fallback is None and fits["a"].l2 > 0
+    with pytest.raises(ValueError, match="groups= needs one group per row"):
+        fit_probes({"a": x}, labels, 3, groups=groups[:10])

@@ -310,13 +310,28 @@ def _enclosing(qualname: str) -> list[str]:
     return [".".join(parts[:k]) for k in range(len(parts), 0, -1)] + [""]
 
 
+_NUMBERED = re.compile(r"^([A-Za-z_]*?)(\d+)$")
+
+
 def _repeated(module: nn.Module) -> bool:
-    """A container of two or more blocks of one class (``encoder.layer``, ``h``, ``blocks``, ``layers``, ``layer1``)."""
-    if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+    """A container of two or more blocks of one class (``encoder.layer``, ``h``, ``blocks``, ``layers``, ``layer1``).
+
+    That is a ``Sequential`` or ``ModuleList`` of one class, or a module of any
+    class whose children are composite blocks of one class named by number
+    (timm RegNet's stages: ``s1.b1``, ``s1.b2``, ...), never an Inception block's
+    differently named branches.
+    """
+    named = list(module.named_children())
+    children = [child for _, child in named]
+    if len(children) < 2 or len({type(c) for c in children}) != 1:
         return False
-    children = list(module.children())
-    return len(children) >= 2 and len({type(c) for c in children}) == 1 and \
-        not isinstance(children[0], (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    if isinstance(children[0], (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return False
+    if isinstance(module, (nn.Sequential, nn.ModuleList)):
+        return True
+    matches = [_NUMBERED.match(name) for name, _ in named]
+    return (all(matches) and len({m.group(1) for m in matches}) == 1
+            and any(True for _ in children[0].children()))
 
 
 def _holds_repeated(module: nn.Module) -> bool:
@@ -342,7 +357,11 @@ def _block_names(module: nn.Module, prefix: str = "") -> list[str]:
         if _no_op(child):
             continue
         if _repeated(child):
-            names += [f"{full}.{sub}" for sub, block in child.named_children() if not _no_op(block)]
+            for sub, block in child.named_children():
+                if _no_op(block):
+                    continue
+                # A block that holds repeated blocks itself (ConvNeXt's stages.N.blocks.M) is opened.
+                names += _block_names(block, f"{full}.{sub}.") if _holds_repeated(block) else [f"{full}.{sub}"]
         elif _holds_repeated(child):
             names += _block_names(child, f"{full}.")
         elif _is_plain_container(child):

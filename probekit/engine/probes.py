@@ -136,6 +136,11 @@ _PRECONDITION_RANK = 64
 #: Fewest elements (examples x features) of a layer fitted in parallel with others, and
 #: of each row block when one fit is split across threads.
 _MIN_PARALLEL_ELEMENTS = 2**21
+#: Largest training matrix (examples x features) whose loss is computed in float64. Near the
+#: optimum of a small, low-variance problem (a 3-feature head on 64 examples) float32 losses
+#: are too coarse for the line search to see the last decrease, and the fit would stop short of
+#: its tolerance; at this size float64 costs nothing that matters.
+_FLOAT64_ELEMENTS = 2**18
 #: Most row blocks of one fit along the path (their number never depends on the threads).
 _MAX_BLOCKS = 16
 #: Rows of the random sample the preconditioner's sketch is computed on.
@@ -490,6 +495,8 @@ class _Objective:
 
     def __init__(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                  precondition: Callable[[torch.Tensor], torch.Tensor], pool: Executor | None, blocks: int):
+        if z.numel() <= _FLOAT64_ELEMENTS:
+            z = z.double()
         self.z, self.labels, self.k = z, labels, num_classes
         self.n, self.d = z.shape
         self.precondition, self.pool = precondition, pool
@@ -521,7 +528,7 @@ class _Objective:
         last: dict[str, object] = {}
 
         def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            flat = torch.from_numpy(theta).to(device=z.device, dtype=torch.float32)
+            flat = torch.from_numpy(theta).to(device=z.device, dtype=z.dtype)
             weight, bias = self.weight(flat), flat[d * k:]
             # This thread takes the first row block, the pool the others.
             futures = [pool.submit(_loss_terms, zb, yb, weight, bias) for zb, yb in self.blocks[1:]] if pool else []
@@ -559,8 +566,9 @@ class _Objective:
 
     def fit(self, theta: np.ndarray, mean: torch.Tensor, scale: torch.Tensor, iterations: int, converged: bool,
             **about) -> ProbeFit:
-        flat = torch.from_numpy(theta).to(device=self.z.device, dtype=torch.float32)
-        return ProbeFit(mean=mean, scale=scale, weight=self.weight(flat).T.contiguous(), bias=flat[self.d * self.k:].clone(),
+        flat = torch.from_numpy(theta).to(device=self.z.device, dtype=self.z.dtype)
+        weight = self.weight(flat).T.contiguous().float()
+        return ProbeFit(mean=mean, scale=scale, weight=weight, bias=flat[self.d * self.k:].float(),
                         iterations=iterations, converged=converged, **about)
 
 
@@ -722,10 +730,12 @@ class _Whitening:
         inverse = 1 / (1 + shift) - 1
 
         def apply(matrix: torch.Tensor) -> torch.Tensor:
-            return matrix + ((matrix @ directions) * shift) @ directions.T
+            v = directions.to(matrix.dtype)
+            return matrix + ((matrix @ v) * shift.to(matrix.dtype)) @ v.T
 
         def undo(matrix: torch.Tensor) -> torch.Tensor:
-            return matrix + ((matrix @ directions) * inverse) @ directions.T
+            v = directions.to(matrix.dtype)
+            return matrix + ((matrix @ v) * inverse.to(matrix.dtype)) @ v.T
 
         return apply, undo
 

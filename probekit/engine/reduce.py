@@ -32,9 +32,11 @@ each reducer of a sequence returns one row per labelled token (``batch_tokens``)
 its hidden vector reduced by ``flatten``, ``subsetN`` or ``projectN``.
 
 Every reducer has ``candidates``: ``{spec: column slice}`` of its output. It is one
-entry, except for ``"auto"`` on a feature map above the budget, which builds a :class:`Pyramid`:
+entry, except for ``"auto"`` on a feature map, which builds a :class:`Pyramid`:
 the concatenation of several poolings (``pool``, ``pool2``, ``pool4``, ...; each within
-the budget), among which a probe fit can choose.
+the budget; ``flatten`` when the whole map fits it), among which each probe fit
+chooses on held-out data, together with its L2 strength (see :mod:`probekit.engine.probes`):
+how much of a map a probe should read depends on how many examples it is fitted on.
 
 A ``reduce=`` argument is one spec for every layer or a ``{layer: spec}``
 mapping (missing layers get ``"auto"``).
@@ -202,19 +204,25 @@ class Pyramid(Reducer):
 
     def __init__(self, in_shape: tuple[int, ...], sizes: list[int]):
         super().__init__()
+        self.in_shape = tuple(in_shape)
         self.pools = nn.ModuleList(Pool(in_shape, size) for size in sizes)
         self.out_features = sum(pool.out_features for pool in self.pools)
 
     @property
     def candidates(self) -> dict[str, slice]:
         found, start = {}, 0
-        for pool in self.pools:
-            found[pool.describe()] = slice(start, start + pool.out_features)
+        for name, pool in zip(self._names(), self.pools):
+            found[name] = slice(start, start + pool.out_features)
             start += pool.out_features
         return found
 
+    def _names(self) -> list[str]:
+        """Each pooling's spec; one that keeps the whole map (its size is every spatial side) is ``flatten``."""
+        return ["flatten" if pool.size > 1 and all(side == pool.size for side in self.in_shape[1:]) else pool.describe()
+                for pool in self.pools]
+
     def describe(self) -> str:
-        return "auto(" + "|".join(pool.describe() for pool in self.pools) + ")"
+        return "auto(" + "|".join(self._names()) + ")"
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([pool.reduce(x) for pool in self.pools], dim=1)
@@ -418,8 +426,8 @@ def make_reducer(
     """Build the reducer for one layer of per-example shape ``in_shape`` and ``layout``.
 
     ``layout=None`` reads the shape's rank: a map from 2 dims up, else a vector.
-    ``"auto"``: a feature map within ``budget`` is flattened (nothing is lost); a larger one
-    gets a :class:`Pyramid` of poolings within ``budget`` (a single ``pool`` when only that
+    ``"auto"``: a feature map gets a :class:`Pyramid` of poolings within ``budget``, the
+    whole map (``flatten``) among them when it fits (a single ``pool`` when only that
     fits, a ``subset`` when the channels alone exceed it); a sequence gets ``"mean"`` (``"last"`` when ``layer`` is a recurrent layer's
     output: pass ``spec="last"``); a vector is flattened, or subset above ``budget``.
     ``token_level``: a sequence's labelled tokens, one row each (see :class:`PerToken`).
@@ -453,7 +461,7 @@ def make_reducer(
         )
     total = math.prod(in_shape)
     if kind == "auto":
-        if layout == "map" and total > budget and in_shape[0] <= budget and len(in_shape) <= 4:
+        if layout == "map" and in_shape[0] <= budget and len(in_shape) <= 4:
             sizes = pyramid_sizes(tuple(in_shape), budget)
             return Pool(in_shape, 1) if sizes == [1] else Pyramid(in_shape, sizes)
         kind, number = parse_spec("flatten" if total <= budget else f"subset{budget}")

@@ -53,7 +53,12 @@ def test_store_schema_coordinates_and_provenance(digits_tensors, tmp_path):
     assert ds.depth.values.tolist() == sorted(ds.depth.values.tolist())
     assert ds.relative_depth.values[0] == 0 and ds.relative_depth.values[-1] == 1
     assert list(ds.metric.values) == [f"{s}_{m}" for s in ("train", "valid", "test") for m in ("error", "loss", "top5")]
-    assert ds.reduction.sel(layer="conv1").item() == "flatten" and ds.feature_dim.sel(layer="conv1").item() == 512
+    # auto on a map: the candidates side by side (8 + 32 + 128 + 512 columns), one chosen per fit on held-out data
+    assert ds.reduction.sel(layer="conv1").item() == "auto(pool|pool2|pool4|flatten)"
+    assert ds.feature_dim.sel(layer="conv1").item() == 680
+    assert ds.reduction_used.sel(layer="conv1").item() in ("pool", "pool2", "pool4", "flatten")
+    assert ds.reduction_used.sel(layer="fc1").item() == ds.reduction.sel(layer="fc1").item() == "flatten"
+    assert np.isfinite(ds.l2.values).all() and (ds.l2.values > 0).all()
     assert ds["shape"].sel(layer="pool1").item() == "8x4x4"
     for key in ("probekit_version", "torch_version", "python_version", "model", "model_parameters", "n_train",
                 "n_valid", "n_test", "seed", "device", "mode", "command", "started", "chance_error", "num_classes"):

@@ -190,7 +190,11 @@ def test_auto_falls_back_to_the_fixed_value_when_a_class_is_too_small_to_hold_ou
 
 
 def test_a_fixed_l2_fits_exactly_as_before_the_path_existed():
-    """Weights of a fixed-l2 fit recorded before l2="auto" existed (to 1e-6)."""
+    """Weights of a fixed-l2 fit recorded before l2="auto" existed: the same optimum, to the solver's tolerance.
+
+    (Small problems now compute their loss in float64, so the last digits of the path to
+    the optimum differ from the float32 fit these were recorded with, by about 3e-5.)
+    """
     generator = torch.Generator().manual_seed(3)
     y = torch.arange(90) % 3
     x = torch.randn(90, 5, generator=generator) + 0.7 * torch.randn(3, 5, generator=generator)[y]
@@ -201,9 +205,11 @@ def test_a_fixed_l2_fits_exactly_as_before_the_path_existed():
                      [1.5209884643554688, -1.341748595237732, -0.1792398989200592],
                      [-0.44413837790489197, -0.21515731513500214, 0.659295916557312]]
     before_bias = [-0.04648788645863533, -0.14741821587085724, 0.19390617311000824]
-    np.testing.assert_allclose(fit.weight.numpy(), before_weight, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(fit.bias.numpy(), before_bias, rtol=0, atol=1e-6)
-    assert fit.iterations == 13 and fit.l2 == 1e-2 and fit.fallback is None and fit.spec is None
+    np.testing.assert_allclose(fit.weight.numpy(), before_weight, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(fit.bias.numpy(), before_bias, rtol=0, atol=1e-4)
+    assert fit.converged and fit.l2 == 1e-2 and fit.fallback is None and fit.spec is None
+    exact = fit_probe(x, y, 3, l2=1e-2, tol=1e-9)
+    torch.testing.assert_close(fit.weight, exact.weight, rtol=0, atol=1e-4)
 
 
 def test_the_choice_is_deterministic_whatever_the_thread_count():
@@ -285,3 +291,19 @@ def test_held_out_fold_of_a_token_level_run_keeps_every_sequence_whole():
     assert fits["a"].fallback is None and fits["a"].l2 > 0
     with pytest.raises(ValueError, match="groups= needs one group per row"):
         fit_probes({"a": x}, labels, 3, groups=groups[:10])
+
+
+def test_small_problems_meet_their_tolerance():
+    """3 features on 64 examples: with float32 losses, 11 of these 120 fits stopped short of their tolerance (the
+    line search could not see the last decrease of a too-coarse loss); small problems are solved in float64."""
+    failed = []
+    for seed in range(40):
+        for separation in (0.3, 1.0, 3.0):
+            generator = torch.Generator().manual_seed(seed)
+            y = torch.arange(64) % 3
+            x = torch.randn(64, 3, generator=generator) + separation * torch.nn.functional.one_hot(y, 3).float()
+            fit = fit_probe(x, y, 3, l2=1e-3)
+            assert fit.weight.dtype == torch.float32 and fit.bias.dtype == torch.float32
+            if not fit.converged:
+                failed.append((seed, separation))
+    assert failed == []

@@ -316,19 +316,21 @@ _NUMBERED = re.compile(r"^([A-Za-z_]*?)(\d+)$")
 def _repeated(module: nn.Module) -> bool:
     """A container of two or more blocks of one class (``encoder.layer``, ``h``, ``blocks``, ``layers``, ``layer1``).
 
-    That is a ``Sequential`` or ``ModuleList`` of one class, or a module of any
-    class whose children are composite blocks of one class named by number
-    (timm RegNet's stages: ``s1.b1``, ``s1.b2``, ...), never an Inception block's
-    differently named branches.
+    That is a ``Sequential`` or ``ModuleList`` of two or more modules of one class,
+    or a stage module whose children are all composite blocks of one class named
+    by number (timm RegNet's ``s1.b1``, ``s3.b1``, ``s3.b2``, ...; a stage of one
+    block too, so that every stage reads alike). Never an Inception block's
+    differently named branches, nor a ``ModuleDict`` (DenseNet's dense block: its
+    forward concatenates its layers' outputs, so the block, not each layer, is the point).
     """
     named = list(module.named_children())
     children = [child for _, child in named]
-    if len(children) < 2 or len({type(c) for c in children}) != 1:
+    if not children or len({type(c) for c in children}) != 1 or isinstance(module, nn.ModuleDict):
         return False
     if isinstance(children[0], (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         return False
     if isinstance(module, (nn.Sequential, nn.ModuleList)):
-        return True
+        return len(children) >= 2
     matches = [_NUMBERED.match(name) for name, _ in named]
     return (all(matches) and len({m.group(1) for m in matches}) == 1
             and any(True for _ in children[0].children()))

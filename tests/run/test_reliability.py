@@ -88,7 +88,7 @@ def test_read_only_location_is_refused_before_any_training(digits_tensors):
     model.conv1.register_forward_hook(lambda *a: calls.append(1))
     with pytest.raises(StoreError, match="cannot create run store '/proc/probekit-test.zarr'.*choose a writable location"):
         pk.probe(model, digits_tensors, store="/proc/probekit-test.zarr", quiet=True)
-    assert len(calls) == 1  # the discovery pass only
+    assert len(calls) == 2  # the two shape-discovery passes only
 
 
 def test_oversized_layer_is_refused_before_allocating_with_the_reductions_that_fit():
@@ -132,7 +132,7 @@ def test_resume_of_a_finished_probe_returns_it_without_recomputing(digits_tensor
     model.conv1.register_forward_hook(lambda *a: calls.append(1))
     again = pk.probe(model, digits_tensors, store=store, resume=True, quiet=True)
     np.testing.assert_array_equal(first.probe.values, again.probe.values)
-    assert len(calls) == 1  # discovery only
+    assert len(calls) == 2  # the two shape-discovery passes only
 
 
 def test_resume_with_other_data_is_refused(digits_tensors, tmp_path):

@@ -237,6 +237,21 @@ def _structure(value: object) -> dict[int | str | None, tuple[int, ...]] | None:
     return {field: tuple(t.shape) for field, t in fields} if fields else None
 
 
+def _batched_fields(small: Mapping, large: Mapping, module: nn.Module | None) -> dict:
+    """``{field: (per-example shape, batch dim)}`` of the fields of one output that hold one row per example.
+
+    ``small`` and ``large`` are the field shapes seen with two batch sizes; a
+    field is batched along the dim that follows the batch size: dim 0, or, for
+    a recurrent module's time-major output, the dim after time.
+    """
+    fields = {}
+    for field in small:
+        dim = _batch_dim(small[field], large[field])
+        if dim == 0 or (dim is not None and isinstance(module, nn.RNNBase)):
+            fields[field] = (small[field][:dim] + small[field][dim + 1:], dim)
+    return fields
+
+
 def _batch_dim(small: tuple[int, ...], large: tuple[int, ...]) -> int | None:
     """The one dim that follows the batch size between the two discovery runs; ``None`` if there is none."""
     if len(small) != len(large):
@@ -568,11 +583,7 @@ class LayerGraph:
             if not small or not large or set(small) != set(large):
                 continue
             module = self.model.get_submodule(node.target) if node.op == "call_module" else None
-            fields = {}
-            for field in small:
-                dim = _batch_dim(small[field], large[field])
-                if dim == 0 or (dim is not None and isinstance(module, nn.RNNBase)):
-                    fields[field] = (small[field][:dim] + small[field][dim + 1:], dim)
+            fields = _batched_fields(small, large, module)
             if fields:
                 found[node.name] = fields
         nodes = [n for n in graph.nodes if n.name in found]
@@ -678,11 +689,7 @@ class LayerGraph:
             if not large or set(small) != set(large):
                 continue
             module = self.model.get_submodule(name)
-            fields = {}
-            for field in small:
-                dim = _batch_dim(small[field], large[field])
-                if dim == 0 or (dim is not None and isinstance(module, nn.RNNBase)):
-                    fields[field] = (small[field][:dim] + small[field][dim + 1:], dim)
+            fields = _batched_fields(small, large, module)
             if fields:
                 entries.append((name, fields, type(module).__name__))
         points = []

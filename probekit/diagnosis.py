@@ -370,7 +370,12 @@ def diagnose(
     - ``probe_overfitting``: train error far below ``split`` error: lower by
       more than ``overfit_gap`` and beyond noise, and at most ``overfit_ratio``
       times it (a poor layer whose probe errs 0.6 on train and 0.7 on valid is
-      not overfitting). Not with ``split="train"``.
+      not overfitting). Not with ``split="train"``, and only in runs whose probes
+      had a fixed ``l2`` (a number, or the fallback of ``l2="auto"``): where each
+      probe's L2 was chosen on held-out training data, the gap left is what the
+      best-regularised probe leaves on this much data, not a setting to fix; the
+      control task (``baselines=["control"]``, selectivity) measures how much a
+      probe memorises.
     - ``stalled``: over the last ``stall_epochs`` epochs the model's own loss
       (``model_loss``) fell by at least ``loss_drop`` (relative) while the
       layer's error moved less than one standard error (or ``min_delta``),
@@ -426,7 +431,7 @@ def diagnose(
     found += [(s, 1, f) for s, f in _non_monotonic(run, noise, free)]
     found += [(s, 2, f) for s, f in _chance_level(run, noise, free)]
     found += [(s, 3, f) for s, f in _no_better_than_random_init(run, noise, free, split)]
-    if run.train is not None and split != "train":
+    if run.train is not None and split != "train" and not run.l2_chosen:
         found += [(s, 4, f) for s, f in _overfitting(run, noise, finite, split, overfit_gap, overfit_ratio)]
     found += [(s, 5, f) for s, f in _stalled(run, noise, free, stall_epochs, loss_drop)]
     found += [(s, 6, f) for s, f in _nonfinite(run)]
@@ -472,7 +477,7 @@ def _read(ds: xr.Dataset, errors: xr.DataArray, split: str, position: int) -> _R
         errors=values, train=train_final, nonfinite=nonfinite,
         epochs=np.asarray(ds["epoch"].values)[upto].astype(int), steps=np.asarray(ds["step"].values)[upto].astype(int),
         model_loss=np.asarray(ds["model_loss"].values)[upto].astype(float), chance=chance, n_train=n_train,
-        l2=_fixed_l2(ds.attrs.get("l2")), l2_chosen=ds.attrs.get("l2") == "auto", random_init=random_init, spread=spread,
+        l2=_fixed_l2(ds.attrs.get("l2")), l2_chosen=ds.attrs.get("l2") == "auto" and "l2_fallback" not in ds.attrs, random_init=random_init, spread=spread,
     )
 
 
@@ -684,12 +689,7 @@ def _overfitting(run: _Run, noise: _Noise, finite: np.ndarray, split: str, overf
         l2 = f" (now {run.l2:g})" if math.isfinite(run.l2) else ""
         reduce = (f"the probe memorises the training split: the layer is too wide for the data. Reduce it "
                   f"(reduce='pool' or 'pool2' for feature maps, 'subset{target}' otherwise)")
-        if run.l2_chosen:
-            suggestion = (f"{reduce}; its l2 was already chosen on held-out training data, so the gap is what the "
-                          "best-regularised probe leaves: add a control task (baselines=['control']) to see how much "
-                          "a probe this wide can memorise")
-        else:
-            suggestion = f"{reduce}, raise the probes' l2{l2}, or let it be chosen on held-out data (l2='auto')"
+        suggestion = f"{reduce}, raise the probes' l2{l2}, or let it be chosen on held-out data (l2='auto')"
         out.append((start, Finding(kind="probe_overfitting", layers=tuple(names), evidence=text, suggestion=suggestion)))
     return out
 

@@ -388,7 +388,8 @@ class ProbeMonitor:
         example = to_device(example, self.device)
         self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
         self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
-                                max_flatten=max_flatten, token_level=self.examples == "tokens")
+                                max_flatten=max_flatten, token_level=self.examples == "tokens",
+                                examples=split_size(self.splits["train"]))
         for reducer in self.plan.reducers.values():
             reducer.to(self.device)
         self.layers = self.plan.layers
@@ -673,7 +674,7 @@ class ProbeMonitor:
         """The reducers of repeat ``repeat`` that differ from the run's (seeded ones: subsets, projections)."""
         plan = build_plan(self.graph, self.layers, self._reduce, num_classes=self.num_classes,
                           seed=controls.repeat_seed(self.seed, repeat), budget=self._budget, max_flatten=self._max_flatten,
-                          token_level=self.examples == "tokens")
+                          token_level=self.examples == "tokens", examples=split_size(self.splits["train"]))
         return {n: plan.reducers[n].to(self.device) for n in layers
                 if plan.reducers[n].describe() != self.plan.reducers[n].describe()}
 

@@ -91,8 +91,11 @@ class Plan:
 
 
 def build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: int, budget: int, max_flatten: int,
-               layouts: Mapping[str, str] | None = None, token_level: bool = False) -> Plan:
+               layouts: Mapping[str, str] | None = None, token_level: bool = False, examples: int | None = None) -> Plan:
     """The plan for an already traced model (arguments as for :func:`plan`, checked by the caller).
+
+    ``examples``: the training split's size, when known; ``"auto"`` offers no pooling
+    candidate wider than the data supports (see :func:`probekit.engine.reduce.make_reducer`).
 
     ``token_level``: a run with per-token labels; every probed point must then be a token
     sequence, and each reducer returns one row per labelled token.
@@ -130,7 +133,7 @@ def build_plan(graph: LayerGraph, layers, reduce, *, num_classes: int, seed: int
             spec = "last"  # a recurrent layer's summary of its sequence is its last real step
         parse_spec(spec)
         reducers[name] = make_reducer(spec, point.shape, layer=name, layout=point.layout, token_level=token_level,
-                                      seed=seed, budget=budget, max_flatten=max_flatten)
+                                      seed=seed, budget=budget, max_flatten=max_flatten, examples=examples)
     return Plan(graph=graph, layers=names, reducers=reducers, num_classes=num_classes)
 
 

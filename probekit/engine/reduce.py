@@ -61,13 +61,16 @@ from probekit.params import shape_text
 
 __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_MAX_FLATTEN", "MAX_PROJECTION_ENTRIES", "TOKEN_SPECS", "Flatten", "PerToken", "Pool",
-    "Project", "Pyramid", "Reducer", "Subset", "TokenPool", "TokenReduce", "auto_spec", "make_reducer", "parse_spec",
+    "CANDIDATES_PER_EXAMPLE", "Project", "Pyramid", "Reducer", "Subset", "TokenPool", "TokenReduce", "auto_spec", "make_reducer", "parse_spec",
     "pyramid_sizes", "spec_for", "spec_fits",
 ]
 
 #: The reductions of a token sequence over its tokens (one feature per hidden unit).
 TOKEN_SPECS = ("mean", "first", "last", "max")
 
+#: Widest candidate of ``"auto"``'s pyramid, in features per training example: a map's
+#: poolings are offered up to ``min(budget, CANDIDATES_PER_EXAMPLE * examples)`` features.
+CANDIDATES_PER_EXAMPLE = 4
 #: Default per-probe feature budget of the ``"auto"`` policy.
 DEFAULT_BUDGET = 4096
 #: Largest layer that ``"flatten"`` accepts unless told otherwise.
@@ -422,8 +425,15 @@ def make_reducer(
     seed: int = 0,
     budget: int = DEFAULT_BUDGET,
     max_flatten: int = DEFAULT_MAX_FLATTEN,
+    examples: int | None = None,
 ) -> Reducer:
     """Build the reducer for one layer of per-example shape ``in_shape`` and ``layout``.
+
+    ``examples`` (the training split's size, when known) narrows ``"auto"``'s
+    pyramid on a map: no candidate is wider than :data:`CANDIDATES_PER_EXAMPLE`
+    features per training example (nor than ``budget``), so the feature budget
+    follows the data: 256 images offer a 64-channel map up to ``pool4`` (1,024
+    features), 1,000 up to 4,000.
 
     ``layout=None`` reads the shape's rank: a map from 2 dims up, else a vector.
     ``"auto"``: a feature map gets a :class:`Pyramid` of poolings within ``budget``, the
@@ -462,7 +472,8 @@ def make_reducer(
     total = math.prod(in_shape)
     if kind == "auto":
         if layout == "map" and in_shape[0] <= budget and len(in_shape) <= 4:
-            sizes = pyramid_sizes(tuple(in_shape), budget)
+            widest = budget if examples is None else max(in_shape[0], min(budget, CANDIDATES_PER_EXAMPLE * examples))
+            sizes = pyramid_sizes(tuple(in_shape), widest)
             return Pool(in_shape, 1) if sizes == [1] else Pyramid(in_shape, sizes)
         kind, number = parse_spec("flatten" if total <= budget else f"subset{budget}")
     if kind == "flatten":

@@ -69,3 +69,15 @@ def test_pool_matches_adaptive_average_pooling_whatever_the_memory_format(shape,
     torch.testing.assert_close(pool(x), expected)
     torch.testing.assert_close(pool(x.contiguous(memory_format=torch.channels_last)), expected)
     assert pool(x).shape == (shape[0], pool.out_features)
+
+
+def test_auto_offers_a_map_candidates_no_wider_than_the_training_split_supports():
+    from probekit.engine.reduce import CANDIDATES_PER_EXAMPLE, make_reducer
+
+    shape = (64, 8, 8)
+    assert make_reducer("auto", shape, layer="m").describe() == "auto(pool|pool2|pool4|flatten)"
+    few = make_reducer("auto", shape, layer="m", examples=256)  # at most 4 x 256 = 1,024 features
+    assert few.describe() == "auto(pool|pool2|pool4)"
+    assert max(c.stop - c.start for c in few.candidates.values()) <= CANDIDATES_PER_EXAMPLE * 256
+    assert make_reducer("auto", shape, layer="m", examples=5).describe() == "pool"  # never below global pooling
+    assert make_reducer("flatten", shape, layer="m", examples=5).describe() == "flatten"  # explicit: as given

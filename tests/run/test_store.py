@@ -130,6 +130,33 @@ def test_store_of_another_schema_version_is_refused(tmp_path):
         RunWriter(tmp_path / "r.zarr", layout, resume=True)
 
 
+def test_a_schema_1_store_is_read_upgraded_in_memory_and_never_resumed(tmp_path):
+    """A store written before layouts and per-fit L2 strengths (schema 1) still opens, unchanged on disk."""
+    from probekit.run.schema import build_dataset
+
+    layout = _layout(l2=1e-3)
+    layout.shape = ["8", "4x2x2", "8"]
+    rows = [_row(layout, e) for e in range(2)]
+    rows[1].nonfinite = np.array([False, True, False])
+    old = build_dataset(layout, rows).drop_vars(["l2", "reduction_used", "layout"])
+    old.attrs.update(probekit_schema=1, completed_epochs=2)
+    path = tmp_path / "old.zarr"
+    old.to_zarr(path, zarr_format=2, consolidated=True)
+    before = _digest(path)
+    ds = open_run(path)
+    assert ds.attrs["probekit_schema"] == 2 and ds.attrs["upgraded_from_schema"] == 1
+    assert ds["layout"].values.tolist() == ["vector", "map", "vector"]  # from each layer's shape
+    l2 = ds["l2"].values  # the run's one fixed value, NaN where a layer was not fitted
+    assert np.isnan(l2[1, 1]) and (np.delete(l2.ravel(), 3) == 1e-3).all()
+    assert ds["reduction_used"].values.tolist() == [["flatten"] * 2] * 3
+    np.testing.assert_array_equal(ds["probe"].values, old["probe"].values)
+    with pytest.raises(StoreError, match="schema version 1 .*can be read but not continued. Pass overwrite=True"):
+        RunWriter(path, layout, resume=True)
+    assert _digest(path) == before  # read and refused: nothing on disk changed
+    RunWriter(path, layout, overwrite=True).close()  # overwriting is the way forward
+    assert open_run(path).attrs["probekit_schema"] == 2
+
+
 def _hold_lock(path, ready, release):
     writer = RunWriter(path, _layout(), resume=True)
     ready.set()

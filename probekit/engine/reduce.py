@@ -43,8 +43,9 @@ mapping (missing layers get ``"auto"``).
 
 This module owns the reducers, their spec grammar and the ``"auto"`` policy. It
 imports only :mod:`~probekit.engine.points` from the engine (which tensor of an
-output is probed, how a shape reads); never the run store, the diagnosis, the
-charts or the explorers.
+output is probed, how a shape reads) and the layout names of
+:mod:`probekit.run.schema`; never the run store, the diagnosis, the charts or
+the explorers.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from probekit.engine.points import as_tensor
-from probekit.params import shape_text
+from probekit.engine.points import LAYOUTS, as_tensor
+from probekit.params import choices, shape_text
+from probekit.run.schema import layout_for_shape
 
 __all__ = [
     "DEFAULT_BUDGET", "DEFAULT_MAX_FLATTEN", "MAX_PROJECTION_ENTRIES", "TOKEN_SPECS", "Flatten", "PerToken", "Pool",
@@ -405,9 +407,9 @@ def spec_fits(spec: str, layout: str) -> bool:
 
 def _layout_of(in_shape: tuple[int, ...], layout: str | None) -> str:
     if layout is None:
-        return "map" if len(in_shape) >= 2 else "vector"
-    if layout not in ("map", "tokens", "vector"):
-        raise ValueError(f"unknown layout {layout!r}; a point's layout is 'map', 'tokens' or 'vector'")
+        return layout_for_shape(in_shape)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; a point's layout is one of {choices(LAYOUTS)}")
     if layout == "tokens" and len(in_shape) != 2:
         raise ValueError(f"a 'tokens' point is (tokens x hidden); got per-example shape {shape_text(in_shape)}")
     if layout == "map" and len(in_shape) < 2:

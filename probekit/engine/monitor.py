@@ -408,6 +408,10 @@ class ProbeMonitor:
         self.layout = self.plan.layout(self.metrics, attrs)
         self.layout.baselines, self.layout.repeats = self.baselines, self.repeats
         self._random_init: tuple | None = None  # the random-init baseline, computed once
+        # Built once and reused every epoch: the extractors and the repeats' seeded plans.
+        self._built_on = self._modules()
+        self._run_extractor = build_extractor(self.graph, self.plan.reducers)
+        self._repeat_extractors: dict[tuple[int, tuple[str, ...]], tuple[dict, object]] = {}
         if "random_init" in self.baselines:
             self._fresh, permuted = controls.random_init_copy(model, seed=self.seed)
             self._fresh_graph = LayerGraph(self._fresh, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
@@ -562,7 +566,7 @@ class ProbeMonitor:
 
     def _snapshot(self) -> dict:
         """Every probe fitted to its optimum on this epoch's features, with the run's controls."""
-        cached = self._extract_all(build_extractor(self.graph, self.plan.reducers), list(self.splits))
+        cached = self._extract_all(self._extractor(), list(self.splits))
         nonfinite = np.array([any(c.nonfinite[layer] for c in cached.values()) for layer in self.layers], bool)
         kept = [layer for layer, bad in zip(self.layers, nonfinite) if not bad]
         views = {split: c.features for split, c in cached.items()}
@@ -656,10 +660,10 @@ class ProbeMonitor:
         labels = {split: c.labels for split, c in cached.items()}
         for r in range(self.repeats):
             views = {split: dict(c.features) for split, c in cached.items()}
-            seeded = self._repeat_reducers(r, list(fits))
+            seeded, run = self._repeat_extractor(r, list(fits))
             bad = set()
             if seeded:
-                extra = self._extract_all(build_extractor(self.graph, seeded), list(self.splits), reducers=seeded)
+                extra = self._extract_all(run, list(self.splits), reducers=seeded)
                 for split, c in extra.items():
                     views[split].update(c.features)
                     bad.update(n for n, flag in c.nonfinite.items() if flag)
@@ -669,6 +673,26 @@ class ProbeMonitor:
             refits = self._fit(train, labels["train"][rows], layers, {n: l2[n] for n in layers}, candidates)
             out[:, r] = self._scores(refits, views, labels)
         return out
+
+    def _modules(self) -> tuple[int, ...]:
+        """The identity of every module of the model: the extractors hold these very modules."""
+        return tuple(id(module) for module in self.model.modules())
+
+    def _extractor(self):
+        """The run's extractor, built once; rebuilt (the repeats' too) if a module of the model was replaced."""
+        if self._modules() != self._built_on:
+            self._built_on = self._modules()
+            self._run_extractor = build_extractor(self.graph, self.plan.reducers)
+            self._repeat_extractors.clear()
+        return self._run_extractor
+
+    def _repeat_extractor(self, repeat: int, layers: Sequence[str]) -> tuple[dict, object]:
+        """``(reducers, extractor)`` of repeat ``repeat`` (see :meth:`_repeat_reducers`), built on first use and kept."""
+        key = (repeat, tuple(layers))
+        if key not in self._repeat_extractors:
+            seeded = self._repeat_reducers(repeat, layers)
+            self._repeat_extractors[key] = (seeded, build_extractor(self.graph, seeded) if seeded else None)
+        return self._repeat_extractors[key]
 
     def _repeat_reducers(self, repeat: int, layers: Sequence[str]) -> dict:
         """The reducers of repeat ``repeat`` that differ from the run's (seeded ones: subsets, projections)."""
@@ -740,7 +764,7 @@ class ProbeMonitor:
         splits = [s for s in self.splits if s != "train"]
         self._hooks.detach()
         try:
-            cached = self._extract_all(build_extractor(self.graph, self.plan.reducers), splits) if splits else {}
+            cached = self._extract_all(self._extractor(), splits) if splits else {}
         finally:
             self._hooks.attach()
         n_layers, metrics = len(self.layers), self.metrics

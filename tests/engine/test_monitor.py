@@ -150,3 +150,28 @@ def test_progress_on_a_terminal_is_a_bar():
         bar.update(50)
         bar.update(50)
     assert "\r" in screen.getvalue() and "train features" in screen.getvalue()
+
+
+def test_the_extractors_are_built_once_per_run_and_again_only_when_a_module_is_replaced(digits_tensors, monkeypatch):
+    import probekit.engine.monitor as monitor_module
+
+    built = []
+    real = monitor_module.build_extractor
+    monkeypatch.setattr(monitor_module, "build_extractor", lambda *a, **k: built.append(1) or real(*a, **k))
+    model = tiny_convnet()
+    mon = pk.ProbeMonitor(model, digits_tensors, layers=["relu1", "fc2"], l2=1e-3, repeats=2, quiet=True)
+    first = len(built)  # the run's extractor, and the repeats' seeded ones once needed
+    mon.update(epoch=0)
+    after_one = len(built)
+    mon.update(epoch=1)
+    assert len(built) == after_one >= first
+    # A replaced module must be read, not the one the extractor was built with: fc2 now outputs a constant.
+    model.fc2 = nn.Linear(32, 10)
+    nn.init.zeros_(model.fc2.weight)
+    nn.init.zeros_(model.fc2.bias)
+    mon.update(epoch=2)
+    assert len(built) > after_one
+    ds = mon.dataset
+    mon.close()
+    errors = ds.probe.sel(layer="fc2", metric="valid_error").values
+    assert errors[2] > 0.5 > errors[1]  # a constant carries no class: chance error

@@ -99,14 +99,23 @@ def take(inputs: object, n: int) -> object:
 
 
 def to_device(inputs: object, device: torch.device | str, *, channels_last: bool = False) -> object:
-    """The batch with every tensor on ``device`` (non-blocking); with ``channels_last``, a 4-D first tensor in that format."""
+    """The batch with every tensor on ``device`` (non-blocking); with ``channels_last``, a 4-D first tensor in that format.
+
+    A host tensor bound for a CUDA device is copied into pinned memory first: the copy to
+    the device is then asynchronous, so the host prepares the next batch while the device
+    still runs this one, instead of waiting for the device's queue at every batch.
+    """
     first = first_tensor(inputs)
+    pin = torch.device(device).type == "cuda"
 
     def move(value: object) -> object:
         if not isinstance(value, torch.Tensor):
             return value
+        is_first = value is first
+        if pin and value.device.type == "cpu" and not value.is_pinned():
+            value = value.pin_memory()
         moved = value.to(device, non_blocking=True)
-        if channels_last and value is first and moved.dim() == 4:
+        if channels_last and is_first and moved.dim() == 4:
             moved = moved.contiguous(memory_format=torch.channels_last)
         return moved
 

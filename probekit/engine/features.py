@@ -47,7 +47,6 @@ diagnosis, the charts or the explorers.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -547,7 +546,7 @@ def extract(
     n = split_size(split)
     cache = _Cache(dims, cache_bytes, n)
     labels, groups, kind, sequences = [], [], None, 0
-    nonfinite = dict.fromkeys(dims, False)
+    totals: dict[str, torch.Tensor] = {}  # each layer's sum of every value, on the device
     mixed = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     with torch.no_grad():
         for inputs, y in batches(split, batch_size, label_key=label_key, name=name):
@@ -572,9 +571,10 @@ def extract(
                         raise ValueError(f"layer {layer!r} gave {value.shape[0]} rows for {count} labels in the {name} "
                                          "split; per-token labels need points of the 'tokens' layout")
                     # One float64 sum (no overflow from float32 values) is finite iff every value
-                    # is; several times cheaper than isfinite().all() on every batch and layer.
-                    if not nonfinite[layer] and not math.isfinite(value.sum(dtype=torch.float64)):
-                        nonfinite[layer] = True
+                    # is; several times cheaper than isfinite().all() on every batch and layer. The
+                    # sums stay on the device, read once at the end: no host round trip per batch.
+                    total = value.sum(dtype=torch.float64)
+                    totals[layer] = total if layer not in totals else totals[layer] + total
                     values[layer] = value
                 cache.add(values, count)
             labels.append(y)
@@ -582,6 +582,8 @@ def extract(
             sequences += examples
             if progress is not None:
                 progress.update(examples)
+    finite = torch.stack(list(totals.values())).isfinite().tolist() if totals else []
+    nonfinite = dict.fromkeys(dims, False) | {layer: not ok for layer, ok in zip(totals, finite)}
     labels_all = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     check_labels(name, labels_all, num_classes)
     features = cache.finish(device)

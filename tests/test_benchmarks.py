@@ -39,17 +39,30 @@ def test_quick_benchmark_run_writes_every_figure(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
-    """benchmarks/gpu.sh's figures, at toy size on the CPU, so that the GPU script cannot rot unseen."""
+    """benchmarks/gpu.sh --smoke, at toy size on the CPU (the script passes --device cpu without its CUDA check),
+    so that the GPU script cannot rot unseen: every row kind is there with a finite value."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--batch", "1", "--reps", "1",
-         "--fit-examples", "200", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--smoke", "--device", "cpu", "--batch", "2", "--reps", "1",
+         "--fit-examples", "200", "--e2e-images", "12", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [row["figure"] for row in rows] == ["7 gpu"] * 5
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["smoke"] and result["sizes"] == {"batch": 2, "reps": 1, "fit_examples": 200, "e2e_images": 12}
+    assert [row["figure"] for row in rows] == ["7 gpu"] * 6
+    assert [row["kind"] for row in rows] == ["extraction"] * 2 + ["fitting"] * 3 + ["end-to-end"]
     assert all(math.isfinite(row["probekit_value"]) and row["probekit_value"] > 0 for row in rows)
+    for row in rows:
+        if row["kind"] != "fitting":
+            assert math.isfinite(row["baseline_value"]) and math.isfinite(row["ratio"]), row
+    (e2e,) = [row for row in rows if row["kind"] == "end-to-end"]
+    assert e2e["target"] == 1.3 and e2e["layers"] == 17 and (e2e["train"], e2e["valid"]) == (10, 2)
+    assert all(math.isfinite(e2e[side]) for side in ("bare_s", "probekit_s", "bare_fp32_s"))
+    assert [row["target"] for row in rows if row["kind"] == "extraction"] == [1.10, 1.10]
+    assert "ratio" in proc.stdout and f"wrote {out}" in proc.stdout
 
 
 @pytest.mark.slow

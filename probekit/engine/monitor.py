@@ -680,8 +680,9 @@ class ProbeMonitor:
 
     def _extractor(self):
         """The run's extractor, built once; rebuilt (the repeats' too) if a module of the model was replaced."""
-        if self._modules() != self._built_on:
-            self._built_on = self._modules()
+        modules = self._modules()
+        if modules != self._built_on:
+            self._built_on = modules
             self._run_extractor = build_extractor(self.graph, self.plan.reducers)
             self._repeat_extractors.clear()
         return self._run_extractor

@@ -41,7 +41,8 @@ from probekit.engine.batch import MASK_KEY, to_device
 from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, preserved_state
 from probekit.engine import controls
 from probekit.engine.features import IGNORE_INDEX
-from probekit.engine.probes import FALLBACK_L2, MIN_PER_CLASS, OnlineProbes, fit_probes, score
+from probekit.engine.online import OnlineProbes
+from probekit.engine.probes import FALLBACK_L2, MIN_PER_CLASS, fit_probes, score
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
 from probekit.run.schema import EpochRow, build_dataset, metric_name, metric_names

@@ -247,7 +247,7 @@ def test_bad_control_arguments_get_one_line_errors(tmp_path):
 
 def test_online_mode_records_the_head_it_reports_under_l2_auto():
     import probekit as pk
-    from probekit.engine.probes import ONLINE_L2_PATH
+    from probekit.engine.online import ONLINE_L2_PATH
     from tests.conftest import tiny_convnet
 
     x, y = _digits()

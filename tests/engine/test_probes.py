@@ -92,7 +92,7 @@ def test_standardisation_is_the_same_with_and_without_worker_threads():
 
 def test_online_step_skips_only_probes_with_nonfinite_features():
     """A NaN layer is left untouched (weights and running stats); a huge finite one still steps."""
-    from probekit.engine.probes import OnlineProbes
+    from probekit.engine.online import OnlineProbes
 
     torch.manual_seed(0)
     probes = OnlineProbes({"ok": 6, "nan": 6, "huge": 4}, 3, lr=0.1)
@@ -110,7 +110,7 @@ def test_online_step_skips_only_probes_with_nonfinite_features():
 
 def test_online_l2_is_the_gradient_of_the_penalty():
     """Weight decay on the weights only, equal to the l2 / 2 * ||W||^2 term of the loss."""
-    from probekit.engine.probes import OnlineProbes
+    from probekit.engine.online import OnlineProbes
 
     probes = OnlineProbes({"a": 3}, 2, l2=0.5)
     groups = {id(p): g["weight_decay"] for g in probes.optimizer.param_groups for p in g["params"]}
@@ -251,7 +251,7 @@ def test_bad_l2_and_candidates_get_one_line_errors():
 
 
 def test_online_auto_heads_each_train_as_a_fixed_probe_and_the_best_is_reported():
-    from probekit.engine.probes import ONLINE_L2_PATH, OnlineProbes
+    from probekit.engine.online import ONLINE_L2_PATH, OnlineProbes
 
     torch.manual_seed(0)
     auto = OnlineProbes({"a": 6}, 3, lr=0.05, l2="auto")

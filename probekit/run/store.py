@@ -18,12 +18,14 @@ This module does not import torch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import signal
 import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -199,6 +201,155 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
+#: Every array's compressor: Zarr format 2's Blosc (LZ4, byte shuffle), as ``xarray.to_zarr`` writes by default.
+_COMPRESSOR = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}
+#: A replaced store is renamed to ``.{name}.old-{pid}-{random}`` beside it, then removed in the background.
+_TRASH = ".old-"
+
+
+def _json(value: object, **options) -> bytes:
+    def plain(item):
+        if isinstance(item, np.generic):
+            return item.item()
+        if isinstance(item, np.ndarray):
+            return item.tolist()
+        raise TypeError(f"{type(item).__name__} is not JSON serialisable")
+
+    return json.dumps(value, default=plain, **options).encode()
+
+
+def _store_files(ds: xr.Dataset) -> dict[str, bytes]:
+    """Every file of a new store that holds ``ds``, made in memory: Zarr format 2 with consolidated metadata.
+
+    The files are those ``ds.to_zarr(path, zarr_format=2, consolidated=True)``
+    writes with the store's encoding (the epoch axis chunked in blocks of
+    :data:`EPOCH_BLOCK`, every other axis whole; floats filled with NaN; no fill
+    value for integers, booleans and strings; xarray's ``_ARRAY_DIMENSIONS`` and
+    ``coordinates`` attributes; a chunk only where it holds something other than
+    the fill), made without a Zarr call per array, so that a store costs one
+    small file write per file. ``tests/run/test_store_files.py`` holds them
+    equal to what xarray writes.
+    """
+    from numcodecs import Blosc
+
+    codec = Blosc(cname=_COMPRESSOR["cname"], clevel=_COMPRESSOR["clevel"], shuffle=_COMPRESSOR["shuffle"],
+                  blocksize=_COMPRESSOR["blocksize"])
+    non_dim = [name for name in ds.coords if name not in ds.dims]
+    attached: dict[str, list[str]] = {}
+    for coord in non_dim:
+        for name, variable in ds.variables.items():
+            if name not in non_dim and name not in variable.dims and set(ds[coord].dims) <= set(variable.dims):
+                attached.setdefault(name, []).append(coord)
+    unattached = sorted(set(non_dim) - {c for coords in attached.values() for c in coords})
+    root_attrs = dict(ds.attrs)
+    for key, value in root_attrs.items():
+        try:
+            _json(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"run attribute {key!r} is of type {type(value).__name__}, which a store cannot hold; a run's "
+                            "attributes are strings, numbers, booleans or lists of them") from None
+    if unattached:
+        root_attrs["coordinates"] = " ".join(unattached)
+    meta: dict[str, dict] = {".zgroup": {"zarr_format": 2}, ".zattrs": root_attrs}
+    chunks: dict[str, bytes] = {}
+    for name in sorted(ds.variables):
+        variable = ds.variables[name]
+        values = np.ascontiguousarray(variable.values)
+        if values.dtype.kind not in "biufU" or values.ndim == 0:
+            raise TypeError(f"run variable {name!r} has dtype {values.dtype} and {values.ndim} dims; the store takes "
+                            "arrays of numbers, booleans and fixed-width strings")
+        floating = values.dtype.kind == "f"
+        shape = tuple(int(n) for n in values.shape)
+        chunk = tuple(EPOCH_BLOCK if dim == "epoch" else n for dim, n in zip(variable.dims, shape))
+        attrs = dict(variable.attrs)
+        if attached.get(name):
+            attrs["coordinates"] = " ".join(sorted(attached[name]))
+        attrs["_ARRAY_DIMENSIONS"] = list(variable.dims)
+        meta[f"{name}/.zattrs"] = attrs
+        meta[f"{name}/.zarray"] = {
+            "shape": list(shape), "chunks": list(chunk), "dtype": values.dtype.str,
+            "fill_value": "NaN" if floating else None, "order": "C", "filters": None, "dimension_separator": ".",
+            "compressor": dict(_COMPRESSOR), "zarr_format": 2,
+        }
+        if 0 in shape:
+            continue
+        empty = np.zeros((), values.dtype)
+        grid = [range(0, n, c) for n, c in zip(shape, chunk)]
+        for starts in itertools.product(*grid):
+            part = values[tuple(slice(s, s + c) for s, c in zip(starts, chunk))]
+            holds = ~np.isnan(part) if floating else part != empty
+            if not holds.any():
+                continue  # an all-fill chunk is not written: readers see the fill, as with zarr
+            if part.shape != chunk:  # an edge chunk is stored whole, padded with the fill
+                whole = np.full(chunk, np.nan if floating else empty, dtype=values.dtype)
+                whole[tuple(slice(0, n) for n in part.shape)] = part
+                part = whole
+            key = ".".join(str(s // c) for s, c in zip(starts, chunk))
+            chunks[f"{name}/{key}"] = bytes(codec.encode(np.ascontiguousarray(part)))
+    files = {key: _json(value, indent=2) for key, value in meta.items()}
+    files.update(chunks)
+    files[".zmetadata"] = _json({"metadata": meta, "zarr_consolidated_format": 1}, indent=4)
+    return files
+
+
+def _write_tree(folder: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (``{relative path: bytes}``) into the new folder ``folder``, making its subfolders."""
+    folder.mkdir()
+    made = {""}
+    for key, data in files.items():
+        sub = key.rpartition("/")[0]
+        if sub not in made:
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            made.add(sub)
+        with open(folder / key, "wb") as handle:
+            handle.write(data)
+
+
+_discarding: set[str] = set()
+_discarders: list[threading.Thread] = []
+_discard_lock = threading.Lock()
+
+
+def _discard(parent: Path, name: str) -> None:
+    """Remove the replaced copies of store ``name`` in ``parent`` (``.{name}.old-*``) in a background thread.
+
+    A replaced store was renamed aside whole and nothing reads it again, so its
+    removal (milliseconds per folder on some file systems) need not hold up the
+    run. The thread is not a daemon: the interpreter finishes it before it
+    exits. A process killed first leaves the folder behind, and the next
+    replacement of the same store removes it.
+    """
+    prefix = f".{name}{_TRASH}"
+    try:
+        found = sorted(str(parent / entry) for entry in os.listdir(parent) if entry.startswith(prefix))
+    except OSError:
+        return
+    with _discard_lock:
+        found = [path for path in found if path not in _discarding]
+        _discarding.update(found)
+        _discarders[:] = [thread for thread in _discarders if thread.is_alive()]
+        if not found:
+            return
+        thread = threading.Thread(target=_remove, args=(found,), name="probekit-store-discard", daemon=False)
+        _discarders.append(thread)
+    thread.start()
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+        with _discard_lock:
+            _discarding.discard(path)
+
+
+def _wait_discarded() -> None:
+    """Wait until every replaced store this process set aside is removed (for tests)."""
+    with _discard_lock:
+        threads = list(_discarders)
+    for thread in threads:
+        thread.join()
+
+
 class _Lock:
     """An exclusive lock on a store that dies with its process (``flock`` on POSIX, ``msvcrt.locking`` on Windows).
 
@@ -331,23 +482,26 @@ class RunWriter:
     # creation ----------------------------------------------------------------
     def _create(self, *, replace: Path | None = None) -> None:
         parent = self.path.parent
+        tmp = None
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             ds = build_dataset(self.layout, [], capacity=EPOCH_BLOCK)
             ds.attrs["completed_epochs"] = 0
-            ds.to_zarr(tmp, mode="w-", zarr_format=2, consolidated=True, encoding=self._encoding(ds))
+            files = _store_files(ds)
+            tmp = parent / f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            _write_tree(tmp, files)
         except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(
                 f"cannot create run store {str(self.path)!r}: {error.strerror or error}; choose a writable location"
             ) from error
         if replace is not None:
-            trash = parent / f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            trash = parent / f".{self.path.name}{_TRASH}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(self.path, trash)
             os.rename(tmp, self.path)
             self._wrote()
-            shutil.rmtree(trash, ignore_errors=True)
+            _discard(parent, self.path.name)
         else:
             try:
                 os.rename(tmp, self.path)
@@ -358,17 +512,6 @@ class RunWriter:
                 ) from None
             self._wrote()
         self._lock.acquire()
-
-    @staticmethod
-    def _encoding(ds: xr.Dataset) -> dict:
-        encoding = {}
-        for name, variable in ds.variables.items():
-            chunks = tuple(EPOCH_BLOCK if dim == "epoch" else size for dim, size in variable.sizes.items())
-            entry = {"chunks": chunks} if variable.ndim else {}
-            if variable.dtype.kind in "iub":
-                entry["_FillValue"] = None
-            encoding[name] = entry
-        return encoding
 
     # existing stores -----------------------------------------------------------
     def _open_existing(self, *, resume: bool, overwrite: bool) -> None:

@@ -183,7 +183,7 @@ def cmd_run(args) -> int:
         layers=layers, reduce=args.reduce, quiet=args.quiet, model_name=args.name or args.model.split(":")[-1],
         batch_size=args.batch_size, budget=args.budget, l2=args.l2, baselines=args.baselines, repeats=args.repeats,
         metrics=args.metrics, store=args.out, resume=args.resume,
-        overwrite=args.overwrite, device=args.device, seed=args.seed,
+        overwrite=args.overwrite, device=args.device, seed=args.seed, autocast=args.autocast,
     )
     if args.epochs == 0 and args.mode == "snapshot":
         ds = probe(model, splits, **shared)
@@ -280,6 +280,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=256, help="feature extraction batch size")
     run.add_argument("--train-batch-size", type=int, default=64, help="the model's training minibatch size")
     run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--autocast", choices=("bf16", "fp16"),
+                     help="run the probes' forward passes under torch.autocast in this precision (default: off); "
+                          "the probes are fitted on float32 features either way")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--name", help="model name recorded in the store")
     run.add_argument("--out", required=True, help="run store to write")

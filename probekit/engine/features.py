@@ -61,11 +61,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from probekit.engine.batch import MASK_KEY, attention_mask, to_device
 from probekit.engine.devices import torch_threads
 from probekit.engine.extract import Extractor
-from probekit.params import choices
+from probekit.params import Options, check_params, choices
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES", "IGNORE_INDEX", "LabelSummary", "SplitFeatures", "as_splits", "batches", "check_inputs",
-    "check_labels", "collate", "example_kind", "extract", "label_summary", "labels_of", "split_size",
+    "AUTOCAST_CONSTRAINTS", "AUTOCAST_DTYPES", "DEFAULT_CACHE_BYTES", "IGNORE_INDEX", "LabelSummary", "SplitFeatures",
+    "as_splits", "autocast_dtype", "autocast_name", "batches", "check_inputs", "check_labels", "collate", "example_kind",
+    "extract", "label_summary", "labels_of", "split_size",
 ]
 
 _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -73,6 +74,47 @@ _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "v
 DEFAULT_CACHE_BYTES = 2 * 2**30
 #: The label of a token that has none (per-token labels; Hugging Face's convention).
 IGNORE_INDEX = -100
+#: The names ``autocast=`` takes, and the mixed-precision dtype each stands for.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class _MixedDtype:
+    """A ``probekit.params`` constraint: ``torch.bfloat16`` or ``torch.float16`` itself."""
+
+    def accepts(self, value: object) -> bool:
+        return isinstance(value, torch.dtype) and value in _AUTOCAST_NAMES
+
+    def describe(self) -> str:
+        return "torch.bfloat16 or torch.float16"
+
+
+#: What ``autocast=`` may be: ``None`` (off), a name of :data:`AUTOCAST_DTYPES` or the dtype itself.
+AUTOCAST_CONSTRAINTS = {"autocast": [Options(*AUTOCAST_DTYPES), _MixedDtype(), None]}
+
+
+def autocast_dtype(autocast: str | torch.dtype | None) -> torch.dtype | None:
+    """The dtype of an ``autocast=`` argument (checked: a one-line error for anything else); ``None`` is off.
+
+    Example:
+        >>> autocast_dtype("bf16")
+        torch.bfloat16
+    """
+    check_params(AUTOCAST_CONSTRAINTS, autocast=autocast)
+    return AUTOCAST_DTYPES[autocast] if isinstance(autocast, str) else autocast
+
+
+def autocast_name(autocast: str | torch.dtype | None) -> str:
+    """How a run records its ``autocast=`` setting: ``"bf16"``, ``"fp16"`` or ``"none"``.
+
+    Example:
+        >>> autocast_name(torch.float16)
+        'fp16'
+    """
+    dtype = autocast_dtype(autocast)
+    return "none" if dtype is None else _AUTOCAST_NAMES[dtype]
+
+
 _FORMS = (
     "Each split is a DataLoader, a Dataset of (inputs, label) or of rows with label_key=, "
     "or an (inputs, labels) pair"
@@ -525,7 +567,7 @@ def extract(
     channels_last: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     progress=None,
-    autocast: torch.dtype | None = None,
+    autocast: str | torch.dtype | None = None,
     label_key: str | None = None,
     mask_key: str = MASK_KEY,
 ) -> SplitFeatures:
@@ -535,8 +577,9 @@ def extract(
     tensors cannot be saved for backward). Features stay in memory while the
     whole cache fits in ``cache_bytes``, else they go to memory-mapped files in
     a temporary folder, removed with the returned object. With ``autocast``
-    (e.g. ``torch.bfloat16``) the forward pass runs under ``torch.autocast``
-    on ``device``; the cached features are float32 either way.
+    (``"bf16"``, ``"fp16"`` or the dtype; see :data:`AUTOCAST_DTYPES`) the forward
+    pass and the reductions run under ``torch.autocast`` on ``device``; the cached
+    features are float32 either way.
 
     Each batch's ``mask_key`` entry (a mapping batch) reaches the extractor as
     ``mask=``; with per-token labels, the labelled tokens reach it as
@@ -547,6 +590,7 @@ def extract(
     cache = _Cache(dims, cache_bytes, n)
     labels, groups, kind, sequences = [], [], None, 0
     totals: dict[str, torch.Tensor] = {}  # each layer's sum of every value, on the device
+    autocast = autocast_dtype(autocast)
     mixed = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     with torch.no_grad():
         for inputs, y in batches(split, batch_size, label_key=label_key, name=name):

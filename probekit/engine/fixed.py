@@ -67,6 +67,7 @@ def probe(
     mask_key: str = MASK_KEY,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
+    autocast: str | torch.dtype | None = None,
     epoch: int = 0,
     step: int | None = None,
 ) -> xr.Dataset:
@@ -106,6 +107,9 @@ def probe(
         mask_key: the key of a mapping batch's mask of real tokens (``"attention_mask"``).
         device: ``"cuda"`` when available, else ``"cpu"``, by default.
         channels_last: channels-last memory for conv nets; default on CPU (faster there).
+        autocast: run the forward pass under ``torch.autocast``: ``"bf16"``, ``"fp16"`` (or the
+            dtype); ``None`` (the default) is off. The probes are fitted on float32 features either
+            way; the run's ``autocast`` attribute records the setting (see :class:`ProbeMonitor`).
         epoch: the row's epoch number (0 or more).
         step: the row's training step; ``None`` when unknown.
 
@@ -122,7 +126,7 @@ def probe(
         baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, batch_size=batch_size, max_iter=max_iter,
         cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
         dataset_name=dataset_name, device=device, channels_last=channels_last, epoch=epoch, step=step,
-        label_key=label_key, mask_key=mask_key,
+        label_key=label_key, mask_key=mask_key, autocast=autocast,
     )
     device = resolve_device(device)
     use_cl = wants_channels_last(model, device, channels_last)
@@ -133,6 +137,7 @@ def probe(
             batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
             max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
             channels_last=use_cl, tracer_kwargs=tracer_kwargs, layouts=layouts, label_key=label_key, mask_key=mask_key,
+            autocast=autocast,
         ) as monitor:
             if not monitor.rows:
                 monitor.update(epoch=epoch, step=step)
@@ -172,6 +177,7 @@ def probe_checkpoints(
     mask_key: str = MASK_KEY,
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
+    autocast: str | torch.dtype | None = None,
 ) -> xr.Dataset:
     """Probe a series of saved snapshots of one model, one epoch row each.
 
@@ -187,7 +193,7 @@ def probe_checkpoints(
         layers, reduce, overwrite, num_classes, l2, baselines, groups, repeats, metrics, batch_size, budget,
             max_flatten, seed, max_iter,
             cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, layouts, label_key, mask_key, device,
-            channels_last:
+            channels_last, autocast:
             as for :func:`probe`.
 
     Example:
@@ -199,7 +205,7 @@ def probe_checkpoints(
         overwrite=overwrite, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
         batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
         model_name=model_name, dataset_name=dataset_name, device=device, channels_last=channels_last,
-        label_key=label_key, mask_key=mask_key,
+        label_key=label_key, mask_key=mask_key, autocast=autocast,
     )
     checkpoints = [Path(c) for c in checkpoints]
     if not checkpoints:
@@ -226,6 +232,7 @@ def probe_checkpoints(
         batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
         max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
         channels_last=use_cl, tracer_kwargs=tracer_kwargs, layouts=layouts, label_key=label_key, mask_key=mask_key,
+        autocast=autocast,
     ) as monitor:
         for path, epoch, step in zip(checkpoints, epochs, steps):
             if monitor.rows and epoch <= monitor.rows[-1].epoch:

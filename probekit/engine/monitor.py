@@ -34,7 +34,8 @@ from probekit import __version__
 from probekit.engine.devices import model_device
 from probekit.engine.extract import HookExtractor, build_extractor
 from probekit.engine.features import (
-    DEFAULT_CACHE_BYTES, LabelSummary, as_splits, batches, check_inputs, check_labels, extract, label_summary, split_size,
+    AUTOCAST_CONSTRAINTS, DEFAULT_CACHE_BYTES, LabelSummary, as_splits, autocast_dtype, autocast_name, batches,
+    check_inputs, check_labels, extract, label_summary, split_size,
 )
 from probekit.engine.plan import PLAN_CONSTRAINTS, build_plan
 from probekit.engine.batch import MASK_KEY, to_device
@@ -75,6 +76,7 @@ MONITOR_CONSTRAINTS = {
     "model_name": [str, None],
     "dataset_name": [str, None],
     "channels_last": [bool],
+    **AUTOCAST_CONSTRAINTS,
     "label_key": [str, None],
     "mask_key": [str],
 }
@@ -147,7 +149,7 @@ def _chance_error(splits: dict, num_classes: int, labels: _Labels) -> float:
 
 def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, l2: float | str, seed: int, device,
                 batch_size: int, budget: int, model_name: str | None, dataset_name: str | None, chance: float,
-                labels: _Labels, mask_key: str, label_key: str | None) -> dict:
+                labels: _Labels, mask_key: str, label_key: str | None, autocast: str) -> dict:
     def size(name: str) -> int:
         known = split_size(splits[name])
         if known is None and name in labels.read:
@@ -175,6 +177,7 @@ def _provenance(model: nn.Module, splits: dict, *, num_classes: int, mode: str, 
         "seed": int(seed),
         "batch_size": int(batch_size),
         "budget": int(budget),
+        "autocast": autocast,
         "device": str(device),
         "probekit_version": __version__,
         "torch_version": torch.__version__,
@@ -292,6 +295,13 @@ class ProbeMonitor:
         model_name: the model's name recorded in the run (default: its class name).
         dataset_name: the data's name recorded in the run (default: ``data.info.name``, else ``"user data"``).
         channels_last: extract with channels-last inputs (a conv net whose weights are channels-last).
+        autocast: run the model's forward passes for the probes (and the reductions) under
+            ``torch.autocast`` on the model's device: ``"bf16"`` (``"bfloat16"``), ``"fp16"``
+            (``"float16"``) or the dtype; ``None`` (the default) is off. Features are cast to
+            float32 before they are cached or fitted, so every fit reads float32. The run's
+            ``autocast`` attribute records it (``"bf16"``, ``"fp16"`` or ``"none"``). Online mode
+            applies it to the valid/test passes of :meth:`update`; the training batches' features
+            come from your own forward pass, under whatever precision it runs.
         tracer_kwargs: added to the tracer's defaults (see :func:`probekit.list_layers`), e.g.
             ``{"leaf_modules": [MyBlock]}``.
         layouts: ``{layer: "map" | "tokens" | "vector"}`` where the inferred layout (see
@@ -348,6 +358,7 @@ class ProbeMonitor:
         layouts: Mapping[str, str] | None = None,
         label_key: str | None = None,
         mask_key: str = MASK_KEY,
+        autocast: str | torch.dtype | None = None,
     ):
         check_params(
             MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, layouts=layouts, num_classes=num_classes, budget=budget,
@@ -355,9 +366,11 @@ class ProbeMonitor:
             baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, probe_lr=probe_lr,
             batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
             model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, label_key=label_key,
-            mask_key=mask_key,
+            mask_key=mask_key, autocast=autocast,
         )
         self.model, self.mode, self.quiet = model, mode, quiet
+        #: The dtype the probes' forward passes autocast to; ``None``: off (full precision).
+        self.autocast = autocast_dtype(autocast)
         self.label_key, self.mask_key = label_key, mask_key
         self.l2 = l2 if l2 == "auto" else float(l2)
         self.max_iter, self.batch_size, self.cache_bytes = int(max_iter), int(batch_size), cache_bytes
@@ -404,7 +417,7 @@ class ProbeMonitor:
         attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
                             device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
                             dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
-                            label_key=label_key)
+                            label_key=label_key, autocast=autocast_name(self.autocast))
         attrs.update(self._control_attrs(labels["train"].labels))
         self.layout = self.plan.layout(self.metrics, attrs)
         self.layout.baselines, self.layout.repeats = self.baselines, self.repeats
@@ -561,7 +574,7 @@ class ProbeMonitor:
                 out[split] = extract(
                     run, data, name=split, dims=dims, num_classes=self.num_classes, batch_size=self.batch_size,
                     device=self.device, channels_last=self.channels_last, cache_bytes=self.cache_bytes, progress=bar,
-                    label_key=self.label_key, mask_key=self.mask_key,
+                    autocast=self.autocast, label_key=self.label_key, mask_key=self.mask_key,
                 )
         return out
 

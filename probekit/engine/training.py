@@ -210,6 +210,7 @@ def train_and_probe(
     tracer_kwargs: Mapping[str, object] | None = None,
     label_key: str | None = None,
     mask_key: str = MASK_KEY,
+    autocast: str | torch.dtype | None = None,
 ) -> xr.Dataset:
     """Train ``model`` for ``epochs`` epochs, probing it before training and after each epoch.
 
@@ -254,6 +255,9 @@ def train_and_probe(
         label_key, mask_key: the probes' label key of mapping rows and the mask key of mapping
             batches (see :class:`~probekit.engine.ProbeMonitor`); the training loop itself takes
             ``(x, y)`` minibatches.
+        autocast: the probes' forward passes (not the training steps) under ``torch.autocast``:
+            ``"bf16"``, ``"fp16"`` (or the dtype), ``None`` (the default) off; fits read float32
+            features either way (see :class:`~probekit.engine.ProbeMonitor`).
 
     Returns:
         The run dataset.
@@ -280,7 +284,7 @@ def train_and_probe(
         probe_lr=probe_lr, batch_size=batch_size, budget=budget,
         max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
         model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, tracer_kwargs=tracer_kwargs,
-        label_key=label_key, mask_key=mask_key,
+        label_key=label_key, mask_key=mask_key, autocast=autocast,
     ) as monitor:
         start, step = 0, 0
         if monitor.rows:

@@ -455,6 +455,76 @@ def tracer_options(tracer_kwargs: Mapping[str, object] | None = None) -> dict[st
     }
 
 
+def _reads_training(model: nn.Module, tracer: fx.Tracer) -> bool:
+    """Whether code the tracer runs may read a ``training`` flag, so that the train-mode graph may differ.
+
+    The tracer runs the ``forward`` (and every other method) of each module it
+    traces into: the model, and each module below it that is not a leaf (leaf
+    modules, ``torch.nn``'s among them, are one node, whatever their flags), and
+    the functions those call. Their code is read, not run: any attribute or
+    constant named ``training`` answers True (``self.training``,
+    ``getattr(m, "training")``, ``F.dropout(x, training=self.training)``), so the
+    answer errs only toward tracing both modes. Functions of ``torch`` itself are
+    not followed.
+    """
+    seen: set[int] = set()
+
+    def code_reads(code) -> bool:
+        if id(code) in seen:
+            return False
+        seen.add(id(code))
+        if "training" in code.co_names or "training" in code.co_consts:
+            return True
+        return any(code_reads(const) for const in code.co_consts if inspect.iscode(const))
+
+    def function_reads(function, depth: int = 0) -> bool:
+        function = inspect.unwrap(function) if callable(function) else function
+        code = getattr(function, "__code__", None)
+        if code is None or id(code) in seen:
+            return False
+        if code_reads(code):
+            return True
+        if depth >= 8:
+            return False
+        called = [getattr(function, "__globals__", {}).get(name) for name in code.co_names]
+        called += [cell.cell_contents for cell in (getattr(function, "__closure__", None) or ()) if _cell_set(cell)]
+        return any(function_reads(f, depth + 1) for f in called
+                   if inspect.isfunction(f) and not (f.__module__ or "").startswith("torch"))
+
+    def class_reads(cls: type) -> bool:
+        for klass in cls.__mro__:
+            if klass in (nn.Module, object):
+                break
+            for value in vars(klass).values():
+                if isinstance(value, (staticmethod, classmethod)):
+                    value = value.__func__
+                elif isinstance(value, property):
+                    value = value.fget
+                if function_reads(value):
+                    return True
+        return False
+
+    classes: dict[type, None] = {}
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if name and tracer.is_leaf_module(module, name):
+            continue
+        if any(function_reads(v) for k, v in vars(module).items() if k in ("forward", "_forward")):
+            return True  # a forward set on the instance
+        classes.setdefault(type(module), None)
+        stack += [(f"{name}.{child}" if name else child, sub) for child, sub in module.named_children()]
+    return any(class_reads(cls) for cls in classes)
+
+
+def _cell_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
 class _ShapeRecorder(fx.Interpreter):
     """Runs a traced graph once, keeping the shapes of each node's output (see :func:`_structure`), not its value."""
 
@@ -540,7 +610,10 @@ class LayerGraph:
         from torchvision.models.feature_extraction import NodePathTracer
 
         self._names: dict[str, dict[str, str]] = {}
-        for mode in ("eval", "train"):
+        # The train-mode graph differs from the eval one only where traced code reads a
+        # ``training`` flag (Inception's aux head); without such code it is not traced.
+        modes = ("eval", "train") if _reads_training(self.model, NodePathTracer(**options)) else ("eval",)
+        for mode in modes:
             self.model.train(mode == "train")
             tracer = NodePathTracer(**options)
             self._graphs[mode] = tracer.trace(self.model, concrete_args=self._concrete)
@@ -548,24 +621,24 @@ class LayerGraph:
 
     def _graph_points(self, examples: list) -> list[ProbePoint]:
         names = self._names
-        eval_names, train_names = set(names["eval"].values()), set(names["train"].values())
+        eval_names, train_names = set(names["eval"].values()), set(names.get("train", names["eval"]).values())
         # Train-only nodes (Inception's aux head) are offered when the train graph
         # is a superset; they are then run from the train graph, modules in eval mode.
         self._base = "train" if eval_names < train_names else "eval"
         if self._base == "eval":
-            self._graphs.pop("train")
+            self._graphs.pop("train", None)
         graph = self._graphs[self._base]
         qualname = names[self._base]
 
         try:
-            runs = [self._shapes(graph, example) for example in examples]
+            runs = self._shapes(graph, examples)
         except Exception as error:  # noqa: BLE001 - retried on the eval graph, else one line on the input
             if self._base == "train":
                 # Train-only branches (an aux head) may not fit this input size; the eval graph may.
                 self._base, graph, qualname = "eval", self._graphs["eval"], names["eval"]
                 self._graphs.pop("train")
                 try:
-                    runs = [self._shapes(graph, example) for example in examples]
+                    runs = self._shapes(graph, examples)
                 except Exception as retry:  # noqa: BLE001
                     raise _model_error(self.model, examples[0], retry) from retry
                 warnings.warn(
@@ -644,12 +717,20 @@ class LayerGraph:
             ))
         return _renumber(points)
 
-    def _shapes(self, graph: fx.Graph, example: object) -> dict[str, dict | None]:
-        with preserved_state(self.model), torch.no_grad():
+    def _shapes(self, graph: fx.Graph, examples: list) -> list[dict[str, dict | None]]:
+        """Each node's output shapes, one run of ``graph`` per example batch (the discovery sizes).
+
+        Runs inside the constructor's :func:`preserved_state`, which restores whatever a pass changes.
+        """
+        module = fx.GraphModule(self.model, graph)
+        runs = []
+        with torch.no_grad():
             self.model.eval()
-            recorder = _ShapeRecorder(fx.GraphModule(self.model, graph))
-            recorder.run(*self.graph_args(example))
-        return recorder.shapes
+            for example in examples:
+                recorder = _ShapeRecorder(module)
+                recorder.run(*self.graph_args(example))
+                runs.append(recorder.shapes)
+        return runs
 
     def _hook_points(self, examples: list) -> list[ProbePoint]:
         runs: list[dict[str, dict]] = []
@@ -669,7 +750,7 @@ class LayerGraph:
                 if name:
                     handles.append(module.register_forward_hook(recorder(name)))
             try:
-                with preserved_state(self.model), torch.no_grad():
+                with torch.no_grad():  # the constructor's preserved_state restores what a pass changes
                     self.model.eval()
                     call_model(self.model, example)
             except Exception as error:  # noqa: BLE001 - one line naming the model's own error

@@ -7,6 +7,7 @@ Data flows one way through its modules:
 - :mod:`~probekit.engine.reduce`: per-layer reductions of large feature maps;
 - :mod:`~probekit.engine.extract`: one forward pass feeding every probe (graph or hooks);
 - :mod:`~probekit.engine.features`: data splits in, cached reduced features out;
+- :mod:`~probekit.engine.solver`: the batched L-BFGS every probe is fitted with;
 - :mod:`~probekit.engine.probes`: softmax probes fitted to their optimum;
 - :mod:`~probekit.engine.online`: online probes, one step per training step;
 - :mod:`~probekit.engine.plan`: what a run will do, per layer, before any work;

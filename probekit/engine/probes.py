@@ -7,7 +7,8 @@ standardised on the training split. The objective
     mean cross-entropy + l2 / 2 * ||W||^2
 
 is convex, so a probe has one optimum; :func:`fit_probe` (one layer) and
-:func:`fit_probes` (every layer of a run) find it with full-batch L-BFGS and
+:func:`fit_probes` (every layer of a run) find it with full-batch L-BFGS
+(:mod:`probekit.engine.solver`, every layer's fit advancing together) and
 report whether it met its tolerance. It is the same problem as scikit-learn's
 ``LogisticRegression(C=1 / (n * l2))`` on standardised features.
 
@@ -64,23 +65,25 @@ path existed: on the whole training split, from the class priors, no fold.
 ``l2`` may also map layers to values (floats or ``"auto"``), e.g. to refit a
 stored run with the values it chose.
 
-How the solver stays cheap (see ``benchmarks/``): the loss and gradient are
-two float32 matrix products per evaluation with the weights kept as
-``(classes, features)`` (the fast layout for a skinny product), with the loss
-summed in float64 so the line search sees a smooth objective; the strongest
-correlations between features are whitened away by a low-rank preconditioner
-found with a few products of a random sketch, which roughly halves the
-evaluations on real, correlated features; and on the CPU the work runs on
-single-threaded workers (whole layers in parallel, or row blocks of one
-layer), which keeps all cores busy without the per-operation barriers that
+How the solver stays cheap (see ``benchmarks/`` and
+:mod:`probekit.engine.solver`): the fits of every layer (and, on the path,
+of every candidate) advance together, one evaluation each per round, and no
+round waits for the device; the loss and gradient are two matrix products
+per evaluation with the weights kept as ``(classes, features)`` (the fast
+layout for a skinny product), with the loss summed in float64 so the line
+search sees a smooth objective; the strongest correlations between features
+are whitened away by a low-rank preconditioner found with a few products of
+a random sketch, which roughly halves the evaluations on real, correlated
+features; and on the CPU the products run in row blocks on single-threaded
+workers, which keeps all cores busy without the per-operation barriers that
 make multithreaded small products stall on a shared machine.
 
 :mod:`probekit.engine.online` holds the cheap alternative for monitoring (one
 optimiser step per model training step).
 
-This module owns the probes and their solvers; it works on feature tensors
-only, so it imports no model-side part of the engine (only
-:mod:`~probekit.engine.devices`, for thread counts) and
+This module owns the probes; it works on feature tensors only, so it imports
+no model-side part of the engine (only :mod:`~probekit.engine.solver`, and
+:mod:`~probekit.engine.devices` for thread counts) and
 :mod:`probekit.params` for its argument checks, and never the run store,
 the diagnosis, the charts or the explorers.
 """
@@ -88,16 +91,16 @@ the diagnosis, the charts or the explorers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from probekit.engine.devices import torch_threads
+from probekit.engine.solver import Problem, Whitening, minimize
 from probekit.params import Interval, Options, check_params
 
 __all__ = [
@@ -122,20 +125,10 @@ _PATH_TOL = 100
 #: A weaker L2 must lower the held-out loss by more than this (relative) to be chosen.
 _TIE = 1e-6
 _EVAL_CHUNK = 8192
-#: Largest number of top feature-covariance directions the preconditioner whitens.
-_PRECONDITION_RANK = 64
-#: Fewest elements (examples x features) of a layer fitted in parallel with others, and
-#: of each row block when one fit is split across threads.
+#: Fewest elements (examples x features) of each row block of a fit on the CPU.
 _MIN_PARALLEL_ELEMENTS = 2**21
-#: Largest training matrix (examples x features) whose loss is computed in float64. Near the
-#: optimum of a small, low-variance problem (a 3-feature head on 64 examples) float32 losses
-#: are too coarse for the line search to see the last decrease, and the fit would stop short of
-#: its tolerance; at this size float64 costs nothing that matters.
-_FLOAT64_ELEMENTS = 2**18
-#: Most row blocks of one fit along the path (their number never depends on the threads).
+#: Most row blocks of one fit (their number never depends on the threads).
 _MAX_BLOCKS = 16
-#: Rows of the random sample the preconditioner's sketch is computed on.
-_SKETCH_ROWS = 2048
 _STATS_ROWS = 1024
 
 _L2_CONSTRAINTS = {"l2": [Interval(float, 0, None), Options("auto")], "seed": [Interval(int, 0, None)],
@@ -231,8 +224,9 @@ def fit_probe(
 
     The loss and its analytic gradient are computed by torch (float32, on the
     features' device; on the CPU, row blocks on one single-threaded worker per
-    core); SciPy's L-BFGS-B drives the iterations, as in scikit-learn's
-    ``lbfgs`` solver.
+    core), and so are the L-BFGS iterations (:mod:`probekit.engine.solver`):
+    the method of scikit-learn's ``lbfgs`` solver, without a host round trip
+    per iteration on a GPU.
 
     Args:
         features: ``(n, d)`` float tensor of one layer's training features.
@@ -272,10 +266,14 @@ def fit_probes(
 ) -> dict[str, ProbeFit]:
     """Fit one probe per layer, each as :func:`fit_probe` does, all on one held-out fold.
 
-    On the CPU, large layers are fitted in parallel (paths included), one per
-    worker thread (``torch.get_num_threads()`` workers, each running torch
-    single-threaded) and small ones one after another; the results are the
-    same as fitting them one by one.
+    Every layer's fit advances in the same solver rounds (paths included: each
+    value of the path is one call of the solver for every layer still on it).
+    On the CPU, the row blocks of the large layers run on
+    ``torch.get_num_threads()`` single-threaded workers. The results are those
+    of fitting each layer alone, to the last few bits (a layer's memory rows
+    are padded to its group's widest, which can change the order of a sum).
+    Every layer's standardised training features are held at once (one copy
+    of ``features``, in float32).
 
     Args:
         features: ``{layer: (n, d_layer) float tensor}``, all on one device.
@@ -320,29 +318,9 @@ def fit_probes(
         fold = _heldout_groups(labels, groups, num_classes, seed)
     on_cpu = all(x.device.type == "cpu" for x in features.values())
     threads = torch.get_num_threads() if on_cpu else 1
-    solve = dict(num_classes=num_classes, max_iter=max_iter, tol=tol)
-
-    def task(name: str, pool: Executor | None, parts: int) -> Callable[[], ProbeFit]:
-        x = features[name]
-        if name not in choosing:
-            columns = next(iter(slices[name].values()))
-            if columns != slice(0, x.shape[1]):
-                x = x[:, columns]
-            return lambda: _fit_one(x, labels, l2=strengths[name], pool=pool, parts=parts, columns=columns, **solve)
-        return lambda: _fit_path(x, labels, fold, strengths[name], slices[name], pool=pool, parts=parts, **solve)
-
-    # A small fit is many tiny steps: run in parallel, its threads would mostly wait for
-    # each other (the GIL between steps); a large one spends its time in products.
-    large = [name for name, x in features.items() if x.numel() >= _MIN_PARALLEL_ELEMENTS]
-    with _single_threaded_blas(), _single_threaded_torch(threads) as pool:
-        if pool is None or len(large) < 2:
-            return {name: task(name, pool, threads)() for name in features}
-        fits = {name: task(name, None, 1)() for name in features if name not in large}
-        # Largest layers first, so that no worker is left with a big one at the end.
-        order = sorted(large, key=lambda name: -features[name].numel())
-        futures = {name: pool.submit(task(name, None, 1)) for name in order}
-        fits.update({name: future.result() for name, future in futures.items()})
-        return {name: fits[name] for name in features}
+    with _single_threaded_torch(threads) as pool:
+        return _fit_all(features, labels, num_classes, strengths, slices, choosing, fold, pool=pool,
+                        max_iter=max_iter, tol=tol)
 
 
 def _strengths(l2, features: Mapping[str, torch.Tensor]) -> dict[str, float | str]:
@@ -465,270 +443,158 @@ def _single_threaded_torch(threads: int) -> Iterator[Executor | None]:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _single_threaded_blas():
-    """SciPy's L-BFGS-B does its small vector work with OpenBLAS; its spinning threads
-    would compete with torch's for the same cores (10-50x slower per step on 2 cores)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # scikit-learn brings it; without it, nothing to limit
-        return nullcontext()
-    return threadpool_limits(1, user_api="blas")
+
+def _blocks(z: torch.Tensor, rows: int | None = None) -> int:
+    """Row blocks of a problem's loss on ``z`` (its first ``rows``): on the CPU from its size only, so that the
+    sums are the same whoever computes them; one on a GPU, where a block is one more launch for no gain."""
+    if z.device.type != "cpu":
+        return 1
+    rows = z.shape[0] if rows is None else rows
+    return max(1, min(_MAX_BLOCKS, rows * z.shape[1] // _MIN_PARALLEL_ELEMENTS))
 
 
+@dataclass
+class _Layer:
+    """One layer's standardised training features (rows in fold order when it chooses) and its candidates."""
 
-class _Objective:
-    """The probe's loss on standardised features ``z`` (rows in row blocks), and L-BFGS-B on it.
-
-    ``blocks``: how many row blocks the loss is summed over, in order. With a
-    ``pool`` they are computed by its workers (this thread takes the first);
-    without one, one after another here: the same arithmetic either way.
-    """
-
-    def __init__(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                 precondition: Callable[[torch.Tensor], torch.Tensor], pool: Executor | None, blocks: int):
-        if z.numel() <= _FLOAT64_ELEMENTS:
-            z = z.double()
-        self.z, self.labels, self.k = z, labels, num_classes
-        self.n, self.d = z.shape
-        self.precondition, self.pool = precondition, pool
-        bounds = np.linspace(0, self.n, blocks + 1).astype(int)
-        self.blocks = [(z[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-    def weight(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.precondition(flat[: self.d * self.k].view(self.k, self.d))
-
-    def theta(self, weight_prime: torch.Tensor, previous: np.ndarray) -> np.ndarray:
-        """Parameters with preconditioned weights ``weight_prime`` (``(classes, features)``) and ``previous``'s biases."""
-        theta = previous.copy()
-        theta[: self.d * self.k] = weight_prime.reshape(-1).double().cpu().numpy()
-        return theta
-
-    def start(self) -> np.ndarray:
-        """Zero weights and the class log-frequencies as biases: the optimum when features carry nothing."""
-        start = np.zeros(self.d * self.k + self.k)
-        counts = torch.bincount(self.labels, minlength=self.k).double().clamp_min(0.5)
-        prior = counts.log() - counts.log().mean()
-        start[self.d * self.k:] = prior.cpu().numpy()
-        return start
-
-    def minimize(self, l2: float, start: np.ndarray, *, tol: float, max_iter: int) -> tuple[np.ndarray, int, bool]:
-        """L-BFGS-B from ``start`` until the largest entry of the true gradient is within ``tol``."""
-        from scipy.optimize import minimize
-
-        z, n, d, k, pool = self.z, self.n, self.d, self.k, self.pool
-        last: dict[str, object] = {}
-
-        def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            flat = torch.from_numpy(theta).to(device=z.device, dtype=z.dtype)
-            weight, bias = self.weight(flat), flat[d * k:]
-            # This thread takes the first row block, the pool the others.
-            futures = [pool.submit(_loss_terms, zb, yb, weight, bias) for zb, yb in self.blocks[1:]] if pool else []
-            terms = [_loss_terms(*self.blocks[0], weight, bias)]
-            terms += [f.result() for f in futures] if pool else [_loss_terms(zb, yb, weight, bias)
-                                                                 for zb, yb in self.blocks[1:]]
-            picked = sum(t[0] for t in terms)
-            grad_w = sum(t[1] for t in terms) / n
-            grad_b = sum(t[2] for t in terms) / n
-            grad_w.add_(weight, alpha=l2)
-            loss = -picked / n + 0.5 * l2 * float(weight.double().pow(2).sum())
-            last["theta"], last["gmax"] = theta, max(float(grad_w.abs().max()), float(grad_b.abs().max()))
-            grad = torch.cat([self.precondition(grad_w).reshape(-1), grad_b])
-            return loss, grad.double().cpu().numpy()
-
-        iterations = [0]
-
-        def stop_when_converged(xk: np.ndarray) -> None:
-            # The test is on the gradient of the true weights, whatever the preconditioner.
-            iterations[0] += 1
-            if last["gmax"] <= tol and np.array_equal(xk, last["theta"]):
-                raise StopIteration
-
-        try:
-            result = minimize(
-                loss_and_grad, start, jac=True, method="L-BFGS-B", callback=stop_when_converged,
-                options={"maxiter": max_iter, "gtol": 0.0, "ftol": 64 * np.finfo(float).eps, "maxcor": 10},
-            )
-            solution, scipy_converged = result.x, result.status == 0
-        except StopIteration:  # SciPy before 1.11 lets the callback's StopIteration through
-            solution, scipy_converged = last["theta"], False
-        if not np.array_equal(solution, last["theta"]):
-            loss_and_grad(solution)
-        return solution, iterations[0], bool(last["gmax"] <= tol or scipy_converged)
-
-    def fit(self, theta: np.ndarray, mean: torch.Tensor, scale: torch.Tensor, iterations: int, converged: bool,
-            **about) -> ProbeFit:
-        flat = torch.from_numpy(theta).to(device=self.z.device, dtype=self.z.dtype)
-        weight = self.weight(flat).T.contiguous().float()
-        return ProbeFit(mean=mean, scale=scale, weight=weight, bias=flat[self.d * self.k:].float(),
-                        iterations=iterations, converged=converged, **about)
+    mean: torch.Tensor
+    scale: torch.Tensor
+    z: torch.Tensor
+    labels: torch.Tensor
+    candidates: dict  # {spec: slice} of z's columns
+    whitening: dict  # {spec: Whitening}
+    l2: float | str
+    about: dict  # ProbeFit fields known before the fit (spec, fallback)
 
 
-def _fit_one(
-    features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, l2: float, max_iter: int, tol: float,
-    pool: Executor | None, parts: int, columns: slice | None = None, **about,
-) -> ProbeFit:
-    """One probe at a fixed ``l2``: standardise, precondition, then L-BFGS-B from the class priors."""
-    features = features.float()
-    mean, scale, z = _standardise(features, pool=pool)
-    n, d = z.shape
-    labels = labels.to(z.device)
-    parts = max(1, min(parts, n * d // _MIN_PARALLEL_ELEMENTS)) if pool is not None else 1
-    with torch_threads(parts) if pool is not None else nullcontext():  # a few large products: threads pay
-        precondition = _preconditioner(z)
-    objective = _Objective(z, labels, num_classes, precondition=precondition, pool=pool, blocks=parts)
-    solution, iterations, converged = objective.minimize(l2, objective.start(), tol=tol, max_iter=max_iter)
-    return objective.fit(solution, mean, scale, iterations, converged, l2=l2,
-                         columns=columns if columns is not None else slice(0, d), **about)
+def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, *, order: torch.Tensor | None,
+             pool: Executor | None, **about) -> _Layer:
+    if order is not None:
+        x, labels = x[order.to(x.device)], labels[order]
+    mean, scale, z = _standardise(x.float(), pool=pool)
+    whitening = {spec: Whitening.of(z if cols == slice(0, z.shape[1]) else z[:, cols])
+                 for spec, cols in candidates.items()}
+    return _Layer(mean, scale, z, labels.to(z.device), candidates, whitening, l2, about)
 
 
-def _fit_path(
-    features: torch.Tensor, labels: torch.Tensor, fold: tuple[torch.Tensor, int] | str, l2: float | str,
-    candidates: dict[str | None, slice], *, num_classes: int, max_iter: int, tol: float, pool: Executor | None,
-    parts: int,
-) -> ProbeFit:
-    """One layer's choice of (candidate, l2) on the held-out fold, then its refit on every training row.
-
-    See the module's docstring for the rule. ``fold`` is :func:`_heldout_fold`'s answer;
-    ``l2`` a float (the path is that value: only the candidate is chosen) or ``"auto"``.
-    """
-    if isinstance(fold, str):  # no fold: the fixed fallback, on the smallest candidate
-        spec, columns = min(candidates.items(), key=lambda item: item[1].stop - item[1].start)
-        x = features if columns == slice(0, features.shape[1]) else features[:, columns]
-        value = FALLBACK_L2 if l2 == "auto" else l2
-        what = "l2='auto'" if l2 == "auto" else "choosing among candidates"
-        then = f"fitted with the fixed l2={FALLBACK_L2:g} instead" if l2 == "auto" else "fitted"
-        if len(candidates) > 1:
-            then += f" on the candidate with the fewest columns, {spec!r}"
-        why = f"{what} {fold}: {then} (give more examples{', or a fixed l2' if l2 == 'auto' else ''})"
-        return _fit_one(x, labels, num_classes=num_classes, l2=value, max_iter=max_iter, tol=tol, pool=pool,
-                        parts=parts, columns=columns, spec=spec, fallback=why)
-    order, n_fit = fold
-    order = order.to(features.device)
-    mean, scale, z = _standardise(features.float()[order], pool=pool)
-    labels = labels.to(z.device)[order]
-    n, d = z.shape
-    grid = L2_PATH if l2 == "auto" else (l2,)
-    path_tol = max(tol, min(_PATH_TOL * tol, 1e-3)) if len(grid) > 1 else tol
-
-    def blocks(rows: int, cols: int) -> int:  # never from the thread count: the same sums whoever computes them
-        return max(1, min(_MAX_BLOCKS, rows * cols // _MIN_PARALLEL_ELEMENTS))
-
-    points, best, path_iterations = [], None, 0
-    for spec, columns in candidates.items():
-        zc = z[:, columns] if columns != slice(0, d) else z
-        with torch_threads(1):  # LAPACK's QR differs in the last bits with the thread count
-            whitening = _Whitening.of(zc)
-        fit_z, fit_y, held_z, held_y = zc[:n_fit], labels[:n_fit], zc[n_fit:], labels[n_fit:]
-        theta, since_best, mine, weights = None, 0, None, None
-        for value in grid:
-            precondition, undo = whitening.at(value, num_classes)
-            part = _Objective(fit_z, fit_y, num_classes, precondition=precondition, pool=pool,
-                              blocks=blocks(n_fit, zc.shape[1]))
-            theta = part.start() if theta is None else part.theta(undo(weights), theta)  # warm start
-            theta, iterations, _ = part.minimize(value, theta, tol=path_tol, max_iter=max_iter)
-            path_iterations += iterations
-            flat = torch.from_numpy(theta).to(device=z.device, dtype=torch.float32)
-            weights = part.weight(flat)
-            logits = torch.addmm(flat[part.d * part.k:], held_z, weights.T)
-            loss = float(F.cross_entropy(logits.double(), held_y))
-            points.append((spec, value, loss, iterations))
-            if mine is None or loss < mine[0] * (1 - _TIE):
-                mine, since_best = (loss, value, theta.copy(), precondition), 0
-            else:
-                since_best += 1
-                if since_best >= PATIENCE:
-                    break
-        if best is None or mine[0] < best[0] * (1 - _TIE):
-            best = (*mine, spec, columns)
-    loss, value, theta, precondition, spec, columns = best
-    zc = z[:, columns] if columns != slice(0, d) else z
-    whole = _Objective(zc, labels, num_classes, precondition=precondition, pool=pool, blocks=blocks(n, zc.shape[1]))
-    solution, iterations, converged = whole.minimize(value, theta, tol=tol, max_iter=max_iter)
-    return whole.fit(solution, mean[columns].clone(), scale[columns].clone(), iterations, converged, l2=value,
-                     spec=spec, columns=columns, heldout=loss, path=tuple(points), path_iterations=path_iterations)
+def _columns(layer: _Layer, spec) -> torch.Tensor:
+    cols = layer.candidates[spec]
+    return layer.z if cols == slice(0, layer.z.shape[1]) else layer.z[:, cols]
 
 
-def _loss_terms(z: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """For a block of rows: the summed log-probability of the labels (float64), and the
-    unnormalised weight and bias gradients of the summed cross-entropy."""
-    rows = torch.arange(labels.shape[0], device=z.device)
-    logp = torch.log_softmax(torch.addmm(bias[:, None], weight, z.T), dim=0)  # (classes, rows)
-    picked = float(logp[labels, rows].double().sum())
-    residual = logp.exp_()
-    residual[labels, rows] -= 1
-    return picked, residual @ z, residual.sum(1)
-
-
-def _preconditioner(z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A change of variables ``W = W' P`` that whitens the top directions of the features' covariance.
-
-    ``P = I + V diag(s - 1) V^T`` with ``V`` the top eigenvectors of ``z^T z / n``
-    (found with two power iterations of a seeded random sketch) and ``s =
-    sqrt(floor / eigenvalue)``, where ``floor`` is the largest of 1 (the mean
-    eigenvalue of standardised features) and the smallest eigenvalue found.
-    The optimum in ``W`` is unchanged; only the path to it is shorter.
-    """
-    return _Whitening.of(z).at(0.0)[0]
-
-
-class _Whitening:
-    """The top covariance directions of ``z`` (see :func:`_preconditioner`), and preconditioners from them.
-
-    ``at(l2, classes)`` accounts for the L2 term: the loss's curvature along a
-    direction of covariance ``e`` is about ``c e + l2`` with ``c = (1 - 1/K) / K``
-    (softmax at its start), so ``s = sqrt((c floor + l2) / (c e + l2))``; at
-    ``l2 = 0`` that is the plain whitening. Strong L2 makes the problem round
-    already, and whitening it anyway would stretch the penalty's curvature
-    instead: at the path's strong end that costs 2-3x the iterations.
-    """
-
-    def __init__(self, directions: torch.Tensor | None, top: torch.Tensor | None, floor: float):
-        self.directions, self.top, self.floor = directions, top, floor
-
-    @classmethod
-    def of(cls, z: torch.Tensor) -> _Whitening:
-        n, d = z.shape
-        rank = min(_PRECONDITION_RANK, d // 8, n // 8)
-        if rank < 8:
-            return cls(None, None, 1.0)
-        generator = torch.Generator(device=z.device).manual_seed(0)
-        if n > _SKETCH_ROWS:  # the top directions are well estimated from a few thousand rows
-            z = z[torch.randperm(n, generator=generator, device=z.device)[:_SKETCH_ROWS]]
-            n = z.shape[0]
-        basis = torch.randn(d, rank + 8, generator=generator, device=z.device)
-        for _ in range(2):  # power iterations
-            basis = torch.linalg.qr((z @ basis).T.matmul(z).T).Q
-        sketch = z @ basis
-        values, vectors = torch.linalg.eigh(sketch.T @ sketch / n)
-        if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
-            return cls(None, None, 1.0)
-        floor = max(float(values[0]), 1.0)
-        top = values[-rank:]
-        directions = basis @ vectors[:, -rank:]  # (d, rank), orthonormal
-        return cls(directions, top, floor)
-
-    def at(self, l2: float, classes: int = 2) -> tuple[Callable[[torch.Tensor], torch.Tensor],
-                                                       Callable[[torch.Tensor], torch.Tensor]]:
-        """``(P, P^-1)`` as functions of a ``(classes, features)`` matrix."""
-        if self.directions is None:
-            return (lambda matrix: matrix), (lambda matrix: matrix)
-        directions, top, floor = self.directions, self.top, self.floor
-        if l2 == 0:
-            shift = torch.sqrt(floor / top.clamp_min(floor)) - 1  # in (-1, 0]
+def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_classes: int, strengths: dict,
+             slices: dict, choosing: list, fold, *, pool: Executor | None, max_iter: int, tol: float) -> dict:
+    """Every layer's fit: the L2 paths of the choosing layers advance together, then every final fit at once."""
+    layers: dict[str, _Layer] = {}
+    for name, x in features.items():
+        if name not in choosing:
+            spec, columns = next(iter(slices[name].items()))
+            x = x if columns == slice(0, x.shape[1]) else x[:, columns]
+            layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, strengths[name], order=None, pool=pool,
+                                    columns=columns)
+        elif isinstance(fold, str):  # no fold: the fixed fallback, on the smallest candidate
+            l2, candidates = strengths[name], slices[name]
+            spec, columns = min(candidates.items(), key=lambda item: item[1].stop - item[1].start)
+            x = x if columns == slice(0, x.shape[1]) else x[:, columns]
+            what = "l2='auto'" if l2 == "auto" else "choosing among candidates"
+            then = f"fitted with the fixed l2={FALLBACK_L2:g} instead" if l2 == "auto" else "fitted"
+            if len(candidates) > 1:
+                then += f" on the candidate with the fewest columns, {spec!r}"
+            why = f"{what} {fold}: {then} (give more examples{', or a fixed l2' if l2 == 'auto' else ''})"
+            layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, FALLBACK_L2 if l2 == "auto" else l2,
+                                    order=None, pool=pool, columns=columns, spec=spec, fallback=why)
         else:
-            c = (1 - 1 / classes) / classes
-            shift = torch.sqrt((c * floor + l2) / (c * top.clamp_min(floor) + l2)) - 1
-        inverse = 1 / (1 + shift) - 1
+            layers[name] = _prepare(x, labels, slices[name], strengths[name], order=fold[0], pool=pool)
+    chosen = _paths({name: layers[name] for name in choosing if not isinstance(fold, str)}, fold, num_classes,
+                    pool=pool, max_iter=max_iter, tol=tol)
+    problems, starts, about = [], [], []
+    for name, layer in layers.items():
+        if name in chosen:
+            loss, value, weight, bias, spec, points, spent = chosen[name]
+            z = _columns(layer, spec)
+            problem = Problem(z, layer.labels, num_classes, value, layer.whitening[spec], _blocks(z))
+            start = problem.warm(weight, bias)
+            columns = layer.candidates[spec]
+            extra = dict(spec=spec, columns=columns, heldout=loss, path=tuple(points), path_iterations=spent,
+                         mean=layer.mean[columns].clone(), scale=layer.scale[columns].clone())
+        else:
+            spec = next(iter(layer.candidates))
+            problem = Problem(layer.z, layer.labels, num_classes, layer.l2, layer.whitening[spec],
+                              _blocks(layer.z))
+            start = problem.start()
+            extra = dict(layer.about, mean=layer.mean, scale=layer.scale)
+        problems.append(problem)
+        starts.append(start)
+        about.append(extra)
+    fits = {}
+    for name, problem, extra, (theta, iterations, converged) in zip(
+            layers, problems, about, minimize(problems, starts, tol=tol, max_iter=max_iter, pool=pool)):
+        weight, bias = problem.weights(theta)
+        fits[name] = ProbeFit(weight=weight.T.contiguous().float(), bias=bias.float(), iterations=iterations,
+                              converged=converged, l2=problem.l2, **extra)
+    return fits
 
-        def apply(matrix: torch.Tensor) -> torch.Tensor:
-            v = directions.to(matrix.dtype)
-            return matrix + ((matrix @ v) * shift.to(matrix.dtype)) @ v.T
 
-        def undo(matrix: torch.Tensor) -> torch.Tensor:
-            v = directions.to(matrix.dtype)
-            return matrix + ((matrix @ v) * inverse.to(matrix.dtype)) @ v.T
+def _paths(layers: Mapping[str, _Layer], fold, num_classes: int, *, pool: Executor | None, max_iter: int,
+           tol: float) -> dict:
+    """Each choosing layer's best ``(held-out loss, l2, W, b, spec, points, path iterations)`` along its path.
 
-        return apply, undo
+    Every (layer, candidate) still on its path takes its next value in the
+    same call of the solver, warm-started from its previous weights; the
+    held-out losses are read back once per value.
+    """
+    if not layers:
+        return {}
+    n_fit = fold[1]
+    tracks = []  # one per (layer, candidate), in layer then candidate order
+    for name, layer in layers.items():
+        grid = L2_PATH if layer.l2 == "auto" else (layer.l2,)
+        for spec in layer.candidates:
+            z = _columns(layer, spec)
+            tracks.append({"name": name, "spec": spec, "grid": grid, "z": z, "y": layer.labels, "weights": None,
+                           "best": None, "since_best": 0, "done": False, "points": [], "iterations": 0})
+    path_tol = max(tol, min(_PATH_TOL * tol, 1e-3))
+    for step in range(len(L2_PATH)):
+        live = [t for t in tracks if not t["done"] and step < len(t["grid"])]
+        if not live:
+            break
+        problems = [Problem(t["z"][:n_fit], t["y"][:n_fit], num_classes, t["grid"][step],
+                            layers[t["name"]].whitening[t["spec"]], _blocks(t["z"], n_fit)) for t in live]
+        starts = [p.start() if t["weights"] is None else p.warm(*t["weights"]) for p, t in zip(problems, live)]
+        tols = [path_tol if len(t["grid"]) > 1 else tol for t in live]
+        results = []
+        for value in sorted(set(tols)):  # at most two tolerances: a path's, and a single value's
+            picked = [i for i, t in enumerate(tols) if t == value]
+            solved = minimize([problems[i] for i in picked], [starts[i] for i in picked], tol=value,
+                              max_iter=max_iter, pool=pool)
+            results += list(zip(picked, solved))
+        results = [r for _, r in sorted(results, key=lambda item: item[0])]
+        losses = []
+        for p, t, (theta, iterations, _) in zip(problems, live, results):
+            weight, bias = p.weights(theta)
+            t["weights"] = (weight, bias)
+            t["iterations"] += iterations
+            held = t["z"][n_fit:]
+            logits = torch.addmm(bias.to(held.dtype), held, weight.to(held.dtype).T)
+            losses.append(F.cross_entropy(logits.double(), t["y"][n_fit:]))
+        for p, t, loss, (_, iterations, _) in zip(problems, live, torch.stack(losses).tolist(), results):
+            value = p.l2
+            t["points"].append((t["spec"], value, loss, iterations))
+            if t["best"] is None or loss < t["best"][0] * (1 - _TIE):
+                t["best"], t["since_best"] = (loss, value, *t["weights"]), 0
+            else:
+                t["since_best"] += 1
+                t["done"] = t["since_best"] >= PATIENCE
+    chosen = {}
+    for t in tracks:  # candidates in order: a later one must beat an earlier one by more than the tie
+        name = t["name"]
+        points = (chosen[name][5] if name in chosen else []) + t["points"]
+        spent = (chosen[name][6] if name in chosen else 0) + t["iterations"]
+        if name not in chosen or t["best"][0] < chosen[name][0] * (1 - _TIE):
+            chosen[name] = (*t["best"], t["spec"], points, spent)
+        else:
+            chosen[name] = (*chosen[name][:5], points, spent)
+    return chosen
 
 
 def score(logits_of, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:

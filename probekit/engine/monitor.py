@@ -245,6 +245,30 @@ class ProbeMonitor:
         Online mode probes module outputs only (hooks cannot see functional
         nodes such as a residual ``add``; probe the enclosing block instead).
 
+    Scoring in your own validation pass (online mode):
+        A loop that already runs the model over a held-out split can score the
+        probes there, so that :meth:`update` need not run the model over that
+        split again: after each validation batch's forward pass (the hooks
+        capture its features, as they do a training batch's), call
+        :meth:`observe` with its labels and the split's name. The probes take no
+        step on these batches; every head is scored and the layer's reported head
+        (see ``l2``) is chosen at the update, as for the training scores. The
+        next :meth:`update` reports the batches observed since the last one for
+        that split, and runs its own pass only over the held-out splits you did
+        not observe. The split must be one of ``data``'s (``"valid"`` or
+        ``"test"``), which still fixes the run's layout and sizes; feed it the
+        batches you validate on after the epoch's training steps::
+
+            for x, y in train_loader:
+                ...; loss.backward(); opt.step()
+                mon.step(y)
+            model.eval()
+            with torch.no_grad():
+                for x, y in valid_loader:
+                    model(x)
+                    mon.observe(y, split="valid")
+            mon.update(epoch=epoch)
+
     Args:
         model: the model being trained; parameters, buffers and train/eval flags
             are left as they were after every call.
@@ -438,6 +462,8 @@ class ProbeMonitor:
         if not quiet:
             print(self.plan)
         self._online: OnlineProbes | None = None
+        #: Online mode: per held-out split, the scores of the batches fed to observe() since the last update.
+        self._observed: dict[str, dict] = {}
         if mode == "online":
             self._start_online(probe_lr)
 
@@ -515,6 +541,45 @@ class ProbeMonitor:
             raise RuntimeError("step() found no captured features; call it after the model's forward pass on the batch")
         labels = torch.as_tensor(labels).to(self.device).long().reshape(-1)
         self._online.step(features, labels)
+
+    def observe(self, labels: torch.Tensor, *, split: str = "valid") -> None:
+        """Online mode: score every probe on a held-out batch the model just saw, in your own validation loop.
+
+        Call it after the model's forward pass on a batch of ``split`` (the
+        hooks captured that batch's features); the probes take no step. The next
+        :meth:`update` reports the batches of ``split`` observed since the last
+        update instead of running the model over that split itself (see
+        "Scoring in your own validation pass" above).
+
+        Example:
+            >>> with torch.no_grad():
+            ...     for x, y in valid_loader:
+            ...         model(x)
+            ...         mon.observe(y, split="valid")
+        """
+        if self._online is None:
+            raise RuntimeError("observe() is for mode='online'; in snapshot mode update() scores every split itself")
+        held_out = [s for s in self.splits if s != "train"]
+        if split not in held_out:
+            raise ValueError(f"split={split!r} is not a held-out split of this monitor; choose from: "
+                             f"{', '.join(map(repr, held_out)) or 'none (give data= a valid or test split)'}")
+        features = self._hooks.latest
+        if not features:
+            raise RuntimeError("observe() found no captured features; call it after the model's forward pass on the batch")
+        labels = torch.as_tensor(labels).to(self.device).long().reshape(-1)
+        rows = {int(v.shape[0]) for v in features.values()}
+        if rows != {labels.shape[0]}:
+            raise ValueError(f"observe() got {labels.shape[0]} labels for a batch of {min(rows)} examples; pass the "
+                             "labels of the batch the model just ran on, once")
+        totals, finite = self._online.evaluate(features, labels)
+        self._hooks.latest = {}  # each batch is observed once
+        seen = self._observed.get(split)
+        if seen is None:
+            self._observed[split] = {"totals": totals, "n": int(labels.shape[0]), "finite": finite}
+        else:
+            seen["totals"] += totals
+            seen["n"] += int(labels.shape[0])
+            seen["finite"] = [a and b for a, b in zip(seen["finite"], finite)]
 
     # ---------------------------------------------------------------- update
     def update(self, *, epoch: int | None = None, step: int | None = None, model_loss: float | None = None,
@@ -776,7 +841,8 @@ class ProbeMonitor:
         return torch.cat(out)
 
     def _online_scores(self) -> dict:
-        splits = [s for s in self.splits if s != "train"]
+        observed, self._observed = self._observed, {}
+        splits = [s for s in self.splits if s != "train" and s not in observed]
         self._hooks.detach()
         try:
             cached = self._extract_all(self._extractor(), splits) if splits else {}
@@ -788,10 +854,17 @@ class ProbeMonitor:
         for i, layer in enumerate(self.layers):
             for measure, value in self._online.train_scores(layer).items():
                 probe[i, metrics.index(f"train_{measure}")] = value
-            nonfinite[i] = any(c.nonfinite[layer] for c in cached.values())
+            nonfinite[i] = (any(c.nonfinite[layer] for c in cached.values())
+                            or any(not seen["finite"][i] for seen in observed.values()))
             if nonfinite[i]:
                 probe[i] = np.nan
                 continue
+            head = self._online.head_of(layer)
+            for split, seen in observed.items():
+                loss, error, top5 = (seen["totals"][i, :, head] / seen["n"]).tolist()
+                measures = {"error": error, "loss": loss, **({"top5": top5} if self.num_classes > 5 else {})}
+                for measure, value in measures.items():
+                    probe[i, metrics.index(f"{split}_{measure}")] = value
             for split, features in cached.items():
                 scores = score(self._online.logits_of(layer), features.features[layer], features.labels, self.num_classes)
                 for measure, value in scores.items():

@@ -45,6 +45,12 @@ class OnlineProbes(nn.Module):
     and the head with the lowest one since :meth:`reset_running` (ties: the
     stronger L2) is the layer's probe (:meth:`l2_of`, :meth:`train_scores`,
     :meth:`logits_of`).
+
+    :meth:`step` is one fused update of every probe: the softmax gradient is
+    written in closed form (no autograd graph), every layer's losses, scores and
+    gradients are computed on one stacked tensor, the optimiser is Adam's fused
+    kernel where the device has one, and the running totals stay on the device
+    (read when a score is asked for).
     """
 
     def __init__(self, dims: dict[str, int], num_classes: int, *, lr: float = 1e-3, l2: float | str = DEFAULT_L2):
@@ -65,63 +71,147 @@ class OnlineProbes(nn.Module):
         if heads == 1:
             # Adam's weight_decay adds l2 * W to the gradient: the L2 term of the loss, without computing it.
             groups = [{"params": weights, "weight_decay": self.l2_path[0]}, {"params": biases}]
-            self._decay = None
         else:  # the same, head by head: l2 of each output row, added to the gradient before the step
             groups = [{"params": weights}, {"params": biases}]
-            self._decay = torch.tensor(self.l2_path).repeat_interleave(num_classes)[:, None]
-        self.optimizer = torch.optim.Adam(groups, lr=lr, foreach=True)
+        # Each output row's L2 strength (one head per row block), added to the weights' gradient by step().
+        self.register_buffer("_decay", torch.tensor(self.l2_path).repeat_interleave(num_classes)[:, None],
+                             persistent=False)
+        self._lr, self._groups = lr, groups
+        self.optimizer = self._optimizer(torch.device("cpu"))
         self.steps = 0
+        # (layer, measure, head): summed losses, errors and top-5 errors since reset_running, on the probes' device.
+        self.register_buffer("_totals", torch.zeros(len(self.names), 3, heads, dtype=torch.float64), persistent=False)
         self.reset_running()
+
+    def _optimizer(self, device: torch.device) -> torch.optim.Optimizer:
+        """Adam over the probes' weights and biases: the fused kernel on the CPU and CUDA, else the foreach one."""
+        self._optimizer_device = device
+        if device.type in ("cpu", "cuda"):
+            try:
+                return torch.optim.Adam(self._groups, lr=self._lr, fused=True)
+            except RuntimeError:  # a torch without the device's fused kernel (CPU: before 2.4)
+                pass
+        return torch.optim.Adam(self._groups, lr=self._lr, foreach=True)
 
     def reset_running(self) -> None:
         """Clear the running train metrics (called at the start of each epoch)."""
-        heads = len(self.l2_path)
-        self.running = {name: {"error": [0.0] * heads, "loss": [0.0] * heads, "top5": [0.0] * heads, "n": 0}
-                        for name in self.names}
+        self._totals.zero_()
+        self._seen = [0] * len(self.names)
+
+    @property
+    def running(self) -> dict[str, dict[str, object]]:
+        """The running train metrics since :meth:`reset_running`: per layer, per-head sums and the examples seen."""
+        totals = self._totals.tolist()
+        out = {}
+        for i, name in enumerate(self.names):
+            loss, error, top5 = totals[i]
+            out[name] = {"error": error, "loss": loss, "top5": top5, "n": self._seen[i]}
+        return out
 
     def step(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """One optimiser step for every probe on one batch's detached features.
 
         The probes' operations are small, so they run single-threaded (split
         across cores they would mostly wait for each other; see
-        :func:`probekit.engine.devices.torch_threads`); the finiteness checks, losses
-        and running metrics of all probes are computed together, and the L2
-        term is the optimiser's weight decay on the weights.
+        :func:`probekit.engine.devices.torch_threads`). A layer whose features
+        hold a NaN or an infinity is left untouched (weights, optimiser state and
+        running statistics). Each batch is scored before the step; the mean
+        cross-entropy's gradient is ``(softmax - onehot) / batch`` against the
+        standardised features, and the L2 term is added to the weights' gradient.
         """
         self.train()
-        self.optimizer.zero_grad()
         heads, k = len(self.l2_path), self.num_classes
-        with torch_threads(1), torch.enable_grad():
+        with torch_threads(1), torch.no_grad():
             inputs = [features[name].detach().float() for name in self.names]
-            with torch.no_grad():  # NaN and Inf propagate to a sum; one sync for every probe
-                finite = torch.stack([x.sum() for x in inputs]).isfinite().tolist()
+            # NaN and Inf propagate to a sum; one sync for every probe
+            finite = torch.stack([x.sum() for x in inputs]).isfinite().tolist()
             # A float32 sum can overflow on large finite values: those get an exact check.
             finite = [ok or math.isfinite(x.sum(dtype=torch.float64)) for ok, x in zip(finite, inputs)]
             kept = [i for i, ok in enumerate(finite) if ok]
+            for i, probe in enumerate(self.probes):
+                probe[1].weight.grad = probe[1].bias.grad = None  # a skipped probe takes no optimiser step
             if kept:
+                device = self._totals.device
+                if device != self._optimizer_device and not self.optimizer.state:
+                    self.optimizer = self._optimizer(device)  # moved before its first step: the device's kernel
                 batch = labels.shape[0]
-                stacked = torch.stack([self.probes[i](inputs[i]) for i in kept])  # (probes, batch, heads * classes)
-                stacked = stacked.view(len(kept), batch, heads, k).transpose(1, 2)  # (probes, heads, batch, classes)
-                losses = F.cross_entropy(stacked.flatten(0, 2), labels.repeat(len(kept) * heads), reduction="none")
-                losses = losses.view(len(kept), heads, batch)
-                losses.mean(2).sum().backward()
-                if self._decay is not None:
-                    decay = self._decay.to(labels.device)
-                    for i in kept:
-                        linear = self.probes[i][1]
-                        linear.weight.grad.add_(decay * linear.weight.detach())
+                norms = [self.probes[i][0] for i in kept]
+                linears = [self.probes[i][1] for i in kept]
+                standard = []
+                for i, norm in zip(kept, norms):
+                    standard.append(F.batch_norm(inputs[i], norm.running_mean, norm.running_var, training=True,
+                                                 momentum=norm.momentum, eps=norm.eps))
+                torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
+                logits = torch.stack([torch.addmm(lin.bias, x, lin.weight.t()) for lin, x in zip(linears, standard)])
+                logits = logits.view(len(kept), batch, heads, k)  # (probes, batch, heads, classes)
+                logp = logits.log_softmax(3)
+                target = labels.view(1, batch, 1, 1).expand(len(kept), batch, heads, 1)
+                losses = -logp.gather(3, target).squeeze(3)  # (probes, batch, heads)
+                # d(mean loss)/d(logits), every head's loss summed: (softmax - onehot) / batch
+                grad = logp.exp_()
+                grad.scatter_add_(3, target, torch.full_like(target, -1, dtype=grad.dtype))
+                grad = grad.div_(batch).view(len(kept), batch, heads * k)
+                decay = self._decay if heads > 1 else None
+                for row, (lin, x) in enumerate(zip(linears, standard)):
+                    weight_grad = torch.mm(grad[row].t(), x)
+                    if decay is not None:
+                        weight_grad.addcmul_(decay, lin.weight)
+                    lin.weight.grad = weight_grad
+                for lin, bias_grad in zip(linears, grad.sum(1).unbind(0)):
+                    lin.bias.grad = bias_grad
                 self.optimizer.step()
-                with torch.no_grad():
-                    totals = {"loss": losses.sum(2), "error": (stacked.argmax(3) != labels).sum(2)}
-                    if k > 5:
-                        totals["top5"] = (~(stacked.topk(5, dim=3).indices == labels[:, None]).any(3)).sum(2)
-                    totals = {measure: values.tolist() for measure, values in totals.items()}
-                for row, i in enumerate(kept):
-                    run = self.running[self.names[i]]
-                    run["n"] += batch
-                    for measure, values in totals.items():
-                        run[measure] = [a + b for a, b in zip(run[measure], values[row])]
+                stacked = self._measures(logits, losses, labels)
+                if len(kept) == len(self.names):
+                    self._totals.add_(stacked)
+                else:
+                    self._totals.index_add_(0, torch.tensor(kept, device=device), stacked)
+                for i in kept:
+                    self._seen[i] += batch
         self.steps += 1
+
+    def _measures(self, logits: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(probes, measure, head)`` sums over a batch: loss, errors, top-5 errors (zeros with 5 classes or fewer)."""
+        batch, dtype = labels.shape[0], self._totals.dtype
+        wrong = logits.argmax(3) != labels.view(1, batch, 1)
+        measures = [losses.sum(1).to(dtype), wrong.sum(1).to(dtype)]
+        if self.num_classes > 5:
+            top5 = ~(logits.topk(5, dim=3).indices == labels.view(1, batch, 1, 1)).any(3)
+            measures.append(top5.sum(1).to(dtype))
+        else:
+            measures.append(torch.zeros_like(measures[0]))
+        return torch.stack(measures, 1)
+
+    def evaluate(self, features: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """Every head's scores on one held-out batch, without a step: ``(totals, finite)``.
+
+        ``totals`` is ``(layer, measure, head)``: the batch's summed loss, errors
+        and top-5 errors (zeros with 5 classes or fewer), in :attr:`names` order,
+        NaN for a layer whose features hold a NaN or an infinity; ``finite`` says
+        which layers were scored. Features are standardised by the running
+        statistics, as :meth:`logits_of` does.
+        """
+        heads, k, batch = len(self.l2_path), self.num_classes, labels.shape[0]
+        totals = torch.full((len(self.names), 3, heads), math.nan, dtype=self._totals.dtype, device=self._totals.device)
+        with torch_threads(1), torch.no_grad():
+            inputs = [features[name].detach().float() for name in self.names]
+            finite = torch.stack([x.sum() for x in inputs]).isfinite().tolist()
+            finite = [ok or math.isfinite(x.sum(dtype=torch.float64)) for ok, x in zip(finite, inputs)]
+            kept = [i for i, ok in enumerate(finite) if ok]
+            if kept:
+                logits = []
+                for i in kept:
+                    norm, linear = self.probes[i]
+                    x = F.batch_norm(inputs[i], norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+                    logits.append(torch.addmm(linear.bias, x, linear.weight.t()))
+                logits = torch.stack(logits).view(len(kept), batch, heads, k)
+                target = labels.view(1, batch, 1, 1).expand(len(kept), batch, heads, 1)
+                losses = -logits.log_softmax(3).gather(3, target).squeeze(3)
+                totals[torch.tensor(kept, device=totals.device)] = self._measures(logits, losses, labels)
+        return totals, finite
+
+    def head_of(self, name: str) -> int:
+        """The index of the layer's reported head (see :meth:`l2_of`)."""
+        return self._head(name)
 
     def _head(self, name: str) -> int:
         """The layer's head: the lowest running (held-out) loss, ties to the stronger L2; the fallback before any step."""

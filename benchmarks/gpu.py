@@ -7,16 +7,22 @@ probekit side is :func:`probekit.engine.features.extract` with ``autocast``. Tim
 are CUDA-synchronised, interleaved and repeated; peak GPU memory is
 ``torch.cuda.max_memory_allocated`` of each side alone.
 
-Fitting: :func:`probekit.engine.probes.fit_probes` on synthetic cached features
-already on the device, one layer and all 17 ResNet-50 layers.
+Fitting: :func:`probekit.engine.probes.fit_probes` (at its defaults: the L2 path
+and the refit) on synthetic cached features already on the device, one layer
+and all 17 ResNet-50 layers; the host synchronisations of a whole fit, counted
+with ``torch.cuda.set_sync_debug_mode("warn")`` (the solver reads its
+convergence flags every few rounds, never per iteration); and the valid error of
+the device's fit against the CPU's on the same features (target: within 0.5
+point).
 
 End to end: :func:`probekit.probe` on Inception v3 with its 17 default probe
 points over 50,000 synthetic 299-px images (40,000 train, 10,000 valid), tracing,
 extraction, every fit and the store included, against the bare bf16 forward over
 the same images. The images are generated on the device a batch at a time (the
 same images for both sides), so neither host memory nor host-to-device copies
-set the pace. ``probekit.probe`` takes no autocast argument, so its forward runs
-in float32; the bare float32 forward over the same images is recorded beside it.
+set the pace. ``probekit.probe`` runs with ``autocast="bf16"`` (its fits read
+float32 features); the bare float32 forward over the same images is recorded
+beside it.
 Each side runs once, after a warm-up of both at a few hundred images.
 
 ``--smoke`` runs every row at toy size (under a minute on a GPU); the full run
@@ -118,26 +124,65 @@ def extraction_rows(models: dict, batch: int, reps: int, device: torch.device) -
     return rows
 
 
+def _host_syncs(fn, device: torch.device) -> tuple[object, int | None]:
+    """``fn()`` and how many times it made the host wait for the GPU (None on the CPU, which never waits)."""
+    if device.type != "cuda":
+        return fn(), None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _valid_error(fits: dict, valid: dict) -> float:
+    errors = [float((fits[k].logits(x.to(fits[k].weight.device)).argmax(1).cpu() != y).float().mean())
+              for k, (x, y) in valid.items()]
+    return sum(errors) / len(errors)
+
+
 def fitting_rows(n: int, device: torch.device) -> list[Row]:
+    """Fitting throughput on the device, the host syncs of a fit, and the device's answer against the CPU's."""
     rows = []
     cases = {"1 layer x 2,048": [2048], "1 layer x 8,192": [8192], "all 17 ResNet-50 layers": RESNET50_DIMS}
     warm = feature_split(256, 64, layer_seed=0, sample_seed=1)
     fit_probes({"w": warm[0].to(device)}, warm[1].to(device), NUM_CLASSES)
     for case, dims in cases.items():
         layers = {f"layer{i}": feature_split(n, d, layer_seed=100 + i, sample_seed=1) for i, d in enumerate(dims)}
+        valid = {f"layer{i}": feature_split(max(n // 4, 200), d, layer_seed=100 + i, sample_seed=2)
+                 for i, d in enumerate(dims)}
         labels = next(iter(layers.values()))[1].to(device)
         features = {k: v[0].to(device) for k, v in layers.items()}
         _sync(device)
         start = time.perf_counter()
         fits = _synced(lambda: fit_probes(features, labels, NUM_CLASSES), device)()
         seconds = time.perf_counter() - start
+        _, syncs = _host_syncs(lambda: _synced(lambda: fit_probes(features, labels, NUM_CLASSES), device)(), device)
+        iterations = sorted(f.iterations + f.path_iterations for f in fits.values())
         rows.append(Row(
             figure="7 gpu", case=f"fit {case}, {n:,} examples", baseline="-", baseline_value=float("nan"),
             probekit_value=seconds, unit="s", target=None,
-            note=f"{n * len(dims) / seconds:,.0f} example-probes/s; iterations "
-                 f"{sorted(f.iterations for f in fits.values())}",
-            extra={"kind": "fitting", "seconds": seconds, "dims": dims, "n": n},
+            note=f"{n * len(dims) / seconds:,.0f} example-probes/s; iterations (path and refit) {iterations}; "
+                 f"host syncs of the whole fit: {syncs if syncs is not None else '- (cpu)'}",
+            extra={"kind": "fitting", "seconds": seconds, "dims": dims, "n": n, "host_syncs": syncs,
+                   "iterations": iterations},
         ))
+        if case == "1 layer x 2,048":  # the device's answer against the CPU's, same features
+            on_cpu = fit_probes({k: v[0] for k, v in layers.items()}, labels.cpu(), NUM_CLASSES)
+            gap = abs(_valid_error(fits, valid) - _valid_error(on_cpu, valid))
+            rows.append(Row(
+                figure="7 gpu", case=f"fit {case}, {n:,} examples: {device.type} against cpu", baseline="cpu fit",
+                baseline_value=100 * _valid_error(on_cpu, valid), probekit_value=100 * _valid_error(fits, valid),
+                unit="% valid error", target=None,
+                note=f"gap {100 * gap:.2f} pt (target <= 0.5); chosen l2 {device.type} "
+                     f"{[f.l2 for f in fits.values()]}, cpu {[f.l2 for f in on_cpu.values()]}",
+                extra={"kind": "agreement", "gap_pt": 100 * gap, "target_pt": 0.5},
+            ))
         del features, layers, labels, fits
         _free(device)
     return rows
@@ -192,7 +237,7 @@ def end_to_end_row(model, n: int, batch: int, device: torch.device, *, size: int
     # gives the cache room; the default limit would send them to disk.
     cache_bytes = 64 * 2**30 if device.type == "cuda" else None
     options = {"store": store, "overwrite": True, "quiet": True, "batch_size": batch, "num_classes": NUM_CLASSES,
-               "device": device, "channels_last": True}
+               "device": device, "channels_last": True, "autocast": "bf16"}
     if cache_bytes is not None:
         options["cache_bytes"] = cache_bytes
 
@@ -233,8 +278,8 @@ def end_to_end_row(model, n: int, batch: int, device: torch.device, *, size: int
         baseline="bare bf16 forward over the data", baseline_value=bare_s, probekit_value=probe_s, unit="s",
         target=1.3,
         note=f"wall: bare bf16 {bare_s:.1f} s ({n / bare_s:,.0f} img/s), pk.probe {probe_s:.1f} s "
-             f"(goal under {E2E_WALL_TARGET_S:.0f} s on an H200); pk.probe has no autocast option, its forward is "
-             f"float32: bare float32 forward {fp32_s:.1f} s; peak GPU memory {peak_mib:,.0f} MiB; "
+             f"(goal under {E2E_WALL_TARGET_S:.0f} s on an H200), both bf16; "
+             f"bare float32 forward {fp32_s:.1f} s; peak GPU memory {peak_mib:,.0f} MiB; "
              f"all converged: {converged}",
         extra={"kind": "end-to-end", "bare_s": bare_s, "probekit_s": probe_s, "bare_fp32_s": fp32_s,
                "wall_target_s": E2E_WALL_TARGET_S, "images": n, "train": train_n, "valid": valid_n, "layers": layers,

@@ -52,9 +52,12 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert result["smoke"] and result["sizes"] == {"batch": 2, "reps": 1, "fit_examples": 200, "e2e_images": 12}
-    assert [row["figure"] for row in rows] == ["7 gpu"] * 6
-    assert [row["kind"] for row in rows] == ["extraction"] * 2 + ["fitting"] * 3 + ["end-to-end"]
+    assert [row["figure"] for row in rows] == ["7 gpu"] * 7
+    assert [row["kind"] for row in rows] == ["extraction"] * 2 + ["fitting", "agreement", "fitting", "fitting",
+                                                                  "end-to-end"]
     assert all(math.isfinite(row["probekit_value"]) and row["probekit_value"] > 0 for row in rows)
+    (agreement,) = [row for row in rows if row["kind"] == "agreement"]
+    assert agreement["gap_pt"] == 0 and agreement["target_pt"] == 0.5  # cpu against cpu: the same fit
     for row in rows:
         if row["kind"] != "fitting":
             assert math.isfinite(row["baseline_value"]) and math.isfinite(row["ratio"]), row

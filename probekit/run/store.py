@@ -350,6 +350,15 @@ def _wait_discarded() -> None:
         thread.join()
 
 
+def _filled(shape, dtype: np.dtype, fill: object) -> np.ndarray:
+    """A chunk that was never written, as Zarr format 2 reads it: its fill value, or zeros (``""``, False) without one."""
+    if fill is None:
+        return np.zeros(shape, dtype)
+    if isinstance(fill, str) and dtype.kind == "f":
+        fill = float(fill)  # "NaN", "Infinity", "-Infinity"
+    return np.full(shape, fill, dtype)
+
+
 class _Lock:
     """An exclusive lock on a store that dies with its process (``flock`` on POSIX, ``msvcrt.locking`` on Windows).
 
@@ -469,6 +478,7 @@ class RunWriter:
         self.rows: list[EpochRow] = []
         self._lock = _Lock(self.path)
         self._writes = 0
+        self._meta: dict | None = None  # the consolidated metadata, once read (see _metadata)
         self._kill_after = int(os.environ.get(_KILL_AFTER_WRITES) or 0)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store path {str(self.path)!r} is a file; pass a folder path such as 'runs/a.zarr'")
@@ -483,6 +493,7 @@ class RunWriter:
     def _create(self, *, replace: Path | None = None) -> None:
         parent = self.path.parent
         tmp = None
+        self._meta = None
         try:
             parent.mkdir(parents=True, exist_ok=True)
             ds = build_dataset(self.layout, [], capacity=EPOCH_BLOCK)
@@ -564,21 +575,76 @@ class RunWriter:
     def append(self, row: EpochRow) -> None:
         """Write one epoch, then count it: readers see it whole or not at all."""
         index = len(self.rows)
-        group = zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False)
-        capacity = group["epoch"].shape[0]
+        capacity = self._metadata()["metadata"]["epoch/.zarray"]["shape"][0]
         resized = index >= capacity
         if resized:
+            group = zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False)
             for name in self.layout.epoch_variables():
                 self._resize(group[name], name, capacity + EPOCH_BLOCK)
+            self._reload_arrays()
+        group = None
         for name, value in row_values(row, self.layout).items():
-            array = group[name]
-            value = np.asarray(value).astype(array.dtype)
-            where = [slice(None)] * array.ndim
-            where[VARIABLE_DIMS[name].index("epoch")] = index
-            array[tuple(where)] = value
+            if not self._write_epoch(name, index, value):
+                group = group or zarr.open_group(self.path, mode="r+", zarr_format=2, use_consolidated=False)
+                array = group[name]
+                where = [slice(None)] * array.ndim
+                where[VARIABLE_DIMS[name].index("epoch")] = index
+                array[tuple(where)] = np.asarray(value).astype(array.dtype)
             self._wrote()  # one chunk file: the epoch axis is chunked in blocks, the others whole
-        self._commit(index + 1, resized=resized)
+        self._commit(index + 1, resized=False)
         self.rows.append(row)
+
+    def _write_epoch(self, name: str, index: int, value: object) -> bool:
+        """Write ``value`` as epoch ``index`` of array ``name``: its one chunk read, changed and replaced atomically.
+
+        The chunk is read and written as Zarr format 2 lays it out (C order, the
+        ``.zarray``'s compressor), without a Zarr call. False, with nothing
+        written, for an array laid out otherwise (several chunks across a
+        non-epoch axis, filters, another order or key separator): Zarr writes it.
+        """
+        meta = self._metadata()["metadata"][f"{name}/.zarray"]
+        axis = VARIABLE_DIMS[name].index("epoch")
+        shape, chunks = meta["shape"], meta["chunks"]
+        if (meta.get("order", "C") != "C" or meta.get("filters") or meta.get("dimension_separator", ".") != "."
+                or any(c < n for i, (n, c) in enumerate(zip(shape, chunks)) if i != axis)):
+            return False
+        import numcodecs
+
+        codec = numcodecs.get_codec(meta["compressor"]) if meta.get("compressor") else None
+        dtype = np.dtype(meta["dtype"])
+        block, offset = divmod(index, chunks[axis])
+        key = ".".join(str(block) if i == axis else "0" for i in range(len(shape)))
+        path = self.path / name / key
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            data = _filled(chunks, dtype, meta.get("fill_value"))
+        else:
+            data = np.frombuffer(codec.decode(raw) if codec else raw, dtype=dtype).reshape(chunks).copy()
+        where = [slice(None)] * len(shape)
+        where[axis] = offset
+        data[tuple(where)] = np.asarray(value).astype(dtype)
+        data = np.ascontiguousarray(data)
+        tmp = path.with_name(f".{key}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.write_bytes(bytes(codec.encode(data)) if codec else data.tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
+
+    def _metadata(self) -> dict:
+        """The store's consolidated metadata, read once: this writer is the only one (it holds the lock)."""
+        if self._meta is None:
+            self._meta = json.loads((self.path / ".zmetadata").read_text())
+        return self._meta
+
+    def _reload_arrays(self) -> None:
+        """Take each epoch array's ``.zarray`` (its shape, after a resize) into the consolidated metadata."""
+        entries = self._metadata()["metadata"]
+        for name in self.layout.epoch_variables():
+            entries[f"{name}/.zarray"] = json.loads((self.path / name / ".zarray").read_text())
 
     def _commit(self, completed: int, *, resized: bool) -> None:
         """Count ``completed`` epochs: rewrite the consolidated metadata, one atomic file.
@@ -586,11 +652,10 @@ class RunWriter:
         The metadata is updated here rather than by ``zarr.consolidate_metadata``,
         which would walk the folder (and trip over the lock file) every epoch.
         """
-        meta = json.loads((self.path / ".zmetadata").read_text())
-        entries = meta["metadata"]
         if resized:
-            for name in self.layout.epoch_variables():
-                entries[f"{name}/.zarray"] = json.loads((self.path / name / ".zarray").read_text())
+            self._reload_arrays()
+        meta = self._metadata()
+        entries = meta["metadata"]
         entries[".zattrs"]["completed_epochs"] = completed
         write_atomic(self.path / ".zattrs", json.dumps(entries[".zattrs"], indent=4).encode())
         self._wrote()

@@ -129,3 +129,26 @@ def test_attributes_that_are_not_json_are_refused_before_anything_is_written(tmp
     with pytest.raises(TypeError, match="run attribute 'when' is of type object, which a store cannot hold"):
         RunWriter(tmp_path / "r.zarr", layout)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("epochs", [1, EPOCH_BLOCK + 3])
+def test_epochs_appended_chunk_by_chunk_read_as_what_xarray_writes(tmp_path, epochs):
+    """Each epoch is written into its chunk directly; the store then reads exactly as xarray's store of the same rows."""
+    layout = _layout(baselines=("random_init",), repeats=2)
+    rows = [_row(layout, e) for e in range(epochs)]
+    path = tmp_path / "r.zarr"
+    with RunWriter(path, layout) as writer:
+        for row in rows:
+            writer.append(row)
+    reference = tmp_path / "xarray.zarr"
+    capacity = EPOCH_BLOCK * (1 + (epochs - 1) // EPOCH_BLOCK)
+    ds = build_dataset(layout, rows, capacity=capacity)
+    _xarray_store(ds, reference)
+    a, b = (zarr.open_group(p, mode="r", zarr_format=2, use_consolidated=False) for p in (path, reference))
+    for name in layout.epoch_variables():
+        axis = ds[name].dims.index("epoch")
+        where = tuple(slice(0, epochs) if i == axis else slice(None) for i in range(ds[name].ndim))
+        assert a[name].shape == b[name].shape, name
+        np.testing.assert_array_equal(a[name][where], b[name][where], err_msg=name)
+    xr.testing.assert_identical(open_run(path), build_dataset(layout, rows).assign_attrs(probekit_schema=2))
+    assert not list(path.rglob(".*partial*"))  # no temporary chunk is left behind

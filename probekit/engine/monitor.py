@@ -38,7 +38,9 @@ from probekit.engine.features import (
     check_inputs, check_labels, extract, label_summary, split_size,
 )
 from probekit.engine.plan import PLAN_CONSTRAINTS, build_plan
-from probekit.engine.batch import MASK_KEY, to_device
+from contextlib import nullcontext
+
+from probekit.engine.batch import MASK_KEY, attention_mask, call_model, to_device
 from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, preserved_state
 from probekit.engine import controls
 from probekit.engine.features import IGNORE_INDEX
@@ -448,7 +450,8 @@ class ProbeMonitor:
         self._random_init: tuple | None = None  # the random-init baseline, computed once
         # Built once and reused every epoch: the extractors and the repeats' seeded plans.
         self._built_on = self._modules()
-        self._run_extractor = build_extractor(self.graph, self.plan.reducers)
+        # Online mode scores held-out splits through its hooks: its extractor is built only if asked for.
+        self._run_extractor = build_extractor(self.graph, self.plan.reducers) if mode == "snapshot" else None
         self._repeat_extractors: dict[tuple[int, tuple[str, ...]], tuple[dict, object]] = {}
         if "random_init" in self.baselines:
             self._fresh, permuted = controls.random_init_copy(model, seed=self.seed)
@@ -481,7 +484,8 @@ class ProbeMonitor:
                     f"probe {hint} instead, or use mode='snapshot'"
                 )
             modules[name] = module
-        self._hooks = HookExtractor(self.model, self.plan.reducers, modules)
+        # One thread per reduction: each training batch's are small (see HookExtractor).
+        self._hooks = HookExtractor(self.model, self.plan.reducers, modules, threads=1)
         self._hooks.attach()
         dims = {n: self.plan.reducers[n].out_features for n in self.layers}
         self._online = OnlineProbes(dims, self.num_classes, lr=probe_lr, l2=self.l2).to(self.device)
@@ -760,7 +764,7 @@ class ProbeMonitor:
     def _extractor(self):
         """The run's extractor, built once; rebuilt (the repeats' too) if a module of the model was replaced."""
         modules = self._modules()
-        if modules != self._built_on:
+        if modules != self._built_on or self._run_extractor is None:
             self._built_on = modules
             self._run_extractor = build_extractor(self.graph, self.plan.reducers)
             self._repeat_extractors.clear()
@@ -840,22 +844,53 @@ class ProbeMonitor:
             out.append(ids[y != IGNORE_INDEX].cpu())
         return torch.cat(out)
 
+    def _held_out_pass(self, split: str) -> dict:
+        """Online mode: one pass of the model over a held-out split, each batch scored as :meth:`observe` scores it.
+
+        The hooks that capture the training batches reduce these batches too (on one
+        thread), so no feature is cached: every head of every probe is scored batch by batch.
+        """
+        data, seen = self.splits[split], {"totals": None, "n": 0, "finite": [True] * len(self.layers)}
+        reducers = list(self._hooks.reducers.values())
+        mixed = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
+        with _progress(split_size(data), f"{split} scores", self.quiet) as bar, torch.no_grad():
+            for inputs, y in batches(data, self.batch_size, label_key=self.label_key, name=split):
+                y = torch.as_tensor(y).reshape(-1)
+                check_labels(split, y, self.num_classes)
+                inputs = to_device(inputs, self.device, channels_last=self.channels_last)
+                mask = attention_mask(inputs, self.mask_key)
+                for reducer in reducers:
+                    reducer.batch_mask = mask
+                self._hooks.latest = {}
+                try:
+                    with mixed:
+                        call_model(self.model, inputs)
+                finally:
+                    for reducer in reducers:
+                        reducer.batch_mask = None
+                totals, finite = self._online.evaluate(self._hooks.latest, y.to(self.device).long())
+                self._hooks.latest = {}
+                seen["totals"] = totals if seen["totals"] is None else seen["totals"] + totals
+                seen["n"] += int(y.shape[0])
+                seen["finite"] = [a and b for a, b in zip(seen["finite"], finite)]
+                bar.update(int(y.shape[0]))
+        if not seen["n"]:
+            raise ValueError(f"the {split} split is empty; give it at least one example per class")
+        return seen
+
     def _online_scores(self) -> dict:
+        """Online mode's row: the running training scores, and every held-out split's (observed, else one pass)."""
         observed, self._observed = self._observed, {}
-        splits = [s for s in self.splits if s != "train" and s not in observed]
-        self._hooks.detach()
-        try:
-            cached = self._extract_all(self._extractor(), splits) if splits else {}
-        finally:
-            self._hooks.attach()
+        for split in self.splits:
+            if split != "train" and split not in observed:
+                observed[split] = self._held_out_pass(split)
         n_layers, metrics = len(self.layers), self.metrics
         probe = np.full((n_layers, len(metrics)), np.nan)
         nonfinite = np.zeros(n_layers, bool)
         for i, layer in enumerate(self.layers):
             for measure, value in self._online.train_scores(layer).items():
                 probe[i, metrics.index(f"train_{measure}")] = value
-            nonfinite[i] = (any(c.nonfinite[layer] for c in cached.values())
-                            or any(not seen["finite"][i] for seen in observed.values()))
+            nonfinite[i] = any(not seen["finite"][i] for seen in observed.values())
             if nonfinite[i]:
                 probe[i] = np.nan
                 continue
@@ -864,10 +899,6 @@ class ProbeMonitor:
                 loss, error, top5 = (seen["totals"][i, :, head] / seen["n"]).tolist()
                 measures = {"error": error, "loss": loss, **({"top5": top5} if self.num_classes > 5 else {})}
                 for measure, value in measures.items():
-                    probe[i, metrics.index(f"{split}_{measure}")] = value
-            for split, features in cached.items():
-                scores = score(self._online.logits_of(layer), features.features[layer], features.labels, self.num_classes)
-                for measure, value in scores.items():
                     probe[i, metrics.index(f"{split}_{measure}")] = value
         l2_of = getattr(self._online, "l2_of", None)
         l2 = [l2_of(layer) if l2_of is not None else self.l2 for layer in self.layers]

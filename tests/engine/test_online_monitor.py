@@ -61,6 +61,25 @@ def test_observed_validation_batches_score_as_the_monitors_own_pass(digits_tenso
     assert sizes == [797, 397]
 
 
+def test_the_held_out_pass_scores_what_the_traced_extractor_and_score_give(digits_tensors):
+    from probekit.engine.extract import build_extractor
+    from probekit.engine.probes import score
+
+    model = tiny_convnet()
+    mon = pk.ProbeMonitor(model, digits_tensors, mode="online", layers=LAYERS, quiet=True, probe_lr=1e-2)
+    _train_epoch(model, mon, *digits_tensors["train"], torch.optim.SGD(model.parameters(), lr=0.05))
+    x, y = digits_tensors["valid"]
+    with torch.no_grad():
+        model.eval()
+        features = build_extractor(mon.graph, mon.plan.reducers)(x)
+    expected = {layer: score(mon._online.logits_of(layer), features[layer], y, 10) for layer in LAYERS}
+    row = mon.update(epoch=1)
+    mon.close()
+    for layer in LAYERS:
+        for measure, value in expected[layer].items():
+            assert row.probe.sel(layer=layer, metric=f"valid_{measure}").item() == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
 def test_observe_counts_only_the_batches_since_the_last_update(digits_tensors):
     model = tiny_convnet()
     mon = pk.ProbeMonitor(model, digits_tensors, mode="online", layers=["fc1"], quiet=True)

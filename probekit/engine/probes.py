@@ -74,9 +74,14 @@ layout for a skinny product), with the loss summed in float64 so the line
 search sees a smooth objective; the strongest correlations between features
 are whitened away by a low-rank preconditioner found with a few products of
 a random sketch, which roughly halves the evaluations on real, correlated
-features; and on the CPU the products run in row blocks on single-threaded
-workers, which keeps all cores busy without the per-operation barriers that
-make multithreaded small products stall on a shared machine.
+features; a layer with at least twice as many features as examples, and at
+most 50 examples per class, is fitted in the span of its examples (the dual:
+see ``_Space``), where every pass is over ``n`` columns instead of ``d`` and
+the same optimum is reached, more faithfully at a given tolerance, since its
+gradient is not spread over thousands of features; and on the CPU the
+products run in row blocks on single-threaded workers, which keeps all cores
+busy without the per-operation barriers that make multithreaded small
+products stall on a shared machine.
 
 :mod:`probekit.engine.online` holds the cheap alternative for monitoring (one
 optimiser step per model training step).
@@ -100,7 +105,7 @@ import torch
 from torch.nn import functional as F
 
 from probekit.engine.devices import torch_threads
-from probekit.engine.solver import Problem, Whitening, minimize
+from probekit.engine.solver import FLOAT64_ELEMENTS, Problem, Whitening, minimize
 from probekit.params import Interval, Options, check_params
 
 __all__ = [
@@ -127,6 +132,10 @@ _TIE = 1e-6
 _EVAL_CHUNK = 8192
 #: Fewest elements (examples x features) of each row block of a fit on the CPU.
 _MIN_PARALLEL_ELEMENTS = 2**21
+#: Most examples per class for which a layer with at least twice as many features as examples is fitted in the
+#: span of its examples (the dual): there the Gram matrix (2 n^2 d) costs less than the passes it saves
+#: (about 4 n d K per evaluation, a few dozen evaluations).
+_DUAL_ROWS_PER_CLASS = 50
 #: Most row blocks of one fit (their number never depends on the threads).
 _MAX_BLOCKS = 16
 _STATS_ROWS = 1024
@@ -444,13 +453,68 @@ def _single_threaded_torch(threads: int) -> Iterator[Executor | None]:
 
 
 
-def _blocks(z: torch.Tensor, rows: int | None = None) -> int:
-    """Row blocks of a problem's loss on ``z`` (its first ``rows``): on the CPU from its size only, so that the
-    sums are the same whoever computes them; one on a GPU, where a block is one more launch for no gain."""
+def _blocks(z: torch.Tensor) -> int:
+    """Row blocks of a problem's loss on ``z``: on the CPU from its size only, so that the sums are the same
+    whoever computes them; one on a GPU, where a block is one more launch for no gain."""
     if z.device.type != "cpu":
         return 1
-    rows = z.shape[0] if rows is None else rows
-    return max(1, min(_MAX_BLOCKS, rows * z.shape[1] // _MIN_PARALLEL_ELEMENTS))
+    return max(1, min(_MAX_BLOCKS, z.numel() // _MIN_PARALLEL_ELEMENTS))
+
+
+class _Space:
+    """The coordinates a candidate's problem is solved in, on its first ``rows`` rows (the rest held out).
+
+    Primal: the standardised columns themselves. Dual (``gram`` given, for
+    fewer examples than features): the span of the examples. With ``Z = U
+    S^(1/2) V^T`` (from the eigenvectors of the Gram matrix ``Z Z^T``), the
+    problem on ``F = U S^(1/2)`` (rows x rank) with weights ``W~ = W V`` is
+    the same problem: the L2 optimum's weights lie in the examples' span (the
+    gradient of the loss is a combination of the rows), so ``W = W~ V^T``,
+    ``||W|| = ||W~||`` and the logits agree. Each pass is then over ``rank <=
+    rows`` columns instead of ``d``; the held-out rows' coordinates come from
+    the same Gram matrix.
+    """
+
+    #: Eigenvalues of the Gram matrix below this share of the largest are its null space.
+    NULL = 1e-9
+
+    def __init__(self, z: torch.Tensor, rows: int, whitening: Whitening | None, gram: torch.Tensor | None = None):
+        self.z, self.rows, self.dual = z, rows, gram is not None
+        if gram is None:
+            self.train, self.held = z[:rows], z[rows:]
+            self.whitening = whitening
+            return
+        values, vectors = torch.linalg.eigh(gram[:rows, :rows])
+        kept = values > self.NULL * values[-1].clamp_min(1e-300)
+        values, vectors = values[kept], vectors[:, kept]
+        self.factor = vectors / values.sqrt()  # U S^(-1/2): rows x rank
+        dtype = torch.float64 if rows * values.numel() <= FLOAT64_ELEMENTS else torch.float32
+        self.train = (vectors * values.sqrt()).to(dtype)
+        self.held = (gram[rows:, :rows] @ self.factor).to(dtype)
+        self.whitening = Whitening.of(self.train)
+
+    def primal(self, weight: torch.Tensor) -> torch.Tensor:
+        """True weights ``(K, d)`` (float32) of weights ``(K, columns)`` in these coordinates."""
+        if not self.dual:
+            return weight.float()
+        return (weight.double() @ self.factor.T).float() @ self.z[:self.rows]
+
+    def coords(self, weight: torch.Tensor) -> torch.Tensor:
+        """Weights in these coordinates of true weights ``(K, d)`` (their part in the span, when dual)."""
+        if not self.dual:
+            return weight
+        return (weight.float() @ self.z[:self.rows].T).double() @ self.factor
+
+
+def _spaces(z: torch.Tensor, rows: int, num_classes: int) -> tuple[_Space, _Space | None]:
+    """The whole training split's space and, when ``rows < n``, the fitting part's (the rest held out)."""
+    n, d = z.shape
+    if d >= 2 * n and n <= _DUAL_ROWS_PER_CLASS * num_classes:
+        z64 = z.double()
+        gram = z64 @ z64.T
+        return _Space(z, n, None, gram), (_Space(z, rows, None, gram) if rows < n else None)
+    whitening = Whitening.of(z)
+    return _Space(z, n, whitening), (_Space(z, rows, whitening) if rows < n else None)
 
 
 @dataclass
@@ -459,27 +523,22 @@ class _Layer:
 
     mean: torch.Tensor
     scale: torch.Tensor
-    z: torch.Tensor
     labels: torch.Tensor
-    candidates: dict  # {spec: slice} of z's columns
-    whitening: dict  # {spec: Whitening}
+    candidates: dict  # {spec: slice} of the standardised features' columns
+    spaces: dict  # {spec: (whole split's _Space, fitting part's _Space or None)}
     l2: float | str
     about: dict  # ProbeFit fields known before the fit (spec, fallback)
 
 
-def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, *, order: torch.Tensor | None,
-             pool: Executor | None, **about) -> _Layer:
+def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, num_classes: int, *,
+             order: torch.Tensor | None, rows: int | None, pool: Executor | None, **about) -> _Layer:
     if order is not None:
         x, labels = x[order.to(x.device)], labels[order]
     mean, scale, z = _standardise(x.float(), pool=pool)
-    whitening = {spec: Whitening.of(z if cols == slice(0, z.shape[1]) else z[:, cols])
-                 for spec, cols in candidates.items()}
-    return _Layer(mean, scale, z, labels.to(z.device), candidates, whitening, l2, about)
-
-
-def _columns(layer: _Layer, spec) -> torch.Tensor:
-    cols = layer.candidates[spec]
-    return layer.z if cols == slice(0, layer.z.shape[1]) else layer.z[:, cols]
+    rows = z.shape[0] if rows is None else rows
+    spaces = {spec: _spaces(z if cols == slice(0, z.shape[1]) else z[:, cols], rows, num_classes)
+              for spec, cols in candidates.items()}
+    return _Layer(mean, scale, labels.to(z.device), candidates, spaces, l2, about)
 
 
 def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_classes: int, strengths: dict,
@@ -490,8 +549,8 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
         if name not in choosing:
             spec, columns = next(iter(slices[name].items()))
             x = x if columns == slice(0, x.shape[1]) else x[:, columns]
-            layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, strengths[name], order=None, pool=pool,
-                                    columns=columns)
+            layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, strengths[name], num_classes,
+                                    order=None, rows=None, pool=pool, columns=columns)
         elif isinstance(fold, str):  # no fold: the fixed fallback, on the smallest candidate
             l2, candidates = strengths[name], slices[name]
             spec, columns = min(candidates.items(), key=lambda item: item[1].stop - item[1].start)
@@ -502,40 +561,42 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
                 then += f" on the candidate with the fewest columns, {spec!r}"
             why = f"{what} {fold}: {then} (give more examples{', or a fixed l2' if l2 == 'auto' else ''})"
             layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, FALLBACK_L2 if l2 == "auto" else l2,
-                                    order=None, pool=pool, columns=columns, spec=spec, fallback=why)
+                                    num_classes, order=None, rows=None, pool=pool, columns=columns, spec=spec,
+                                    fallback=why)
         else:
-            layers[name] = _prepare(x, labels, slices[name], strengths[name], order=fold[0], pool=pool)
-    chosen = _paths({name: layers[name] for name in choosing if not isinstance(fold, str)}, fold, num_classes,
+            layers[name] = _prepare(x, labels, slices[name], strengths[name], num_classes, order=fold[0],
+                                    rows=fold[1], pool=pool)
+    chosen = _paths({name: layers[name] for name in choosing if not isinstance(fold, str)}, num_classes,
                     pool=pool, max_iter=max_iter, tol=tol)
-    problems, starts, about = [], [], []
+    problems, starts, about, spaces = [], [], [], []
     for name, layer in layers.items():
         if name in chosen:
             loss, value, weight, bias, spec, points, spent = chosen[name]
-            z = _columns(layer, spec)
-            problem = Problem(z, layer.labels, num_classes, value, layer.whitening[spec], _blocks(z))
-            start = problem.warm(weight, bias)
+            whole, part = layer.spaces[spec]
+            problem = Problem(whole.train, layer.labels, num_classes, value, whole.whitening, _blocks(whole.train))
+            start = problem.warm(whole.coords(part.primal(weight)), bias)
             columns = layer.candidates[spec]
             extra = dict(spec=spec, columns=columns, heldout=loss, path=tuple(points), path_iterations=spent,
                          mean=layer.mean[columns].clone(), scale=layer.scale[columns].clone())
         else:
-            spec = next(iter(layer.candidates))
-            problem = Problem(layer.z, layer.labels, num_classes, layer.l2, layer.whitening[spec],
-                              _blocks(layer.z))
+            whole, _ = next(iter(layer.spaces.values()))
+            problem = Problem(whole.train, layer.labels, num_classes, layer.l2, whole.whitening, _blocks(whole.train))
             start = problem.start()
             extra = dict(layer.about, mean=layer.mean, scale=layer.scale)
         problems.append(problem)
         starts.append(start)
         about.append(extra)
+        spaces.append(whole)
     fits = {}
-    for name, problem, extra, (theta, iterations, converged) in zip(
-            layers, problems, about, minimize(problems, starts, tol=tol, max_iter=max_iter, pool=pool)):
+    for name, problem, extra, whole, (theta, iterations, converged) in zip(
+            layers, problems, about, spaces, minimize(problems, starts, tol=tol, max_iter=max_iter, pool=pool)):
         weight, bias = problem.weights(theta)
-        fits[name] = ProbeFit(weight=weight.T.contiguous().float(), bias=bias.float(), iterations=iterations,
+        fits[name] = ProbeFit(weight=whole.primal(weight).T.contiguous(), bias=bias.float(), iterations=iterations,
                               converged=converged, l2=problem.l2, **extra)
     return fits
 
 
-def _paths(layers: Mapping[str, _Layer], fold, num_classes: int, *, pool: Executor | None, max_iter: int,
+def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | None, max_iter: int,
            tol: float) -> dict:
     """Each choosing layer's best ``(held-out loss, l2, W, b, spec, points, path iterations)`` along its path.
 
@@ -545,21 +606,20 @@ def _paths(layers: Mapping[str, _Layer], fold, num_classes: int, *, pool: Execut
     """
     if not layers:
         return {}
-    n_fit = fold[1]
     tracks = []  # one per (layer, candidate), in layer then candidate order
     for name, layer in layers.items():
         grid = L2_PATH if layer.l2 == "auto" else (layer.l2,)
-        for spec in layer.candidates:
-            z = _columns(layer, spec)
-            tracks.append({"name": name, "spec": spec, "grid": grid, "z": z, "y": layer.labels, "weights": None,
-                           "best": None, "since_best": 0, "done": False, "points": [], "iterations": 0})
+        for spec, (_, part) in layer.spaces.items():
+            tracks.append({"name": name, "spec": spec, "grid": grid, "space": part, "y": layer.labels[:part.rows],
+                           "held_y": layer.labels[part.rows:], "weights": None, "best": None, "since_best": 0,
+                           "done": False, "points": [], "iterations": 0})
     path_tol = max(tol, min(_PATH_TOL * tol, 1e-3))
     for step in range(len(L2_PATH)):
         live = [t for t in tracks if not t["done"] and step < len(t["grid"])]
         if not live:
             break
-        problems = [Problem(t["z"][:n_fit], t["y"][:n_fit], num_classes, t["grid"][step],
-                            layers[t["name"]].whitening[t["spec"]], _blocks(t["z"], n_fit)) for t in live]
+        problems = [Problem(t["space"].train, t["y"], num_classes, t["grid"][step], t["space"].whitening,
+                            _blocks(t["space"].train)) for t in live]
         starts = [p.start() if t["weights"] is None else p.warm(*t["weights"]) for p, t in zip(problems, live)]
         tols = [path_tol if len(t["grid"]) > 1 else tol for t in live]
         results = []
@@ -574,9 +634,9 @@ def _paths(layers: Mapping[str, _Layer], fold, num_classes: int, *, pool: Execut
             weight, bias = p.weights(theta)
             t["weights"] = (weight, bias)
             t["iterations"] += iterations
-            held = t["z"][n_fit:]
+            held = t["space"].held
             logits = torch.addmm(bias.to(held.dtype), held, weight.to(held.dtype).T)
-            losses.append(F.cross_entropy(logits.double(), t["y"][n_fit:]))
+            losses.append(F.cross_entropy(logits.double(), t["held_y"]))
         for p, t, loss, (_, iterations, _) in zip(problems, live, torch.stack(losses).tolist(), results):
             value = p.l2
             t["points"].append((t["spec"], value, loss, iterations))

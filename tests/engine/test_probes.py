@@ -307,3 +307,47 @@ def test_small_problems_meet_their_tolerance():
             if not fit.converged:
                 failed.append((seed, separation))
     assert failed == []
+
+
+def _objective(fit, x, y, l2):
+    z = ((x - fit.mean) / fit.scale).double()
+    logits = z @ fit.weight.double() + fit.bias.double()
+    return float(torch.nn.functional.cross_entropy(logits, y) + 0.5 * l2 * fit.weight.double().pow(2).sum())
+
+
+def test_few_examples_of_many_features_are_fitted_in_their_span_to_the_same_optimum(monkeypatch):
+    """n < d/2: the fit runs on the examples' span (a Gram matrix, n columns instead of d) and reaches the optimum
+    of the problem in the features themselves; at the default tolerance it is closer to it than the features' fit,
+    whose largest gradient entry is small early when the gradient is spread over 30,000 features."""
+    from probekit.engine import probes
+
+    x, y = _informative(100, 30_000, strength=0.05, seed=6)
+    l2 = 1e-3
+    span = fit_probe(x, y, 4, l2=l2)
+    span_tight = fit_probe(x, y, 4, l2=l2, tol=1e-8)
+    monkeypatch.setattr(probes, "_DUAL_ROWS_PER_CLASS", 0)  # the features' own coordinates
+    primal_tight = fit_probe(x, y, 4, l2=l2, tol=1e-8)
+    best = _objective(primal_tight, x, y, l2)
+    assert span.converged and span_tight.converged and primal_tight.converged
+    assert _objective(span_tight, x, y, l2) == pytest.approx(best, rel=1e-4)
+    assert _objective(span, x, y, l2) == pytest.approx(best, rel=1e-3)
+    torch.testing.assert_close(span_tight.weight, primal_tight.weight, rtol=0, atol=1e-3 * float(
+        primal_tight.weight.abs().max()))
+    assert span.weight.shape == (30_000, 4) and span.weight.dtype == torch.float32
+
+
+def test_the_span_and_the_features_choose_the_same_l2_and_candidate(monkeypatch):
+    from probekit.engine import probes
+
+    signal, y = _informative(120, 10, strength=1.0, seed=7)
+    noise = torch.randn(120, 600, generator=torch.Generator().manual_seed(8))
+    x = torch.cat([noise, signal, noise[:, :300]], 1)
+    candidates = {"noise": slice(0, 600), "signal+noise": slice(600, 910)}
+    span = fit_probe(x, y, 4, candidates=candidates, tol=1e-7)
+    monkeypatch.setattr(probes, "_DUAL_ROWS_PER_CLASS", 0)
+    primal = fit_probe(x, y, 4, candidates=candidates, tol=1e-7)
+    assert span.spec == primal.spec == "signal+noise" and span.l2 == primal.l2
+    assert [p[1] for p in span.path] == [p[1] for p in primal.path]
+    # The path stops at a looser tolerance: its held-out losses agree to a few digits where the L2 is weak.
+    np.testing.assert_allclose([p[2] for p in span.path], [p[2] for p in primal.path], rtol=2e-2)
+    torch.testing.assert_close(span.logits(x), primal.logits(x), rtol=0, atol=1e-2)

@@ -24,7 +24,7 @@ from torch import fx, nn
 from probekit.engine.batch import MASK_KEY, attention_mask, call_model
 from probekit.engine.devices import torch_threads
 from probekit.engine.points import LayerGraph, read_point
-from probekit.engine.reduce import Reducer
+from probekit.engine.reduce import _SMALL_MAP, Pyramid, Reducer
 
 __all__ = ["Extractor", "GraphExtractor", "HookExtractor", "build_extractor"]
 
@@ -193,11 +193,12 @@ class HookExtractor(Extractor):
 
         def hook(module, args, output):
             with torch.no_grad():
+                value = read(output) if read is not None else output
                 if threads is None:
-                    self.latest[name] = reducer(read(output) if read is not None else output)
+                    self.latest[name] = reducer(_one_layout(reducer, value))
                     return
                 with torch_threads(threads):
-                    self.latest[name] = reducer(read(output) if read is not None else output)
+                    self.latest[name] = reducer(_one_layout(reducer, value))
         return hook
 
     def _pre_hook(self, name: str, reducer: Reducer) -> Callable:
@@ -207,10 +208,10 @@ class HookExtractor(Extractor):
             with torch.no_grad():
                 value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
                 if threads is None:
-                    self.latest[name] = reducer(value)
+                    self.latest[name] = reducer(_one_layout(reducer, value))
                     return
                 with torch_threads(threads):
-                    self.latest[name] = reducer(value)
+                    self.latest[name] = reducer(_one_layout(reducer, value))
         return hook
 
     def run(self, inputs: object, *, mask: torch.Tensor | None = None,
@@ -227,6 +228,20 @@ class HookExtractor(Extractor):
         for reducer in self.reducers.values():
             reducer.to(device)
         return self
+
+
+def _one_layout(reducer: Reducer, value: object) -> object:
+    """A small CPU feature map that a pyramid of poolings reads, in channels-last memory once for all of them.
+
+    Each pooling of a small NCHW map on the CPU runs through a channels-last copy
+    (see :class:`~probekit.engine.reduce.Pool`); given that layout already, none
+    copies, so the map is copied once per point instead of once per pooling.
+    """
+    if (isinstance(reducer, Pyramid) and isinstance(value, torch.Tensor) and value.dim() == 4
+            and value.device.type == "cpu" and value.shape[0] and value[0].numel() <= _SMALL_MAP
+            and value.is_contiguous()):
+        return value.detach().contiguous(memory_format=torch.channels_last)
+    return value
 
 
 #: Modules whose output is always a new tensor (never a view of their input or a parameter).

@@ -242,12 +242,26 @@ def _minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, to
     direction, step = -grad * unit[:, None], torch.ones(count, dtype=torch.float64, device=device)
     slope = (grad * direction).sum(1)
     live = list(everyone)
+    rows = list(everyone)  # the problem of each row of the state
+    out: list = [None] * count
     for round_ in range(max_iter * 40 + 10):  # a bound the stopping rules always meet first
         if round_ % check_every == 0:
             live = active.nonzero().flatten().tolist()
             stats["reads"] += 1
             if not live:
                 break
+            if 4 * len(live) <= 3 * len(rows):  # a quarter of the rows or more have stopped: drop them
+                converged = converged | (gmax <= tol)
+                done = active.logical_not().nonzero().flatten().tolist()
+                for i, (iters, ok) in zip(done, zip(iterations[done].tolist(), converged[done].tolist())):
+                    out[rows[i]] = (x[i, :problems[i].size].clone(), iters, bool(ok))
+                keep_rows = torch.tensor(live, device=device)
+                x, f, grad, gmax, active, converged, iterations, gamma, has_pair, direction, step, slope = (
+                    t.index_select(0, keep_rows) for t in (x, f, grad, gmax, active, converged, iterations, gamma,
+                                                           has_pair, direction, step, slope))
+                steps, changes, rho = (t.index_select(1, keep_rows) for t in (steps, changes, rho))
+                problems, rows = [problems[i] for i in live], [rows[i] for i in live]
+                live = list(range(len(rows)))
         stats["rounds"] += 1
         trial = x + step[:, None] * direction
         f_new, grad_new, gmax_new = evaluate(trial, live, f, grad, gmax)
@@ -300,7 +314,9 @@ def _minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, to
     converged = converged | (gmax <= tol)
     done = list(zip(iterations.tolist(), converged.tolist()))
     stats["reads"] += 1
-    return [(x[i, :p.size].clone(), iters, bool(ok)) for i, (p, (iters, ok)) in enumerate(zip(problems, done))]
+    for i, (p, (iters, ok)) in enumerate(zip(problems, done)):
+        out[rows[i]] = (x[i, :p.size].clone(), iters, bool(ok))
+    return out
 
 
 class Whitening:

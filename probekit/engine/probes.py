@@ -533,7 +533,7 @@ class _Layer:
 def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, num_classes: int, *,
              order: torch.Tensor | None, rows: int | None, pool: Executor | None, **about) -> _Layer:
     if order is not None:
-        x, labels = x[order.to(x.device)], labels[order]
+        x, labels = x[order.to(x.device)], labels[order.to(labels.device)]
     mean, scale, z = _standardise(x.float(), pool=pool)
     rows = z.shape[0] if rows is None else rows
     spaces = {spec: _spaces(z if cols == slice(0, z.shape[1]) else z[:, cols], rows, num_classes)
@@ -658,17 +658,24 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
 
 
 def score(logits_of, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Error, cross-entropy and (with more than 5 classes) top-5 error of a probe on one split."""
-    errors = loss = top5 = 0.0
+    """Error, cross-entropy and (with more than 5 classes) top-5 error of a probe on one split.
+
+    A small split on the CPU is scored single-threaded: its products are too
+    small to share, and threads sharing them would wait for each other.
+    """
     n = labels.shape[0]
-    for start in range(0, n, _EVAL_CHUNK):
-        chunk = logits_of(features[start:start + _EVAL_CHUNK].float())
-        y = labels[start:start + _EVAL_CHUNK]
-        loss += F.cross_entropy(chunk, y, reduction="sum").item()
-        errors += (chunk.argmax(1) != y).sum().item()
-        if num_classes > 5:
-            top5 += (~(chunk.topk(5, dim=1).indices == y[:, None]).any(1)).sum().item()
+    small = features.device.type == "cpu" and features.numel() < _MIN_PARALLEL_ELEMENTS
+    with torch_threads(1) if small else nullcontext():
+        totals = []
+        for start in range(0, n, _EVAL_CHUNK):
+            chunk = logits_of(features[start:start + _EVAL_CHUNK].float())
+            y = labels[start:start + _EVAL_CHUNK]
+            sums = [F.cross_entropy(chunk, y, reduction="sum").double(), (chunk.argmax(1) != y).sum().double()]
+            if num_classes > 5:
+                sums.append((~(chunk.topk(5, dim=1).indices == y[:, None]).any(1)).sum().double())
+            totals.append(torch.stack(sums))
+        loss, errors, *top5 = torch.stack(totals).sum(0).tolist()  # one read of the device
     result = {"error": errors / n, "loss": loss / n}
     if num_classes > 5:
-        result["top5"] = top5 / n
+        result["top5"] = top5[0] / n
     return result

@@ -10,6 +10,12 @@ step, and each epoch ends with ``monitor.update`` (probes scored on valid).
 ``snapshot``: each epoch ends with ``monitor.update``, which runs the model
 over train and valid and fits every probe to its optimum. Building the
 monitor (tracing, plan) is inside the timer.
+
+``online, in the loop's validation pass`` (the convnet): a training loop that
+validates after every epoch, as most do; the baseline is that loop without a
+monitor (training and its validation pass), and the monitored loop calls
+``monitor.observe`` after each validation batch, so that ``monitor.update``
+runs no pass of its own over valid.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ CONFIG = {
 }
 
 
-def _train(model, data, epochs: int, monitor=None) -> None:
+def _train(model, data, epochs: int, monitor=None, validate: bool = False) -> None:
     x, y = data["train"]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
@@ -45,43 +51,54 @@ def _train(model, data, epochs: int, monitor=None) -> None:
             opt.step()
             if monitor is not None and monitor.mode == "online":
                 monitor.step(y[index])
+        if validate:  # the loop's own validation pass, which an online monitor observes
+            model.eval()
+            vx, vy = data["valid"]
+            with torch.no_grad():
+                for start in range(0, len(vy), 256):
+                    model(vx[start:start + 256])
+                    if monitor is not None:
+                        monitor.observe(vy[start:start + 256], split="valid")
         if monitor is not None:
             monitor.update(epoch=epoch)
 
 
 def _cases(config: dict):
-    """(case, initial model, data, epochs, reps) of each model this figure trains."""
+    """(case, initial model, data, epochs, reps, validated) of each model this figure trains;
+    ``validated``: also the online row of a loop with its own validation pass."""
     data = digits28()
     data["train"] = tuple(t[: config["train"]] for t in data["train"])
-    yield "paper convnet, digits 28px", paper_convnet(), data, config["epochs"], config["reps"]
+    yield "paper convnet, digits 28px", paper_convnet(), data, config["epochs"], config["reps"], True
     import torchvision
 
     resnet = config["resnet"]
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
     data = {"train": images(resnet["train"], resnet["size"], seed=1), "valid": images(resnet["valid"], resnet["size"], seed=2)}
-    yield f"resnet18 {resnet['size']}px, {resnet['train']} images", model, data, resnet["epochs"], resnet["reps"]
+    yield f"resnet18 {resnet['size']}px, {resnet['train']} images", model, data, resnet["epochs"], resnet["reps"], False
 
 
 def run(size: str) -> list[Row]:
     config = CONFIG[size]
     rows = []
-    for case, initial, data, epochs, reps in _cases(config):
-        def plain(initial=initial, data=data, epochs=epochs):
-            _train(copy.deepcopy(initial), data, epochs)
-
+    for case, initial, data, epochs, reps, validated in _cases(config):
         points = {}
-        for mode, target in (("online", 1.25), ("snapshot", None)):
-            def monitored(mode=mode, initial=initial, data=data, epochs=epochs):
+        variants = [("online", 1.25, False), ("snapshot", None, False)] + ([("online", 1.25, True)] if validated else [])
+        for mode, target, validate in variants:
+            def plain(initial=initial, data=data, epochs=epochs, validate=validate):
+                _train(copy.deepcopy(initial), data, epochs, validate=validate)
+
+            def monitored(mode=mode, initial=initial, data=data, epochs=epochs, validate=validate):
                 model = copy.deepcopy(initial)
                 with pk.ProbeMonitor(model, data, mode=mode, quiet=True, num_classes=NUM_CLASSES) as monitor:
-                    _train(model, data, epochs, monitor)
+                    _train(model, data, epochs, monitor, validate=validate)
                 points["n"] = len(monitor.layers)
 
             pairs = interleave(plain, monitored, reps=reps)  # the warm-up also takes first-call costs
             rows.append(Row(
-                figure="5 monitoring", case=f"{case}, {epochs} epochs, {mode}",
-                baseline="training alone", baseline_value=pairs.baseline_median, probekit_value=pairs.candidate_median,
+                figure="5 monitoring", case=f"{case}, {epochs} epochs, {mode}" + (", in the loop's validation pass" if validate else ""),
+                baseline="training and its validation pass" if validate else "training alone",
+                baseline_value=pairs.baseline_median, probekit_value=pairs.candidate_median,
                 unit="s", target=target, note=f"{points['n']} probe points, update every epoch",
                 pair_ratio=pairs.ratio, extra={**pairs.as_dict()},
             ))

@@ -10,7 +10,7 @@ in-place operations cannot change what a probe reads.
 
 This module owns the extractors and the in-place rewriting of residual adds. It
 imports :mod:`~probekit.engine.points` and :mod:`~probekit.engine.reduce` (and the
-batch forms and thread control beside them) and no later stage of the engine; never the run store, the diagnosis, the charts or the explorers.
+batch forms beside them) and no later stage of the engine; never the run store, the diagnosis, the charts or the explorers.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from torch import fx, nn
 
 from probekit.engine.batch import MASK_KEY, attention_mask, call_model
-from probekit.engine.devices import torch_threads
 from probekit.engine.points import LayerGraph, read_point
 from probekit.engine.reduce import _SMALL_MAP, Pyramid, Reducer
 
@@ -148,10 +147,6 @@ class HookExtractor(Extractor):
             reads the model's first input.
         readers: per point name, what of the module's output is probed (see
             :meth:`~probekit.engine.points.ProbePoint.read`); default: its hidden state.
-        threads: run each reduction with this many torch threads (``None``: the caller's).
-            The online monitor reduces each training batch on one thread: a batch's
-            reductions are small, and split across the cores of a busy machine they
-            mostly wait for each other (see :func:`~probekit.engine.devices.torch_threads`).
 
     While attached (``attach()`` / ``detach()``) the hooks capture reduced features
     on every forward pass of the model, including the user's own training steps;
@@ -159,9 +154,8 @@ class HookExtractor(Extractor):
     """
 
     def __init__(self, model: nn.Module, reducers: Mapping[str, Reducer], modules: Mapping[str, str | None],
-                 readers: Mapping[str, Callable[[object], torch.Tensor]] | None = None, threads: int | None = None):
+                 readers: Mapping[str, Callable[[object], torch.Tensor]] | None = None):
         self.model = model
-        self.threads = threads
         self.names = list(reducers)
         self.reducers = dict(reducers)
         self.modules = dict(modules)
@@ -189,29 +183,16 @@ class HookExtractor(Extractor):
     def _hook(self, name: str, reducer: Reducer) -> Callable:
         read = self.readers.get(name)
 
-        threads = self.threads
-
         def hook(module, args, output):
             with torch.no_grad():
-                value = read(output) if read is not None else output
-                if threads is None:
-                    self.latest[name] = reducer(_one_layout(reducer, value))
-                    return
-                with torch_threads(threads):
-                    self.latest[name] = reducer(_one_layout(reducer, value))
+                self.latest[name] = reducer(_one_layout(reducer, read(output) if read is not None else output))
         return hook
 
     def _pre_hook(self, name: str, reducer: Reducer) -> Callable:
-        threads = self.threads
-
         def hook(module, args, kwargs):
             with torch.no_grad():
                 value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-                if threads is None:
-                    self.latest[name] = reducer(_one_layout(reducer, value))
-                    return
-                with torch_threads(threads):
-                    self.latest[name] = reducer(_one_layout(reducer, value))
+                self.latest[name] = reducer(_one_layout(reducer, value))
         return hook
 
     def run(self, inputs: object, *, mask: torch.Tensor | None = None,

@@ -484,8 +484,7 @@ class ProbeMonitor:
                     f"probe {hint} instead, or use mode='snapshot'"
                 )
             modules[name] = module
-        # One thread per reduction: each training batch's are small (see HookExtractor).
-        self._hooks = HookExtractor(self.model, self.plan.reducers, modules, threads=1)
+        self._hooks = HookExtractor(self.model, self.plan.reducers, modules)
         self._hooks.attach()
         dims = {n: self.plan.reducers[n].out_features for n in self.layers}
         self._online = OnlineProbes(dims, self.num_classes, lr=probe_lr, l2=self.l2).to(self.device)
@@ -847,8 +846,8 @@ class ProbeMonitor:
     def _held_out_pass(self, split: str) -> dict:
         """Online mode: one pass of the model over a held-out split, each batch scored as :meth:`observe` scores it.
 
-        The hooks that capture the training batches reduce these batches too (on one
-        thread), so no feature is cached: every head of every probe is scored batch by batch.
+        The hooks that capture the training batches reduce these batches too, so no
+        feature is cached: every head of every probe is scored batch by batch.
         """
         data, seen = self.splits[split], {"totals": None, "n": 0, "finite": [True] * len(self.layers)}
         reducers = list(self._hooks.reducers.values())

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         present = sum(b in layers for b in result.blocks)
         unchanged = "yes" if not result.changes else f"no ({len(result.changes)}: {', '.join(result.changes[:3])})"
         rows.append((case.name, len(layers), f"{present}/{len(result.blocks)}", result.seconds, unchanged))
-        print(f"{case.name:<{width}} | {len(layers):>14} | {rows[-1][2]:>14} | {result.seconds:7.1f} | {unchanged}", flush=True)
+        print(f"{case.name:<{width}} | {len(layers):>14} | {rows[-1][2]:>14} | {result.seconds:7.3f} | {unchanged}", flush=True)
     print(f"{len(rows)} models, {sum(r[3] for r in rows):.1f} s in all" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
 

@@ -512,7 +512,10 @@ def _spaces(z: torch.Tensor, rows: int, num_classes: int) -> tuple[_Space, _Spac
     if d >= 2 * n and n <= _DUAL_ROWS_PER_CLASS * num_classes:
         z64 = z.double()
         gram = z64 @ z64.T
-        return _Space(z, n, None, gram), (_Space(z, rows, None, gram) if rows < n else None)
+        whole, part = _Space(z, n, None, gram), (_Space(z, rows, None, gram) if rows < n else None)
+        if whole.train.shape[1] and (part is None or part.train.shape[1]):
+            return whole, part
+        # The examples span nothing (constant features): the features' own coordinates, where W stays 0.
     whitening = Whitening.of(z)
     return _Space(z, n, whitening), (_Space(z, rows, whitening) if rows < n else None)
 
@@ -536,9 +539,20 @@ def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, num_cl
         x, labels = x[order.to(x.device)], labels[order.to(labels.device)]
     mean, scale, z = _standardise(x.float(), pool=pool)
     rows = z.shape[0] if rows is None else rows
-    spaces = {spec: _spaces(z if cols == slice(0, z.shape[1]) else z[:, cols], rows, num_classes)
-              for spec, cols in candidates.items()}
+    spaces = {spec: (z if cols == slice(0, z.shape[1]) else z[:, cols], rows) for spec, cols in candidates.items()}
     return _Layer(mean, scale, labels.to(z.device), candidates, spaces, l2, about)
+
+
+def _find_spaces(layers: Mapping[str, _Layer], num_classes: int, pool: Executor | None) -> None:
+    """Every candidate's spaces (its preconditioner's sketch, or its Gram matrix), on the workers side by side:
+    each is computed single-threaded, so the result never depends on who computes it."""
+    work = [(layer, spec) for layer in layers.values() for spec in layer.spaces]
+    if pool is None:
+        found = [_spaces(*layer.spaces[spec], num_classes) for layer, spec in work]
+    else:
+        found = list(pool.map(lambda item: _spaces(*item[0].spaces[item[1]], num_classes), work))
+    for (layer, spec), spaces in zip(work, found):
+        layer.spaces[spec] = spaces
 
 
 def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_classes: int, strengths: dict,
@@ -566,6 +580,7 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
         else:
             layers[name] = _prepare(x, labels, slices[name], strengths[name], num_classes, order=fold[0],
                                     rows=fold[1], pool=pool)
+    _find_spaces(layers, num_classes, pool)
     chosen = _paths({name: layers[name] for name in choosing if not isinstance(fold, str)}, num_classes,
                     pool=pool, max_iter=max_iter, tol=tol)
     problems, starts, about, spaces = [], [], [], []

@@ -61,8 +61,12 @@ CHECK_EVERY = 8
 #: low-variance problem (a 3-feature head on 64 examples) float32 losses are too coarse for the line
 #: search to see the last decrease; at this size float64 costs nothing that matters.
 FLOAT64_ELEMENTS = 2**18
-#: Largest group of problems solved together, in parameters (rows x padded width); a larger problem is its own group.
-_GROUP_ELEMENTS = 2**20
+#: Largest group of problems solved together on the CPU, in parameters (rows x padded width); a larger problem is
+#: its own group. Groups are what the CPU's workers share out, so they are small; their number depends on the
+#: problems' sizes only, never on the threads.
+_GROUP_ELEMENTS = 2**16
+#: The same on a GPU, where a group is solved with one launch per operation for all its problems.
+_DEVICE_GROUP_ELEMENTS = 2**22
 #: Armijo's sufficient-decrease constant.
 _ARMIJO = 1e-4
 #: A step that lowers the loss by less than this, relative to the loss, ends the problem (SciPy's ``64 eps``).
@@ -181,24 +185,43 @@ def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol
         stats: a dict to add ``rounds`` (evaluation rounds) and ``reads``
             (host reads of device values) to.
     """
-    out: list = [None] * len(problems)
     stats = {} if stats is None else stats
     stats.setdefault("rounds", 0)
     stats.setdefault("reads", 0)
-    for group in _groups([p.size for p in problems]):
-        for i, result in zip(group, _minimize([problems[i] for i in group], [starts[i] for i in group],
-                                              tol=tol, max_iter=max_iter, pool=pool, check_every=check_every,
-                                              stats=stats)):
+    if not problems:
+        return []
+    on_cpu = problems[0].z.device.type == "cpu"
+    groups = _groups([p.size for p in problems], _GROUP_ELEMENTS if on_cpu else _DEVICE_GROUP_ELEMENTS)
+    work = [sum(problems[i].z.numel() for i in group) for group in groups]
+    each = [{"rounds": 0, "reads": 0} for _ in groups]
+
+    def run(j: int, blocks_pool: Executor | None) -> list:
+        group = groups[j]
+        return _minimize([problems[i] for i in group], [starts[i] for i in group], tol=tol, max_iter=max_iter,
+                         pool=blocks_pool, check_every=check_every, stats=each[j])
+
+    # Several groups of similar weight run side by side, one per worker, each single-threaded; otherwise
+    # one after another, with the row blocks of each on the workers. Either way the same arithmetic.
+    if pool is None or len(groups) == 1 or 2 * max(work) > sum(work):
+        answers = [run(j, pool) for j in range(len(groups))]
+    else:
+        futures = {j: pool.submit(run, j, None) for j in sorted(range(len(groups)), key=lambda j: -work[j])}
+        answers = [futures[j].result() for j in range(len(groups))]
+    out: list = [None] * len(problems)
+    for group, answer, counts in zip(groups, answers, each):
+        for i, result in zip(group, answer):
             out[i] = result
+        stats["rounds"] += counts["rounds"]
+        stats["reads"] += counts["reads"]
     return out
 
 
-def _groups(sizes: Sequence[int]) -> list[list[int]]:
-    """Indices of problems solved together: by size, at most :data:`_GROUP_ELEMENTS` padded parameters each."""
+def _groups(sizes: Sequence[int], bound: int = 2**16) -> list[list[int]]:
+    """Indices of problems solved together: by size, at most ``bound`` padded parameters each."""
     order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
     groups, current = [], []
     for i in order:  # ascending sizes: the group's width is its last problem's size
-        if current and (len(current) + 1) * sizes[i] > _GROUP_ELEMENTS:
+        if current and (len(current) + 1) * sizes[i] > bound:
             groups.append(current)
             current = []
         current.append(i)

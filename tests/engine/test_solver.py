@@ -56,7 +56,7 @@ def test_max_iter_stops_without_convergence_and_warm_starts_finish_quickly():
 
 def test_groups_bound_the_memory_of_the_parameters():
     sizes = [10, 2**19, 2**19, 2**19, 30, 2**21]
-    groups = solver._groups(sizes)
+    groups = solver._groups(sizes, solver._GROUP_ELEMENTS)
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     for group in groups:
         assert len(group) == 1 or len(group) * max(sizes[i] for i in group) <= solver._GROUP_ELEMENTS

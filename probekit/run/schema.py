@@ -27,7 +27,7 @@ import xarray as xr
 from probekit.params import choices
 
 __all__ = [
-    "BASELINES", "EPOCH_VARIABLES", "REDUCTION_WIDTH", "EXAMPLE_KINDS", "LAYOUTS", "MDL_SPLIT", "MEASURES", "MEASURE_LABELS", "RUN_COORDS",
+    "ATTR_DEFAULTS", "BASELINES", "EPOCH_VARIABLES", "REDUCTION_WIDTH", "EXAMPLE_KINDS", "LAYOUTS", "MDL_SPLIT", "MEASURES", "MEASURE_LABELS", "RUN_COORDS",
     "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS", "SPLITS", "SPLITS_SHOWN_FIRST", "SPLIT_MEASURES", "VARIABLE_DIMS",
     "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run", "epoch_arrays", "epoch_index", "epoch_position",
     "forward_order", "layout_for_shape", "layout_of", "measures_of", "metric_name", "metric_names", "row_values", "rows_of",
@@ -88,6 +88,8 @@ REDUCTION_WIDTH = 48
 EPOCH_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
 #: Attributes that describe one process's session, not the run: they may differ on resume.
 SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
+#: Run attributes added after stores were first written, and the value a store without one was written with.
+ATTR_DEFAULTS = {"autocast": "none"}
 
 
 def metric_name(split: str, measure: str) -> str:
@@ -201,7 +203,8 @@ class RunLayout:
         }
 
     def fixed_attrs(self) -> dict:
-        return {k: v for k, v in self.attrs.items() if k not in SESSION_ATTRS}
+        """The attributes a resumed run must share with its store (those a store predates at their defaults)."""
+        return {**ATTR_DEFAULTS, **{k: v for k, v in self.attrs.items() if k not in SESSION_ATTRS}}
 
 
 @dataclass

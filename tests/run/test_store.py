@@ -289,3 +289,20 @@ def test_sigkill_after_any_file_write_keeps_every_completed_epoch_and_resume_com
                 np.testing.assert_array_equal(done[name].values, expected[name].values)
             resumed += 1
     assert len(points) == 13 and partial == 12 and resumed == 5
+
+
+def test_a_store_written_before_an_attribute_existed_resumes_at_its_default(tmp_path):
+    """A store without ``autocast`` was written without autocast: a run with autocast='none' resumes it, a bf16 one
+    is refused and the store untouched."""
+    old = _layout()
+    assert "autocast" not in old.attrs
+    with RunWriter(tmp_path / "r.zarr", old) as writer:
+        writer.append(_row(old, 0))
+    before = _digest(tmp_path / "r.zarr")
+    with pytest.raises(StoreError, match=r"its 'autocast' differs \(store: 'none', this run: 'bf16'\)"):
+        RunWriter(tmp_path / "r.zarr", _layout(autocast="bf16"), resume=True)
+    assert _digest(tmp_path / "r.zarr") == before
+    with RunWriter(tmp_path / "r.zarr", _layout(autocast="none"), resume=True) as writer:
+        assert [r.epoch for r in writer.rows] == [0]
+        writer.append(_row(old, 1))
+    assert open_run(tmp_path / "r.zarr").sizes["epoch"] == 2

@@ -65,8 +65,8 @@ from probekit.params import Options, check_params, choices
 
 __all__ = [
     "AUTOCAST_CONSTRAINTS", "AUTOCAST_DTYPES", "DEFAULT_CACHE_BYTES", "IGNORE_INDEX", "LabelSummary", "SplitFeatures",
-    "as_splits", "autocast_dtype", "autocast_name", "batches", "check_inputs", "check_labels", "collate", "example_kind",
-    "extract", "label_summary", "labels_of", "split_size",
+    "as_splits", "autocast_dtype", "autocast_name", "batches", "cache_budget", "check_inputs", "check_labels", "collate",
+    "example_kind", "extract", "label_summary", "labels_of", "split_size",
 ]
 
 _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -501,6 +501,20 @@ class SplitFeatures:
     """Examples (sequences) the split held."""
 
 
+def cache_budget(cache_bytes: int, device: torch.device) -> int:
+    """The bytes of features kept in memory (on ``device``) before the cache goes to disk.
+
+    On a GPU, the default :data:`DEFAULT_CACHE_BYTES` becomes half the
+    device's free memory (at least the default), so that the features stay on
+    the device, where the probes are fitted, whenever they fit; any other
+    value is taken as given.
+    """
+    if device.type == "cuda" and cache_bytes == DEFAULT_CACHE_BYTES:
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(cache_bytes, int(free) // 2)
+    return cache_bytes
+
+
 class _Cache:
     """Rows of each layer's features: in memory, moving to files on disk once they pass ``cache_bytes``.
 
@@ -587,7 +601,7 @@ def extract(
     is updated with the number of examples (sequences) of each batch.
     """
     n = split_size(split)
-    cache = _Cache(dims, cache_bytes, n)
+    cache = _Cache(dims, cache_budget(cache_bytes, device), n)
     labels, groups, kind, sequences = [], [], None, 0
     totals: dict[str, torch.Tensor] = {}  # each layer's sum of every value, on the device
     autocast = autocast_dtype(autocast)

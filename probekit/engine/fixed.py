@@ -96,7 +96,8 @@ def probe(
         max_flatten: largest layer ``"flatten"`` accepts.
         seed: seed of random reductions (recorded in the store).
         max_iter: most L-BFGS iterations per probe fit.
-        cache_bytes: above this many bytes, cached features go to disk.
+        cache_bytes: above this many bytes, cached features go to disk (on a GPU the default is half its
+            free memory, so that features stay on the device when they fit).
         quiet: no progress display and no plan printout.
         model_name: the model's name recorded in the run (default: its class name).
         dataset_name: the data's name recorded in the run (default: ``data.info.name``, else ``"user data"``).

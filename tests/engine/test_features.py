@@ -274,3 +274,14 @@ def test_rows_without_a_label_key_ask_for_one(seq_splits):
         pk.probe(Bag(), {"train": Rows(x, y)}, layers=["fc"], quiet=True, label_key="target")
     with pytest.raises(ValueError, match="label_key must be a str or None; got 3"):
         pk.probe(Bag(), {"train": Rows(x, y)}, layers=["fc"], quiet=True, label_key=3)
+
+
+def test_the_cache_keeps_features_on_a_gpu_while_half_its_free_memory_holds_them(monkeypatch):
+    from probekit.engine.features import DEFAULT_CACHE_BYTES, cache_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    assert cache_budget(DEFAULT_CACHE_BYTES, torch.device("cuda")) == 20 * 2**30
+    assert cache_budget(2**20, torch.device("cuda")) == 2**20  # a value the user chose is kept
+    assert cache_budget(DEFAULT_CACHE_BYTES, torch.device("cpu")) == DEFAULT_CACHE_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    assert cache_budget(DEFAULT_CACHE_BYTES, torch.device("cuda")) == DEFAULT_CACHE_BYTES  # never below the default

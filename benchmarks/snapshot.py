@@ -45,6 +45,9 @@ SMALL = {
     "quick": {"cases": ((100, 1),), "batch": 256},
     "full": {"cases": ((100, 5), (1000, 3)), "batch": 256},
 }
+#: The whole ResNet-50 snapshot's target against the bare forward: tight at full size, where the fixed costs are
+#: a small share, looser at quick size, where they are most of it.
+RESNET_TARGET = {"quick": 1.5, "full": 1.2}
 #: The small case's target: the whole probe within 1.5x the bare forward plus the fit (issue 13).
 SMALL_TARGET = 1.5
 
@@ -90,7 +93,7 @@ def _resnet(size: str) -> Row:
     return Row(
         figure="3 snapshot", case=f"resnet50 {config['size']}px, {config['train']}+{config['valid']} images, {ds.sizes['layer']} layers",
         baseline="bare forward over the data", baseline_value=pairs.baseline_median,
-        probekit_value=pairs.candidate_median, unit="s", target=1.5,
+        probekit_value=pairs.candidate_median, unit="s", target=RESNET_TARGET[size],
         note=f"{n / pairs.baseline_median:.1f} img/s bare; "
              f"all converged: {bool(ds.converged.all())}",
         pair_ratio=pairs.ratio, extra={**pairs.as_dict(),

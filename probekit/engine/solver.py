@@ -29,10 +29,16 @@ the other problems move on. A problem stops when
 
 The problems' parameters live in one ``(problems, width)`` float64 matrix,
 each row a problem's flattened ``(W', b)`` padded with zeros; the L-BFGS
-memory is ``MEMORY`` such matrices. Problems are solved in groups of at most
-:data:`_GROUP_ELEMENTS` parameters (rows times width), so that memory stays
-bounded however many layers a run has; the grouping depends only on the
-problems' sizes.
+memory is ``MEMORY`` such matrices, one ring for every problem (a round in
+which a problem gains no pair leaves a hole in its memory, which the
+recursion skips). Once a quarter of a group's problems have stopped, their
+rows leave the matrices. Problems are solved in groups, by size, of at most
+:data:`_GROUP_ELEMENTS` parameters on the CPU (rows times width) and
+:data:`_DEVICE_GROUP_ELEMENTS` on a GPU, so that memory stays bounded however
+many layers a run has; the grouping depends only on the problems' sizes and
+the device. On the CPU, groups of similar weight run side by side on the
+workers, each single-threaded; a group that outweighs the others runs alone,
+its row blocks shared by the workers.
 
 The losses are computed by torch: two matrix products per evaluation, in row
 blocks (:attr:`Problem.blocks`) summed in a fixed order, on a pool of

@@ -75,7 +75,8 @@ search sees a smooth objective; the strongest correlations between features
 are whitened away by a low-rank preconditioner found with a few products of
 a random sketch, which roughly halves the evaluations on real, correlated
 features; a layer with at least twice as many features as examples, and at
-most 50 examples per class, is fitted in the span of its examples (the dual:
+most 50 examples per class (150 with an L2 path), is fitted in the span of
+its examples (the dual:
 see ``_Space``), where every pass is over ``n`` columns instead of ``d`` and
 the same optimum is reached, more faithfully at a given tolerance, since its
 gradient is not spread over thousands of features; and on the CPU the
@@ -134,7 +135,8 @@ _EVAL_CHUNK = 8192
 _MIN_PARALLEL_ELEMENTS = 2**21
 #: Most examples per class for which a layer with at least twice as many features as examples is fitted in the
 #: span of its examples (the dual): there the Gram matrix (2 n^2 d) costs less than the passes it saves
-#: (about 4 n d K per evaluation, a few dozen evaluations).
+#: (about 4 n d K per evaluation, a few dozen evaluations per fit); three times as many with an L2 path, whose
+#: fits all share the one Gram matrix.
 _DUAL_ROWS_PER_CLASS = 50
 #: Most row blocks of one fit (their number never depends on the threads).
 _MAX_BLOCKS = 16
@@ -509,7 +511,8 @@ class _Space:
 def _spaces(z: torch.Tensor, rows: int, num_classes: int) -> tuple[_Space, _Space | None]:
     """The whole training split's space and, when ``rows < n``, the fitting part's (the rest held out)."""
     n, d = z.shape
-    if d >= 2 * n and n <= _DUAL_ROWS_PER_CLASS * num_classes:
+    fits = 3 if rows < n else 1  # a path and its refit cost about three fits, all on one Gram matrix
+    if d >= 2 * n and n <= _DUAL_ROWS_PER_CLASS * num_classes * fits:
         z64 = z.double()
         gram = z64 @ z64.T
         whole, part = _Space(z, n, None, gram), (_Space(z, rows, None, gram) if rows < n else None)

@@ -100,7 +100,7 @@ import math
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
@@ -529,32 +529,38 @@ class _Layer:
 
     mean: torch.Tensor
     scale: torch.Tensor
+    z: torch.Tensor
+    rows: int  # the fitting part's rows (all of them without a fold)
     labels: torch.Tensor
-    candidates: dict  # {spec: slice} of the standardised features' columns
-    spaces: dict  # {spec: (whole split's _Space, fitting part's _Space or None)}
+    candidates: dict  # {spec: slice} of z's columns
     l2: float | str
     about: dict  # ProbeFit fields known before the fit (spec, fallback)
+    #: {spec: (whole split's _Space, fitting part's _Space or None)}, from :func:`_find_spaces`.
+    spaces: dict = field(default_factory=dict)
+
+    def columns(self, spec) -> torch.Tensor:
+        cols = self.candidates[spec]
+        return self.z if cols == slice(0, self.z.shape[1]) else self.z[:, cols]
 
 
-def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, num_classes: int, *,
-             order: torch.Tensor | None, rows: int | None, pool: Executor | None, **about) -> _Layer:
+def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, *, order: torch.Tensor | None,
+             rows: int | None, pool: Executor | None, **about) -> _Layer:
     if order is not None:
         x, labels = x[order.to(x.device)], labels[order.to(labels.device)]
     mean, scale, z = _standardise(x.float(), pool=pool)
-    rows = z.shape[0] if rows is None else rows
-    spaces = {spec: (z if cols == slice(0, z.shape[1]) else z[:, cols], rows) for spec, cols in candidates.items()}
-    return _Layer(mean, scale, labels.to(z.device), candidates, spaces, l2, about)
+    return _Layer(mean, scale, z, z.shape[0] if rows is None else rows, labels.to(z.device), candidates, l2, about)
 
 
 def _find_spaces(layers: Mapping[str, _Layer], num_classes: int, pool: Executor | None) -> None:
     """Every candidate's spaces (its preconditioner's sketch, or its Gram matrix), on the workers side by side:
     each is computed single-threaded, so the result never depends on who computes it."""
-    work = [(layer, spec) for layer in layers.values() for spec in layer.spaces]
-    if pool is None:
-        found = [_spaces(*layer.spaces[spec], num_classes) for layer, spec in work]
-    else:
-        found = list(pool.map(lambda item: _spaces(*item[0].spaces[item[1]], num_classes), work))
-    for (layer, spec), spaces in zip(work, found):
+    work = [(layer, spec) for layer in layers.values() for spec in layer.candidates]
+
+    def find(item) -> tuple:
+        layer, spec = item
+        return _spaces(layer.columns(spec), layer.rows, num_classes)
+
+    for (layer, spec), spaces in zip(work, map(find, work) if pool is None else pool.map(find, work)):
         layer.spaces[spec] = spaces
 
 
@@ -566,7 +572,7 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
         if name not in choosing:
             spec, columns = next(iter(slices[name].items()))
             x = x if columns == slice(0, x.shape[1]) else x[:, columns]
-            layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, strengths[name], num_classes,
+            layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, strengths[name],
                                     order=None, rows=None, pool=pool, columns=columns)
         elif isinstance(fold, str):  # no fold: the fixed fallback, on the smallest candidate
             l2, candidates = strengths[name], slices[name]
@@ -578,10 +584,10 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
                 then += f" on the candidate with the fewest columns, {spec!r}"
             why = f"{what} {fold}: {then} (give more examples{', or a fixed l2' if l2 == 'auto' else ''})"
             layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, FALLBACK_L2 if l2 == "auto" else l2,
-                                    num_classes, order=None, rows=None, pool=pool, columns=columns, spec=spec,
+                                    order=None, rows=None, pool=pool, columns=columns, spec=spec,
                                     fallback=why)
         else:
-            layers[name] = _prepare(x, labels, slices[name], strengths[name], num_classes, order=fold[0],
+            layers[name] = _prepare(x, labels, slices[name], strengths[name], order=fold[0],
                                     rows=fold[1], pool=pool)
     _find_spaces(layers, num_classes, pool)
     chosen = _paths({name: layers[name] for name in choosing if not isinstance(fold, str)}, num_classes,
@@ -639,14 +645,8 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
         problems = [Problem(t["space"].train, t["y"], num_classes, t["grid"][step], t["space"].whitening,
                             _blocks(t["space"].train)) for t in live]
         starts = [p.start() if t["weights"] is None else p.warm(*t["weights"]) for p, t in zip(problems, live)]
-        tols = [path_tol if len(t["grid"]) > 1 else tol for t in live]
-        results = []
-        for value in sorted(set(tols)):  # at most two tolerances: a path's, and a single value's
-            picked = [i for i, t in enumerate(tols) if t == value]
-            solved = minimize([problems[i] for i in picked], [starts[i] for i in picked], tol=value,
-                              max_iter=max_iter, pool=pool)
-            results += list(zip(picked, solved))
-        results = [r for _, r in sorted(results, key=lambda item: item[0])]
+        tols = [path_tol if len(t["grid"]) > 1 else tol for t in live]  # a path's points, or a single value's fit
+        results = minimize(problems, starts, tol=tols, max_iter=max_iter, pool=pool)
         losses = []
         for p, t, (theta, iterations, _) in zip(problems, live, results):
             weight, bias = p.weights(theta)

@@ -174,7 +174,7 @@ def _loss_terms(z: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bia
     return picked, residual @ z, residual.sum(1)
 
 
-def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol: float, max_iter: int,
+def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol: float | Sequence[float], max_iter: int,
              pool: Executor | None = None, check_every: int | None = None,
              stats: dict | None = None) -> list[tuple[torch.Tensor, int, bool]]:
     """Minimise every problem from its start; ``[(theta, iterations, converged)]`` in order.
@@ -183,7 +183,7 @@ def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol
         problems: on one device.
         starts: each problem's parameters (``(size,)`` float64, e.g.
             :meth:`Problem.start` or :meth:`Problem.warm`).
-        tol, max_iter: the stopping rules of the module's docstring.
+        tol, max_iter: the stopping rules of the module's docstring; ``tol`` may give each problem its own.
         pool: single-threaded CPU workers for the large row blocks.
         check_every: rounds between reads of the convergence flags; by default
             1 on the CPU and :data:`CHECK_EVERY` on other devices. The answer
@@ -196,6 +196,7 @@ def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol
     stats.setdefault("reads", 0)
     if not problems:
         return []
+    tols = [float(tol)] * len(problems) if isinstance(tol, (int, float)) else [float(t) for t in tol]
     on_cpu = problems[0].z.device.type == "cpu"
     groups = _groups([p.size for p in problems], _GROUP_ELEMENTS if on_cpu else _DEVICE_GROUP_ELEMENTS)
     work = [sum(problems[i].z.numel() for i in group) for group in groups]
@@ -203,8 +204,8 @@ def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol
 
     def run(j: int, blocks_pool: Executor | None) -> list:
         group = groups[j]
-        return _minimize([problems[i] for i in group], [starts[i] for i in group], tol=tol, max_iter=max_iter,
-                         pool=blocks_pool, check_every=check_every, stats=each[j])
+        return _minimize([problems[i] for i in group], [starts[i] for i in group], tol=[tols[i] for i in group],
+                         max_iter=max_iter, pool=blocks_pool, check_every=check_every, stats=each[j])
 
     # Several groups of similar weight run side by side, one per worker, each single-threaded; otherwise
     # one after another, with the row blocks of each on the workers. Either way the same arithmetic.
@@ -234,12 +235,13 @@ def _groups(sizes: Sequence[int], bound: int = 2**16) -> list[list[int]]:
     return groups + ([current] if current else [])
 
 
-def _minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol: float, max_iter: int,
+def _minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol: Sequence[float], max_iter: int,
               pool: Executor | None, check_every: int | None, stats: dict) -> list[tuple[torch.Tensor, int, bool]]:
     device = problems[0].z.device
     count, width = len(problems), max(p.size for p in problems)
     if check_every is None:
         check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    tol = torch.tensor(tol, dtype=torch.float64, device=device)  # each problem's
     x = torch.zeros(count, width, dtype=torch.float64, device=device)
     for i, start in enumerate(starts):
         x[i, :problems[i].size] = start.to(device=device, dtype=torch.float64)
@@ -285,9 +287,9 @@ def _minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, to
                 for i, (iters, ok) in zip(done, zip(iterations[done].tolist(), converged[done].tolist())):
                     out[rows[i]] = (x[i, :problems[i].size].clone(), iters, bool(ok))
                 keep_rows = torch.tensor(live, device=device)
-                x, f, grad, gmax, active, converged, iterations, gamma, has_pair, direction, step, slope = (
-                    t.index_select(0, keep_rows) for t in (x, f, grad, gmax, active, converged, iterations, gamma,
-                                                           has_pair, direction, step, slope))
+                x, f, grad, gmax, tol, active, converged, iterations, gamma, has_pair, direction, step, slope = (
+                    t.index_select(0, keep_rows) for t in (x, f, grad, gmax, tol, active, converged, iterations,
+                                                           gamma, has_pair, direction, step, slope))
                 steps, changes, rho = (t.index_select(1, keep_rows) for t in (steps, changes, rho))
                 problems, rows = [problems[i] for i in live], [rows[i] for i in live]
                 live = list(range(len(rows)))

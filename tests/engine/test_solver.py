@@ -78,3 +78,13 @@ def test_a_step_to_a_non_finite_loss_is_shortened(bad):
     p.finish = sometimes_bad
     (theta, _, converged), = minimize([p], [start], tol=1e-5, max_iter=500)
     assert converged and torch.isfinite(theta).all()
+
+
+def test_each_problem_may_have_its_own_tolerance():
+    loose, tight = _problem(300, 40, seed=5), _problem(300, 40, seed=5)
+    together = minimize([loose, tight], [loose.start(), tight.start()], tol=[1e-3, 1e-7], max_iter=500)
+    for p, value, (theta, iterations, converged) in zip((loose, tight), (1e-3, 1e-7), together):
+        (alone, alone_iterations, _), = minimize([p], [p.start()], tol=value, max_iter=500)
+        assert converged and iterations == alone_iterations
+        torch.testing.assert_close(theta, alone, rtol=0, atol=1e-9)
+    assert together[0][1] < together[1][1]

@@ -165,3 +165,21 @@ def test_values_are_documented_with_the_comment_where_they_are_assigned():
     assert any("Dataset names" in line for line in lines)   # the #: comment in probekit/data/named.py
     long_value = apiref.documenter(probekit.experiments, "REPRODUCTIONS")
     assert not any(":value:" in line for line in long_value) and any("Every reproduction" in line for line in long_value)
+
+
+def test_a_module_that_exports_a_submodule_gets_its_section_and_each_class_is_described_once(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    apiref = load_apiref()
+    import probekit.zoo.paper
+
+    monkeypatch.setattr(probekit.zoo, "__all__", [*probekit.zoo.__all__, "paper"])
+    lines = apiref.modules_text()
+    modules = "\n".join(lines)
+    start = lines.index("probekit.zoo.paper")
+    ends = [i for i in range(start + 2, len(lines) - 1) if set(lines[i + 1]) == {"-"} and lines[i]]
+    section = "\n".join(lines[start:ends[0] if ends else len(lines)])
+    assert modules.count(".. autoclass:: probekit.zoo.BypassMLP") == 1
+    assert ".. autoclass:: probekit.zoo.paper.BypassMLP" not in modules
+    assert ".. automodule:: probekit.zoo.paper" in section and ":py:obj:`probekit.zoo.BypassMLP`" in section
+    assert "probekit.zoo.paper" not in "\n".join(apiref.internals_text())

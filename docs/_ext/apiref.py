@@ -11,8 +11,9 @@ without editing them, and a name removed leaves nothing stale behind:
   found on ``xarray.Dataset`` where ``import probekit`` registers it.
 - ``.. probekit-api:: modules`` documents every module of ``probekit.__all__``
   (``pk.data``, ``pk.zoo``, ...): its docstring, then each member of its own
-  ``__all__``. A member the top level already documents is not described
-  twice (Sphinx would warn of a duplicate): the module's section links to it.
+  ``__all__``, and of every module that ``__all__`` names. A class or function
+  already described (at the top level, or in an earlier module) is not
+  described twice (Sphinx would warn of a duplicate): the section links to it.
 - ``.. probekit-api:: internals`` shows the docstring of every other module
   (``probekit.engine.reduce`` holds the reduction grammar, ``probekit.run.schema``
   the names), so that the docstrings' ``:mod:`` references have a target.
@@ -55,9 +56,19 @@ def top_level_objects() -> dict[str, object]:
 
 
 def public_modules() -> list[types.ModuleType]:
-    """The modules of ``probekit.__all__`` (``probekit.data``, ...), in its order."""
-    found = [getattr(package(), name) for name in package().__all__]
-    return [obj for obj in found if isinstance(obj, types.ModuleType)]
+    """The modules of ``probekit.__all__`` (``probekit.data``, ...), in its order, each followed by
+    the modules its own ``__all__`` names (a subpackage that exports submodules)."""
+    found: list[types.ModuleType] = []
+
+    def add(module: types.ModuleType, names: list[str]) -> None:
+        for name in names:
+            obj = getattr(module, name)
+            if isinstance(obj, types.ModuleType) and obj not in found:
+                found.append(obj)
+                add(obj, list(getattr(obj, "__all__", ())))
+
+    add(package(), list(package().__all__))
+    return found
 
 
 def group_of(obj: object) -> str:
@@ -149,21 +160,34 @@ def top_level_text() -> list[str]:
     return lines
 
 
+def described_once(obj: object) -> bool:
+    """Whether ``obj`` gets one description only: a class or a function does (Sphinx warns of a second one
+    under another name); a value may be described under each name that exports it (equal values can share an id)."""
+    return inspect.isclass(obj) or callable(obj)
+
+
 def modules_text() -> list[str]:
-    """The modules page's body: per module, its docstring, then each member of its ``__all__`` the top level lacks."""
-    documented = {id(obj): name for name, obj in top_level_objects().items()}
+    """The modules page's body: per module, its docstring, then each member of its ``__all__`` not described yet."""
+    described = {id(obj): f"probekit.{name}" for name, obj in top_level_objects().items() if described_once(obj)}
+    accessor = accessor_class()
+    described[id(accessor)] = f"{accessor.__module__}.{accessor.__qualname__}"
     lines: list[str] = []
     for module in public_modules():
-        members = list(getattr(module, "__all__", ()))
-        at_top = sorted({documented[id(getattr(module, n))] for n in members if id(getattr(module, n)) in documented},
-                        key=str.lower)
+        members = {name: getattr(module, name) for name in getattr(module, "__all__", ())}
+        elsewhere = sorted({described[id(obj)] for obj in members.values() if described_once(obj) and id(obj) in described},
+                           key=str.lower)
         lines += heading(module.__name__)
         lines += [f".. automodule:: {module.__name__}", ""]
-        if at_top:
-            lines += ["Documented at the top level: " + ", ".join(f":py:obj:`probekit.{n}`" for n in at_top) + ".", ""]
-        for name in members:
-            if id(getattr(module, name)) not in documented:
-                lines += documenter(module, name)
+        if elsewhere:
+            lines += ["Also exported here: " + ", ".join(f":py:obj:`{target}`" for target in elsewhere) + ".", ""]
+        for name, obj in members.items():
+            if isinstance(obj, types.ModuleType):   # it has a section of its own
+                continue
+            if described_once(obj):
+                if id(obj) in described:
+                    continue
+                described[id(obj)] = f"{module.__name__}.{name}"
+            lines += documenter(module, name)
     return lines
 
 

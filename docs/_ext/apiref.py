@@ -93,7 +93,8 @@ def documenter(module: types.ModuleType, name: str) -> list[str]:
     full = f"{module.__name__}.{name}"
     if inspect.isclass(obj):
         kind = "autoexception" if issubclass(obj, BaseException) else "autoclass"
-        return [f".. {kind}:: {full}", "   :members:", "   :show-inheritance:", ""]
+        bases = ["   :show-inheritance:"] if obj.__bases__ != (object,) else []   # "Bases: object" says nothing
+        return [f".. {kind}:: {full}", "   :members:", *bases, ""]
     if callable(obj):
         return [f".. autofunction:: {full}", ""]
     # A value is described by hand, not by autodata: autodata falls back on the value's type's docstring
@@ -216,6 +217,9 @@ class ProbekitAPI(SphinxDirective):
 
     def run(self):
         part = directives.choice(self.arguments[0], tuple(self.PARTS))
+        pages = getattr(self.env, "probekit_api_pages", set())
+        pages.add(self.env.docname)
+        self.env.probekit_api_pages = pages
         # The page changes with the package's __all__ and each public module's, not only with its own source.
         for module in [package(), *public_modules()]:
             self.env.note_dependency(module.__file__)
@@ -223,6 +227,35 @@ class ProbekitAPI(SphinxDirective):
         return nested_parse_to_nodes(self.state, text, source=f"<probekit-api {part}>", allow_section_headings=True)
 
 
+def read_reference_pages_together(app: Sphinx, env, docnames: list[str]) -> None:
+    """When one reference page is read again, read them all, each cleared before any is read.
+
+    An object can move from one reference page to another (a module made
+    public leaves the internals page for the modules page); Sphinx clears a
+    page just before reading it again, so the page read first would meet the
+    other's stale description and warn of a duplicate.
+    """
+    pages = sorted(getattr(env, "probekit_api_pages", set()) & env.found_docs)
+    if not any(page in docnames for page in pages):
+        return
+    for page in pages:
+        if page not in docnames:
+            docnames.append(page)
+        app.events.emit("env-purge-doc", env, page)
+        env.clear_doc(page)
+
+
+def forget_page(app: Sphinx, env, docname: str) -> None:
+    getattr(env, "probekit_api_pages", set()).discard(docname)
+
+
+def merge_pages(app: Sphinx, env, docnames: set[str], other) -> None:
+    env.probekit_api_pages = getattr(env, "probekit_api_pages", set()) | getattr(other, "probekit_api_pages", set())
+
+
 def setup(app: Sphinx) -> dict:
     app.add_directive("probekit-api", ProbekitAPI)
+    app.connect("env-before-read-docs", read_reference_pages_together)
+    app.connect("env-purge-doc", forget_page)
+    app.connect("env-merge-info", merge_pages)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -8,12 +8,12 @@ import dask.array
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import make_run
 
 import probekit as pk
 from probekit.run.many import RUN_ATTR, open_runs, run_names, select_run, split_runs
 from probekit.run.schema import check_run, layout_of, rows_of
 from probekit.run.store import RunWriter, StoreError
-from tests.conftest import make_run
 
 
 def _write(path: Path, ds: xr.Dataset) -> Path:

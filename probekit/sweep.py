@@ -88,6 +88,7 @@ class CellResult:
         error: The cell's error, one line (empty unless failed).
         resumed: The cell continued a store an earlier run left.
         store: The cell's store.
+        values: The cell's grid values, ``{option: value}``.
     """
 
     name: str

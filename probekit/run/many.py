@@ -34,7 +34,7 @@ import xarray as xr
 
 from probekit.params import Options, check_params, choices
 from probekit.run.schema import SCHEMA_VERSION, epoch_arrays, layout_of
-from probekit.run.store import open_run_lazy
+from probekit.run.store import StoreError, open_run_lazy
 
 __all__ = [
     "ATTR_PREFIX", "COMPLETED_COORD", "RUN_ATTR", "RUN_DIM", "STORE_COORD", "open_runs", "run_names", "select_run",
@@ -77,6 +77,12 @@ def _named_paths(runs: object) -> dict[str, Path]:
                 paths = [Path(p) for p in found]
             else:
                 paths = [Path(text)]
+                inside = sorted(paths[0].glob("*.zarr")) if paths[0].is_dir() else []
+                if inside and not (paths[0] / ".zmetadata").exists():
+                    raise StoreError(
+                        f"{text!r} is a folder holding {len(inside)} '*.zarr' folders, not a run store itself; pass "
+                        f"{os.path.join(text, '*.zarr')!r} to open them all"
+                    )
         elif isinstance(runs, Sequence):
             paths = [Path(p) for p in runs]
         else:

@@ -123,6 +123,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, stores):
     (tmp_path / "notes.zarr" / "a.txt").write_text("x")
     with pytest.raises(StoreError, match=r"notes.zarr' is not a probekit run store"):
         open_runs(str(tmp_path / "*.zarr"))
+    with pytest.raises(StoreError, match=r"is a folder holding 4 '\*\.zarr' folders, not a run store itself; pass '.*/\*\.zarr' to open"):
+        open_runs(stores)
     with pytest.raises(FileNotFoundError, match="no run store at"):
         open_runs([stores / "s0.zarr", stores / "gone.zarr"])
     with pytest.raises(TypeError, match="open_runs takes a glob pattern"):

@@ -230,6 +230,9 @@ def _check_cell(run_parser: argparse.ArgumentParser, name: str, argv: Sequence[s
 def cmd_sweep(args) -> int:
     from probekit.sweep import RESERVED, cells_of, load_spec, parse_grid, run_sweep
 
+    if args.scheduler and args.workers:
+        raise ValueError("--workers sizes the LocalCluster made here; with --scheduler, that scheduler's workers run "
+                         "the cells: drop one of the two")
     run_parser = _subparsers(parser())["run"]
     grid, shared = load_spec(args.spec) if args.spec else ({}, [])
     for key, values in parse_grid(args.grid or []).items():

@@ -356,7 +356,6 @@ def run_sweep(
     if len(set(names)) != len(names):
         raise ValueError(f"cells must have distinct names; got {choices(names)}")
     record = _read_summary(out)
-    out.mkdir(parents=True, exist_ok=True)
     grid = dict(grid or {})
     results: dict[str, CellResult] = {}
     todo: list[tuple[Cell, Path, bool]] = []
@@ -372,39 +371,42 @@ def run_sweep(
         todo.append((cell, store, resume))
         record[cell.name] = {"values": dict(cell.values), "argv": list(cell.argv), "store": store.name,
                              "status": "running", "error": "", "seconds": None, "resumed": resume}
-    _write_summary(out, record, grid, shared)
-    if todo:
-        local = scheduler is None
-        workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
-        threads = cell_threads or (max(1, (os.cpu_count() or 1) // workers) if local else None)
-        from dask.distributed import as_completed
+    if not todo:
+        _write_summary(out, record, grid, shared)
+        return [results[cell.name] for cell in cells]
+    local = scheduler is None
+    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    threads = cell_threads or (max(1, (os.cpu_count() or 1) // workers) if local else None)
+    from dask.distributed import as_completed
 
-        client, cluster = _client(scheduler, workers)
-        try:
-            token = uuid.uuid4().hex[:8]
-            futures = {
-                client.submit(run_cell, list(cell.argv), str(store), resume=resume, threads=threads,
-                              key=f"probekit-cell-{cell.name}-{token}", pure=False): (cell, store, resume)
-                for cell, store, resume in todo
-            }
-            for future in as_completed(futures):
-                cell, store, resume = futures[future]
-                try:
-                    answer = future.result()
-                except Exception as error:  # noqa: BLE001 - a lost worker or task is this cell's failure only
-                    first = str(error).splitlines()[0] if str(error) else ""
-                    answer = {"ok": False, "seconds": float("nan"), "error": f"{type(error).__name__}: {first}"}
-                result = CellResult(cell.name, "done" if answer["ok"] else "failed", float(answer["seconds"]),
-                                    str(store), answer["error"], resume, dict(cell.values))
-                results[cell.name] = result
-                seconds = None if result.seconds != result.seconds else round(result.seconds, 3)  # NaN: a lost task
-                record[cell.name].update(status=result.status, error=result.error, seconds=seconds,
-                                         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-                _write_summary(out, record, grid, shared)
-                if on_result:
-                    on_result(result)
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+    client, cluster = _client(scheduler, workers)  # first: an unreachable scheduler leaves nothing behind
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_summary(out, record, grid, shared)
+        token = uuid.uuid4().hex[:8]
+        futures = {
+            client.submit(run_cell, list(cell.argv), str(store), resume=resume, threads=threads,
+                          key=f"probekit-cell-{cell.name}-{token}", pure=False): (cell, store, resume)
+            for cell, store, resume in todo
+        }
+        for future in as_completed(futures):
+            cell, store, resume = futures[future]
+            try:
+                answer = future.result()
+            except Exception as error:  # noqa: BLE001 - a lost worker or task is this cell's failure only
+                first = str(error).splitlines()[0] if str(error) else ""
+                answer = {"ok": False, "seconds": float("nan"), "error": f"{type(error).__name__}: {first}"}
+            result = CellResult(cell.name, "done" if answer["ok"] else "failed", float(answer["seconds"]),
+                                str(store), answer["error"], resume, dict(cell.values))
+            results[cell.name] = result
+            seconds = None if result.seconds != result.seconds else round(result.seconds, 3)  # NaN: a lost task
+            record[cell.name].update(status=result.status, error=result.error, seconds=seconds,
+                                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            _write_summary(out, record, grid, shared)
+            if on_result:
+                on_result(result)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
     return [results[cell.name] for cell in cells]

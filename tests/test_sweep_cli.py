@@ -75,6 +75,7 @@ def test_a_sweep_reports_its_failing_cell_finishes_the_others_and_resumes(tmp_pa
     (["--grid", "mode=fast"], "sweep cell 'mode=fast': argument --mode: invalid choice: 'fast'"),
     (["--grid", "seed=0", "--workers", "0"], "--workers must be an integer >= 1; got 0"),
     (["--spec", "missing.json"], "cannot read the sweep spec 'missing.json'"),
+    (["--grid", "seed=0", "--workers", "2", "--scheduler", "tcp://h:1"], "--workers sizes the LocalCluster made here"),
 ])
 def test_a_bad_grid_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -408,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_flags(args)
         return args.func(args)
     except KeyboardInterrupt:
-        print("probekit: interrupted; completed epochs are in the store (continue with --resume)", file=sys.stderr)
+        again = "run the same sweep again" if args.command == "sweep" else "continue with --resume"
+        print(f"probekit: interrupted; completed epochs are in the store ({again})", file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"probekit: error: {error}", file=sys.stderr)

@@ -225,6 +225,9 @@ def _concat(opened: dict[str, xr.Dataset], named: dict[str, Path]) -> xr.Dataset
             for ds in opened.values()]
     ds = xr.concat(runs, dim=RUN_DIM, data_vars="all", coords="different", compat="equals", join="outer",
                    fill_value=fills, combine_attrs="drop")
+    completed = ds[COMPLETED_COORD]
+    if RUN_DIM not in completed.dims:  # every run has every epoch: concat kept the one copy
+        ds = ds.assign_coords({COMPLETED_COORD: completed.expand_dims({RUN_DIM: len(runs)}).variable})
     ds = ds.assign_coords({RUN_DIM: np.array(list(opened), dtype=str),
                            STORE_COORD: (RUN_DIM, np.array([str(named[n]) for n in opened], dtype=str)), **attr_coords})
     ds.attrs = {"probekit_schema": SCHEMA_VERSION, **shared}

@@ -113,7 +113,8 @@ def test_a_run_still_being_written_is_read_up_to_its_completed_epochs(tmp_path):
         live = select_run(ds, "live").load()
         assert live.sizes["epoch"] == 2
         np.testing.assert_array_equal(live.probe.values, full.probe.isel(epoch=slice(0, 2)).values)
-    assert open_runs(str(tmp_path / "*.zarr")).completed.all()
+    whole = open_runs(str(tmp_path / "*.zarr"))
+    assert whole.completed.dims == ("run", "epoch") and whole.completed.all()
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, stores):

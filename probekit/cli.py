@@ -20,7 +20,6 @@ import argparse
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import pandas as pd
 
@@ -263,7 +262,7 @@ def cmd_sweep(args) -> int:
     print(frame.to_string(index=False))
     counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed")}
     print(f"{len(results)} cells: {counts['done']} done, {counts['skipped']} skipped (done before), "
-          f"{counts['failed']} failed; read them with pk.open_runs({str(Path(args.out) / '*.zarr')!r})")
+          f"{counts['failed']} failed; read the done ones with probekit.sweep.open_sweep({args.out!r})")
     return 1 if counts["failed"] else 0
 
 

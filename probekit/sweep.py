@@ -14,7 +14,9 @@ file, :func:`probekit.run.store.write_atomic`). Running the same sweep again
 skips the cells it records as done with the same arguments whose store is
 there, and resumes the others whose store exists (``--resume``: a run
 continues from its completed epochs and its training checkpoint); cells
-without a store start afresh.
+without a store start afresh. :func:`open_sweep` opens the cells done as one
+lazy dataset (:func:`probekit.open_runs`), with each grid option as a
+coordinate along ``run`` (``grid_lr``, ``grid_seed``).
 
 The cluster is a ``LocalCluster`` on this machine by default (threads that
 each wait on one cell's process), or any dask scheduler by its address
@@ -43,12 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import xarray as xr
+
 from probekit.params import choices
+from probekit.run.many import open_runs
 from probekit.run.store import write_atomic
 
 __all__ = [
-    "RESERVED", "SUMMARY_FILE", "THREAD_VARIABLES", "Cell", "CellResult", "cells_of", "load_spec", "option_argv",
-    "parse_grid", "run_cell", "run_sweep",
+    "GRID_PREFIX", "RESERVED", "SUMMARY_FILE", "THREAD_VARIABLES", "Cell", "CellResult", "cells_of", "load_spec",
+    "open_sweep", "option_argv", "parse_grid", "run_cell", "run_sweep",
 ]
 
 #: The sweep's summary, in its output folder.
@@ -58,6 +64,8 @@ RESERVED = ("out", "resume", "overwrite", "quiet")
 #: Environment variables that set a cell's threads (torch reads ``OMP_NUM_THREADS`` when it starts).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _SAFE = re.compile(r"[^A-Za-z0-9._,=+-]")
+#: Prefix of the coordinate along ``run`` that :func:`open_sweep` makes of each grid option (``grid_lr``).
+GRID_PREFIX = "grid_"
 #: The one-line error of a cell is cut to this many characters.
 _ERROR_WIDTH = 400
 
@@ -410,3 +418,45 @@ def run_sweep(
         if cluster is not None:
             cluster.close()
     return [results[cell.name] for cell in cells]
+
+
+def open_sweep(
+    out: str | os.PathLike,
+    *,
+    layers: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    join: Literal["exact", "inner"] = "exact",
+) -> xr.Dataset:
+    """The cells of a sweep that are done, as one lazy dataset along ``run``, with the grid's values as coordinates.
+
+    The dataset is :func:`probekit.open_runs`' over the done cells' stores
+    (runs named by their cells), with one coordinate along ``run`` per grid
+    option, ``grid_`` and its name (``grid_lr``, ``grid_model_arg``), holding
+    each cell's value as text: options a run does not record as an attribute
+    (``lr``, ``epochs``) can be selected too.
+
+    Args:
+        out: The sweep's folder (``--out``).
+        layers, metrics, join: As for :func:`probekit.open_runs`.
+
+    Example:
+        >>> ds = open_sweep("runs/sweep")
+        >>> ds.probe.sel(metric="valid_error").isel(epoch=-1).where(ds.grid_lr == "0.1", drop=True)
+    """
+    out = Path(out)
+    record = _read_summary(out)
+    if not record:
+        raise FileNotFoundError(f"no sweep in {str(out)!r} (it has no {SUMMARY_FILE}); run probekit sweep --out "
+                                f"{str(out)!r} first, or open its stores with pk.open_runs")
+    done = {name: out / entry["store"] for name, entry in record.items()
+            if entry.get("status") == "done" and (out / entry["store"]).exists()}
+    if not done:
+        states = choices(sorted({str(entry.get("status")) for entry in record.values()}))
+        raise ValueError(f"no cell of the sweep in {str(out)!r} is done yet ({len(record)} cells, {states}); "
+                         "wait for one, or run the sweep again")
+    ds = open_runs(done, layers=layers, metrics=metrics, join=join)
+    keys = list(dict.fromkeys(key for name in done for key in record[name].get("values", {})))
+    return ds.assign_coords({
+        f"{GRID_PREFIX}{key.replace('-', '_')}": ("run", np.array([str(record[name]["values"].get(key, "")) for name in done]))
+        for key in keys
+    })

@@ -10,7 +10,7 @@ import pytest
 
 import probekit as pk
 from probekit import cli
-from probekit.sweep import SUMMARY_FILE, cells_of, load_spec, option_argv, parse_grid
+from probekit.sweep import SUMMARY_FILE, cells_of, load_spec, open_sweep, option_argv, parse_grid
 
 #: Shared arguments of the sweep's cells: the paper's convnet on 60 embedded digits, three probe points.
 SHARED = ["--", "--epochs", "2", "--limit", "60", "--layers", "input,pool1,fc2", "--device", "cpu"]
@@ -60,6 +60,10 @@ def test_a_sweep_reports_its_failing_cell_finishes_the_others_and_resumes(tmp_pa
     assert (out / "reduce=pool.zarr" / ".zmetadata").stat().st_mtime_ns == finished
     ds = pk.open_runs(str(out / "*.zarr"))
     assert ds.sizes["run"] == 1 and ds.run.values.tolist() == ["reduce=pool"]
+    swept = open_sweep(out)  # the done cells, with the grid's values along run
+    assert swept.run.values.tolist() == ["reduce=pool"] and swept.grid_reduce.values.tolist() == ["pool"]
+    assert float(swept.probe.sel(run="reduce=pool", layer="fc2", metric="valid_error").isel(epoch=-1)) == float(
+        done.probe.sel(layer="fc2", metric="valid_error").isel(epoch=-1))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -119,3 +123,14 @@ def test_a_spec_file_holds_the_grid_and_the_shared_arguments(tmp_path, capsys):
             load_spec(bad)
     assert cli.main(["sweep", "--out", str(tmp_path / "s"), "--spec", str(path), "--grid", "seed=3"]) == 2
     assert "--grid seed is also in the spec" in capsys.readouterr().err
+
+
+def test_open_sweep_needs_a_sweep_with_a_done_cell(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no sweep in '.*' \(it has no sweep.json\); run probekit sweep"):
+        open_sweep(tmp_path)
+    (tmp_path / SUMMARY_FILE).write_text(json.dumps({"cells": {"seed=0": {"status": "failed", "store": "seed=0.zarr"}}}))
+    with pytest.raises(ValueError, match=r"no cell of the sweep in '.*' is done yet \(1 cells, failed\)"):
+        open_sweep(tmp_path)
+    (tmp_path / SUMMARY_FILE).write_text("{")
+    with pytest.raises(ValueError, match="sweep.json' cannot be read .*move it aside"):
+        open_sweep(tmp_path)

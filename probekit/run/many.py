@@ -37,8 +37,8 @@ from probekit.run.schema import SCHEMA_VERSION, epoch_arrays, layout_of
 from probekit.run.store import StoreError, open_run_lazy
 
 __all__ = [
-    "ATTR_PREFIX", "COMPLETED_COORD", "RUN_ATTR", "RUN_DIM", "STORE_COORD", "open_runs", "run_names", "select_run",
-    "split_runs",
+    "ATTR_PREFIX", "COMPLETED_COORD", "RUN_ATTR", "RUN_ATTR_JSON", "RUN_DIM", "STORE_COORD", "open_runs", "run_names",
+    "select_run", "split_runs",
 ]
 
 #: The dimension that indexes the runs of :func:`open_runs`' dataset.
@@ -49,6 +49,8 @@ STORE_COORD = "store"
 COMPLETED_COORD = "completed"
 #: The attribute of a coordinate made from a run attribute: the attribute's name.
 RUN_ATTR = "run_attr"
+#: Set on a run attribute's coordinate whose values are JSON text (the attribute was a list or a table).
+RUN_ATTR_JSON = "run_attr_json"
 #: Prefix of a run attribute's coordinate when its name is already a variable of the run (``l2``, ``baselines``).
 ATTR_PREFIX = "attr_"
 
@@ -116,15 +118,21 @@ def _differing(values: dict[str, tuple[str, ...]], what: str, option: str) -> st
     return f"the runs differ in their {what}: {'; '.join(parts)}; {fix}, or open a subset of the stores"
 
 
-def _coordinate_values(values: list[object]) -> np.ndarray:
-    """One attribute across the runs as a coordinate: typed when every run has it with one type, else objects."""
-    plain = [json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for v in values]
-    kinds = {type(v) for v in plain}
-    if None not in plain and len(kinds) == 1 and kinds <= {str, bool, int, float}:
-        return np.array(plain)
-    if None not in plain and kinds <= {int, float}:
-        return np.array(plain, dtype=np.float64)
-    return np.array(plain, dtype=object)
+def _coordinate(key: str, values: list[object]) -> xr.Variable:
+    """One attribute across the runs as a coordinate along ``run``: typed when every run has it with one type, else
+    objects (NaN where a run lacks it); lists and tables as JSON text, marked so that :func:`select_run` reads them back."""
+    attrs: dict[str, object] = {RUN_ATTR: key}
+    if any(isinstance(v, (list, tuple, dict)) for v in values):
+        values = [None if v is None else json.dumps(v) for v in values]
+        attrs[RUN_ATTR_JSON] = 1
+    kinds = {type(v) for v in values}
+    if None not in values and len(kinds) == 1 and kinds <= {str, bool, int, float}:
+        array = np.array(values)
+    elif None not in values and kinds <= {int, float}:
+        array = np.array(values, dtype=np.float64)
+    else:
+        array = np.array(values, dtype=object)
+    return xr.Variable(RUN_DIM, array, attrs=attrs)
 
 
 def _select(ds: xr.Dataset, dim: str, wanted: Sequence[str], name: str, option: str) -> xr.Dataset:
@@ -164,7 +172,8 @@ def open_runs(
         ``repeat`` where the runs have them); the runs' attributes as
         coordinates along ``run``, each marked with a ``run_attr`` attribute
         (named ``attr_NAME`` where ``NAME`` is already a variable, such as
-        ``l2``); each store's path as the ``store`` coordinate. Take one run
+        ``l2``; NaN where a run lacks it; a list as JSON text); each store's
+        path as the ``store`` coordinate. Take one run
         back out with :func:`select_run`; :func:`probekit.explore` and
         :func:`probekit.compare` take the dataset as it is.
 
@@ -214,8 +223,7 @@ def _concat(opened: dict[str, xr.Dataset], named: dict[str, Path]) -> xr.Dataset
     attr_coords = {}
     for key in keys:
         coord = f"{ATTR_PREFIX}{key}" if key in taken else key
-        values = _coordinate_values([ds.attrs.get(key) for ds in opened.values()])
-        attr_coords[coord] = xr.Variable(RUN_DIM, values, attrs={RUN_ATTR: key})
+        attr_coords[coord] = _coordinate(key, [ds.attrs.get(key) for ds in opened.values()])
     shared = {k: v for k, v in first.attrs.items()
               if all(k in ds.attrs and _same(ds.attrs[k], v) for ds in opened.values())}
     fills = {name: value.flat[0] for name, value in epoch_arrays(layout_of(first), [], capacity=1).items()
@@ -277,8 +285,9 @@ def select_run(ds: xr.Dataset, run: str) -> xr.Dataset:
     for name, coord in one.coords.items():
         if RUN_ATTR in coord.attrs and coord.ndim == 0:
             value = coord.values.item()
-            if value is not None and not (isinstance(value, float) and np.isnan(value) and coord.dtype == object):
-                attrs[str(coord.attrs[RUN_ATTR])] = value
+            lacking = value is None or (coord.dtype == object and isinstance(value, float) and np.isnan(value))
+            if not lacking:  # xarray keeps a lacking value of an object coordinate as NaN
+                attrs[str(coord.attrs[RUN_ATTR])] = json.loads(value) if coord.attrs.get(RUN_ATTR_JSON) else value
             dropped.append(name)
     own = np.flatnonzero(np.asarray(one[COMPLETED_COORD].values, dtype=bool))
     one = one.drop_vars([name for name in dropped if name in one.variables])

@@ -160,6 +160,22 @@ def test_runs_of_other_layers_or_metrics_are_refused_naming_them_and_the_way_out
     assert open_runs(str(tmp_path / "m" / "*.zarr"), join="inner").sizes["metric"] == 4
 
     _write(tmp_path / "b" / "a.zarr", _seeded(0))
-    _write(tmp_path / "b" / "b.zarr", _seeded(1, baselines=("random_init",)))
+    _write(tmp_path / "b" / "b.zarr", _seeded(1, baselines=("random_init",), n_epochs=2))
     with pytest.raises(ValueError, match=r"the runs differ in their baselines \('a': none; 'b': random_init\)"):
         open_runs(str(tmp_path / "b" / "*.zarr"))
+
+
+def test_list_attributes_and_attributes_some_runs_lack_come_back_as_they_were(tmp_path):
+    """make_run with baselines records them as a list attribute; a run without them lacks the attribute."""
+    with_lists = _seeded(0, baselines=("random_init", "control"))
+    with_lists.attrs["note"] = "first"
+    _write(tmp_path / "a.zarr", with_lists)
+    _write(tmp_path / "b.zarr", _seeded(1, baselines=("random_init", "control"), n_epochs=3))
+    ds = open_runs(str(tmp_path / "*.zarr"))
+    assert ds["attr_baselines"].values.tolist() == ['["random_init", "control"]'] * 2  # 'baselines' is a variable
+    assert ds["note"].values[0] == "first" and np.isnan(ds["note"].values[1]) and "note" not in ds.attrs
+    for name in ("a", "b"):
+        one = select_run(ds, name).load()
+        assert one.identical(pk.open_run(tmp_path / f"{name}.zarr"))
+    assert select_run(ds, "a").attrs["baselines"] == ["random_init", "control"]
+    assert "note" not in select_run(ds, "b").attrs

@@ -23,8 +23,9 @@ each wait on one cell's process), or any dask scheduler by its address
 (``tcp://host:8786``), with the same code: its workers must reach ``OUT`` (a
 shared file system) and run the same probekit.
 
-This module imports dask.distributed (when a sweep runs) and the run store:
-never torch, never argparse (the ``probekit sweep`` command is :mod:`probekit.cli`'s).
+This module imports numpy, xarray, the run store and :mod:`probekit.run.many`,
+and dask.distributed when a sweep runs: never torch, never argparse (the
+``probekit sweep`` command is :mod:`probekit.cli`'s).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ ALLOWED = {
     "zoo": {"engine"},
     "experiments": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "accessor"},
     "integrations": {"probekit", "engine", "run"},
-    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor"},
+    "sweep": {"run"},
+    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "sweep"},
     "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).
@@ -46,6 +47,7 @@ FORBIDDEN = {
     "engine": {"altair", "ipywidgets"},
     "data": {"altair", "ipywidgets"},
     "zoo": {"altair", "ipywidgets"},
+    "sweep": {"torch", "altair", "ipywidgets"},
 }
 
 

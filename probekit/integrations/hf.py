@@ -40,9 +40,11 @@ class ProbeCallback(TrainerCallback):
 
     Epoch 0 (the model before training) is probed at ``on_train_begin``, then
     the model after every ``every_n_epochs``-th epoch (rows numbered by the
-    epoch, 1, 2, ...), or, with ``every_n_steps=N``, after every N-th optimiser
-    step (rows numbered 0, 1, 2, ..., the global step in the run's ``step``
-    coordinate). Before training starts, every split of ``data`` is run through
+    epoch, 1, 2, ...; an epoch cut short by ``max_steps`` gets no row), or, with
+    ``every_n_steps=N``, after every N-th optimiser step (rows numbered 0, 1,
+    2, ..., the global step in the run's ``step`` coordinate). Training resumed
+    from a checkpoint (``resume_from_checkpoint=``) continues the rows of the
+    store with ``resume=True``. Before training starts, every split of ``data`` is run through
     the model once: data that does not fit stops ``train()`` with one line
     saying what is wrong, before any step.
 
@@ -80,6 +82,8 @@ class ProbeCallback(TrainerCallback):
         mode: ``"snapshot"`` (probes fitted to their optimum at each row) or ``"online"``.
         batch_label_key: online mode: the keyword argument holding a training batch's labels.
         label_key: the labels' key of ``data``'s rows, when they are mappings (a ``datasets`` row).
+        resume: continue the rows of an existing store, when the trainer resumes from a checkpoint
+            (a trainer starting past step 0 with no rows to continue is refused: its epoch 0 would be trained).
         overwrite: replace an existing store.
         num_classes, l2, probe_lr, batch_size, seed, quiet, model_name, dataset_name: as for
             :class:`~probekit.ProbeMonitor`.
@@ -103,6 +107,7 @@ class ProbeCallback(TrainerCallback):
         mode: Mode = "snapshot",
         batch_label_key: str = "labels",
         label_key: str | None = None,
+        resume: bool = False,
         overwrite: bool = False,
         num_classes: int | None = None,
         l2: float | Literal["auto"] = "auto",
@@ -116,7 +121,7 @@ class ProbeCallback(TrainerCallback):
         self.probes = TrainerProbes(
             data, store=store, layers=layers, reduce=reduce, mode=mode, every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
-            monitor_options=dict(overwrite=overwrite, num_classes=num_classes, l2=l2, probe_lr=probe_lr,
+            monitor_options=dict(resume=resume, overwrite=overwrite, num_classes=num_classes, l2=l2, probe_lr=probe_lr,
                                  batch_size=batch_size, seed=seed, quiet=quiet, model_name=model_name,
                                  dataset_name=dataset_name, label_key=label_key),
         )
@@ -144,7 +149,8 @@ class ProbeCallback(TrainerCallback):
             return
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin; give Trainer(model=...) a model")
-        figures = self.probes.start(model)
+        self.probes.start(model)
+        figures = self.probes.begin(step=state.global_step)
         self._logged_upto = len(state.log_history)
         self._record(state, figures)
         if self.probes.mode == "online":
@@ -163,6 +169,8 @@ class ProbeCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         self._flush(state)
         epoch = round(state.epoch)
+        if abs(state.epoch - epoch) > 1e-6:
+            return  # cut short (max_steps): not a whole epoch, so no row is numbered as one
         if self.probes.epoch_due(epoch):
             self._pending = (epoch, state.global_step)
 

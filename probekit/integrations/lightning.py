@@ -2,8 +2,8 @@
 
 :class:`ProbeCallback` drives one :class:`~probekit.ProbeMonitor` (through
 :class:`~probekit.integrations.probing.TrainerProbes`) from the Trainer's
-events: epoch 0 at ``on_fit_start``, before the sanity check and the first
-step, then a row after every ``every_n_epochs``-th training epoch (or every
+events: the data checked at ``on_fit_start``, epoch 0 at ``on_train_start``,
+before the first step, then a row after every ``every_n_epochs``-th training epoch (or every
 ``every_n_steps`` optimiser steps). It needs PyTorch Lightning 2.x
 (``pip install "probekit[lightning]"``): ``lightning.pytorch``, else the
 standalone ``pytorch_lightning``. Importing :mod:`probekit` never imports this
@@ -43,13 +43,16 @@ if int(_pl.__version__.split(".")[0]) < 2:
 class ProbeCallback(_pl.Callback):
     """Probe a LightningModule's layers while a Lightning ``Trainer`` trains it.
 
-    Epoch 0 (the model before training) is probed at ``on_fit_start``, then the
-    model after every ``every_n_epochs``-th training epoch (rows numbered by the
-    training epoch, 1, 2, ...), or, with ``every_n_steps=N``, after every N-th
-    optimiser step (rows numbered 0, 1, 2, ..., the global step in the run's
-    ``step`` coordinate). Before training starts, every split of ``data`` is run
-    through the model once: data that does not fit stops ``fit`` with one line
-    saying what is wrong, before any step.
+    At ``on_fit_start`` every split of ``data`` is run through the model once
+    and the monitor is built: data that does not fit stops ``fit`` with one line
+    saying what is wrong, before the sanity check and any step. Epoch 0 (the
+    model before training) is probed at ``on_train_start``, then the model after
+    every ``every_n_epochs``-th training epoch (rows numbered by the training
+    epoch, 1, 2, ...; an epoch cut short by ``max_steps`` gets no row), or, with
+    ``every_n_steps=N``, after every N-th optimiser step (rows numbered 0, 1,
+    2, ..., the global step in the run's ``step`` coordinate). A fit resumed
+    from a checkpoint (``ckpt_path=``) continues the rows of its store with
+    ``resume=True``.
 
     Each row records the model's own training loss, as the module logged it
     (``trainer.callback_metrics[train_loss_key]``, the epoch mean when it was
@@ -86,6 +89,8 @@ class ProbeCallback(_pl.Callback):
         batch_label_key: online mode: the labels' key of mapping training batches (``(x, y)`` batches
             give ``y``).
         label_key: the labels' key of ``data``'s rows, when they are mappings.
+        resume: continue the rows of an existing store, when the trainer resumes from a checkpoint
+            (a trainer starting past step 0 with no rows to continue is refused: its epoch 0 would be trained).
         overwrite: replace an existing store.
         num_classes, l2, probe_lr, batch_size, seed, quiet, model_name, dataset_name: as for
             :class:`~probekit.ProbeMonitor`.
@@ -111,6 +116,7 @@ class ProbeCallback(_pl.Callback):
         val_loss_key: str = "val_loss",
         batch_label_key: str = "labels",
         label_key: str | None = None,
+        resume: bool = False,
         overwrite: bool = False,
         num_classes: int | None = None,
         l2: float | Literal["auto"] = "auto",
@@ -124,7 +130,7 @@ class ProbeCallback(_pl.Callback):
         self.probes = TrainerProbes(
             data, store=store, layers=layers, reduce=reduce, mode=mode, every_n_epochs=every_n_epochs,
             every_n_steps=every_n_steps,
-            monitor_options=dict(overwrite=overwrite, num_classes=num_classes, l2=l2, probe_lr=probe_lr,
+            monitor_options=dict(resume=resume, overwrite=overwrite, num_classes=num_classes, l2=l2, probe_lr=probe_lr,
                                  batch_size=batch_size, seed=seed, quiet=quiet, model_name=model_name,
                                  dataset_name=dataset_name, label_key=label_key),
         )
@@ -151,7 +157,12 @@ class ProbeCallback(_pl.Callback):
         if not trainer.is_global_zero:
             return
         target = pl_module.get_submodule(self.module) if self.module else pl_module
-        self._log(trainer, self.probes.start(target))
+        self.probes.start(target)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After the sanity check and after a checkpoint's training state is restored (global_step), before any step.
+        if self.probes.monitor is not None:
+            self._log(trainer, self.probes.begin(step=trainer.global_step))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
@@ -167,6 +178,9 @@ class ProbeCallback(_pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1  # the epoch that just ended, counting from 1 (0 is the untrained model)
+        seen, total = trainer.fit_loop.epoch_loop.batch_progress.current.completed, trainer.num_training_batches
+        if seen < total:
+            return  # cut short (max_steps): not a whole epoch, so no row is numbered as one
         if self.probes.epoch_due(epoch):
             self._write(trainer, epoch=epoch)
 

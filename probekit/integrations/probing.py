@@ -101,8 +101,8 @@ def check_data_fits(model: nn.Module, data: object, *, label_key: str | None = N
 class TrainerProbes:
     """A :class:`~probekit.ProbeMonitor` driven by a trainer's events; what both callbacks share.
 
-    Call :meth:`start` before training (it checks the data, builds the monitor
-    and writes epoch 0), :meth:`epoch_due` / :meth:`step_due` to ask whether an
+    Call :meth:`start` before training (it checks the data and builds the
+    monitor), :meth:`begin` just before the first step (epoch 0), :meth:`epoch_due` / :meth:`step_due` to ask whether an
     epoch or step gets a row, :meth:`write` to write it, and :meth:`close`
     when training ends. In online mode, :meth:`step` gives every probe one step
     on the training batch the model just ran.
@@ -127,17 +127,43 @@ class TrainerProbes:
         self._losses: list[tuple[int, int, float, float]] = []
 
     # ---------------------------------------------------------------- lifetime
-    def start(self, model: nn.Module) -> dict[str, float]:
-        """Check the data against ``model``, build the monitor and write epoch 0; the figures to log."""
+    def start(self, model: nn.Module) -> None:
+        """Check the data against ``model`` and build the monitor (a one-line error, before training, if they do not fit)."""
+        self.close()  # a callback reused by a second fit starts a new monitor
         self.model = model
         with left_as_found(model):
             check_data_fits(model, self.data, label_key=self.options.get("label_key"))
             self.monitor = ProbeMonitor(model, self.data, layers=self.layers, reduce=self.reduce, store=self.store,
                                         mode=self.mode, **self.options)
-        return self.write(epoch=0, step=0)
+
+    def begin(self, *, step: int) -> dict[str, float]:
+        """Training is about to start at global step ``step``: write epoch 0; the figures to log.
+
+        Above step 0 the trainer resumes from a checkpoint: the run continues
+        the rows of its store (``resume=True``) instead of writing an epoch 0
+        that would be a trained model, and a store with no rows, or with rows
+        past ``step``, is refused in one line.
+        """
+        rows = self.monitor.rows
+        where = f"run store {str(self.store)!r}" if self.store is not None else "the run (kept in memory: store=None)"
+        if not rows and step > 0:
+            self.close()
+            raise ValueError(
+                f"the trainer resumes from a checkpoint at step {step}, and {where} has no rows, so its epoch 0 would "
+                "be a trained model; pass store= the first run's store with resume=True, or train from the start"
+            )
+        if rows and rows[-1].step > step:
+            last = rows[-1]
+            self.close()
+            raise ValueError(
+                f"{where} holds rows up to step {last.step} (epoch {last.epoch}), after the trainer's step {step}; "
+                "resume from the last checkpoint of that run, or write to a new store"
+            )
+        self._losses = [(row.epoch, row.step, row.model_loss, math.nan) for row in rows]
+        return self.write(epoch=0, step=0) if not rows else {}
 
     def close(self) -> None:
-        """Remove the monitor's hooks and release the store; the run stays readable."""
+        """Remove the monitor's hooks and release the store; the run stays readable (:attr:`monitor`'s ``dataset``)."""
         if self.monitor is not None:
             self.monitor.close()
 

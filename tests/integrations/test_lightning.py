@@ -143,6 +143,29 @@ def test_data_that_does_not_fit_the_model_stops_fit_before_any_step(digits, tmp_
         _trainer(tmp_path, [ProbeCallback(short, module="net", quiet=True)]).fit(module, *_loaders(digits))
 
 
+def test_a_fit_resumed_from_a_checkpoint_continues_the_rows_of_its_store(digits, tmp_path):
+    store, checkpoint = tmp_path / "r.zarr", tmp_path / "one.ckpt"
+    module = DigitsModule()
+    first = _trainer(tmp_path, [ProbeCallback(digits, store=store, module="net", layers=LAYERS, quiet=True)], max_epochs=1)
+    first.fit(module, *_loaders(digits))
+    first.save_checkpoint(checkpoint)
+
+    with pytest.raises(ValueError, match=r"^the trainer resumes from a checkpoint at step 4, and the run \(kept in memory"):
+        _trainer(tmp_path, [ProbeCallback(digits, module="net", quiet=True)]).fit(module, *_loaders(digits),
+                                                                                    ckpt_path=checkpoint)
+    callback = ProbeCallback(digits, store=store, module="net", layers=LAYERS, resume=True, quiet=True)
+    _trainer(tmp_path, [callback], max_epochs=2).fit(DigitsModule(), *_loaders(digits), ckpt_path=checkpoint)
+    ds = pk.open_run(store)
+    assert ds.epoch.values.tolist() == [0, 1, 2] and ds.step.values.tolist() == [0, 4, 8]
+    assert np.isfinite(ds.model_loss.values[1:]).all()
+
+
+def test_an_epoch_cut_short_by_max_steps_gets_no_row(digits, tmp_path):
+    callback = ProbeCallback(digits, module="net", layers=LAYERS, quiet=True)
+    _trainer(tmp_path, [callback], max_epochs=3, max_steps=6).fit(DigitsModule(), *_loaders(digits))
+    assert callback.dataset.epoch.values.tolist() == [0, 1]
+
+
 def test_bad_arguments_are_refused_in_one_line(digits):
     with pytest.raises(ValueError, match="every_n_epochs must be an integer >= 1; got 0"):
         ProbeCallback(digits, every_n_epochs=0)

@@ -31,7 +31,8 @@ except ImportError:
         ) from None
 
 from probekit.engine.monitor import Mode
-from probekit.integrations.probing import TrainerProbes, labels_from_batch
+from probekit.integrations.probing import BEST_PREFIX, TrainerProbes, labels_from_batch
+from probekit.params import choices
 
 __all__ = ["ProbeCallback"]
 
@@ -156,8 +157,7 @@ class ProbeCallback(_pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        target = pl_module.get_submodule(self.module) if self.module else pl_module
-        self.probes.start(target)
+        self.probes.start(self._target(pl_module))
 
     def on_train_start(self, trainer, pl_module) -> None:
         # After the sanity check and after a checkpoint's training state is restored (global_step), before any step.
@@ -177,6 +177,8 @@ class ProbeCallback(_pl.Callback):
             self._write(trainer, epoch=None)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.probes.monitor is None:
+            return
         epoch = trainer.current_epoch + 1  # the epoch that just ended, counting from 1 (0 is the untrained model)
         seen, total = trainer.fit_loop.epoch_loop.batch_progress.current.completed, trainer.num_training_batches
         if seen < total:
@@ -191,6 +193,17 @@ class ProbeCallback(_pl.Callback):
         self.probes.close()
 
     # ---------------------------------------------------------------- helpers
+    def _target(self, pl_module):
+        """The module to probe: the LightningModule, or its submodule at ``module``."""
+        if not self.module:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError:
+            names = [name for name, _ in pl_module.named_children()]
+            raise ValueError(f"module={self.module!r} is not a submodule of {type(pl_module).__name__}; its children "
+                             f"are {choices(names) or 'none'} (pass an attribute path such as 'net' or 'net.encoder')") from None
+
     def _write(self, trainer, *, epoch: int | None) -> None:
         metrics = trainer.callback_metrics
         train = self._logged(metrics, self.train_loss_key)
@@ -198,7 +211,7 @@ class ProbeCallback(_pl.Callback):
             self._missing_warned = True
             warnings.warn(
                 f"the module logs no {self.train_loss_key!r} (trainer.callback_metrics holds "
-                f"{', '.join(map(repr, metrics)) or 'nothing'}); the run's model_loss stays NaN. Log it with "
+                f"{', '.join(repr(k) for k in sorted(metrics) if not k.startswith(BEST_PREFIX)) or 'nothing'}); the run's model_loss stays NaN. Log it with "
                 f"self.log({self.train_loss_key!r}, loss) or pass train_loss_key= naming yours",
                 RuntimeWarning, stacklevel=2,
             )

@@ -34,13 +34,16 @@ from probekit.engine.points import preserved_state
 from probekit.params import Interval, check_params, shape_text
 from probekit.run.schema import SPLITS_SHOWN_FIRST, metric_name
 
-__all__ = ["SCHEDULE_CONSTRAINTS", "TrainerProbes", "best_error", "check_data_fits", "labels_from_batch", "left_as_found"]
+__all__ = ["BEST_PREFIX", "SCHEDULE_CONSTRAINTS", "TrainerProbes", "best_error", "check_data_fits", "labels_from_batch", "left_as_found"]
 
 #: Argument checks of a callback's schedule (the monitor checks the arguments it receives).
 SCHEDULE_CONSTRAINTS = {
     "every_n_epochs": [Interval(int, 1, None)],
     "every_n_steps": [Interval(int, 1, None), None],
 }
+
+#: The names the callbacks log the best layer's error under start with this (``probe_best_valid_error``).
+BEST_PREFIX = "probe_best_"
 
 
 @contextmanager
@@ -224,7 +227,7 @@ def best_error(row: xr.Dataset) -> dict[str, float]:
     errors = np.asarray(row["probe"].sel(metric=metric_name(split, "error")).values, dtype=np.float64).reshape(-1)
     if not np.isfinite(errors).any():
         return {}
-    return {f"probe_best_{split}_error": float(np.nanmin(errors))}
+    return {f"{BEST_PREFIX}{split}_error": float(np.nanmin(errors))}
 
 
 def _number(value: object) -> float:

@@ -166,9 +166,33 @@ def test_an_epoch_cut_short_by_max_steps_gets_no_row(digits, tmp_path):
     assert callback.dataset.epoch.values.tolist() == [0, 1]
 
 
-def test_bad_arguments_are_refused_in_one_line(digits):
+def test_bad_arguments_are_refused_in_one_line(digits, tmp_path):
     with pytest.raises(ValueError, match="every_n_epochs must be an integer >= 1; got 0"):
         ProbeCallback(digits, every_n_epochs=0)
+    with pytest.raises(ValueError, match="^module='nett' is not a submodule of DigitsModule; its children are net "):
+        _trainer(tmp_path, [ProbeCallback(digits, module="nett", quiet=True)]).fit(DigitsModule(), *_loaders(digits))
+
+
+def test_a_module_that_logs_no_training_loss_under_that_name_is_named_in_a_warning(digits, tmp_path):
+    callback = ProbeCallback(digits, module="net", layers=["input", "fc2"], train_loss_key="loss", quiet=True)
+    with pytest.warns(RuntimeWarning, match="the module logs no 'loss' \\(trainer.callback_metrics holds 'train_loss', "
+                                            "'val_loss'\\); the run's model_loss stays NaN"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(DigitsModule(), *_loaders(digits))
+    assert np.isnan(callback.dataset.model_loss.values).all()
+
+
+def test_on_a_rank_other_than_0_the_callback_does_nothing(digits):
+    """Under DDP rank 0 probes and writes; another rank's events leave no monitor, no store and no hooks."""
+    from types import SimpleNamespace
+
+    callback, module = ProbeCallback(digits, module="net", mode="online", quiet=True), DigitsModule()
+    trainer = SimpleNamespace(is_global_zero=False, global_step=0, current_epoch=0)
+    callback.on_fit_start(trainer, module)
+    callback.on_train_start(trainer, module)
+    callback.on_train_batch_end(trainer, module, None, digits.train, 0)
+    callback.on_train_epoch_end(trainer, module)
+    callback.on_fit_end(trainer, module)
+    assert callback.probes.monitor is None and not any(m._forward_hooks for m in module.modules())
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -49,15 +49,15 @@ def _model():
     return BertForSequenceClassification(config)
 
 
-def _train(tmp_path, splits, callbacks, model=None, epochs=2, **options):
-    options = {"logging_strategy": "epoch", "eval_strategy": "epoch", **options}
+def _train(tmp_path, splits, callbacks, model=None, epochs=2, resume_from_checkpoint=None, **options):
+    options = {"logging_strategy": "epoch", "eval_strategy": "epoch", "save_strategy": "no", **options}
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], num_train_epochs=epochs,
                              per_device_train_batch_size=32, per_device_eval_batch_size=80, learning_rate=5e-3,
-                             save_strategy="no", seed=0, disable_tqdm=True, **options)
+                             seed=0, disable_tqdm=True, **options)
     model = model if model is not None else _model()
     trainer = Trainer(model=model, args=args, train_dataset=_rows(splits["train"]), eval_dataset=_rows(splits["valid"]),
                       callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer, model
 
 
@@ -114,6 +114,26 @@ def test_data_that_does_not_fit_the_model_stops_training_before_any_step(splits,
                                          r"IndexError: index out of range"):
         _train(tmp_path, splits, [ProbeCallback(wrong, quiet=True)], model=model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_training_resumed_from_a_checkpoint_continues_the_rows_of_its_store(splits, tmp_path):
+    store = tmp_path / "r.zarr"
+    _train(tmp_path, splits, [ProbeCallback(splits, store=store, reduce="first", quiet=True)], epochs=1,
+           save_strategy="epoch")
+    checkpoint = str(tmp_path / "out" / "checkpoint-5")
+    callback = ProbeCallback(splits, store=store, reduce="first", resume=True, quiet=True)
+    _train(tmp_path, splits, [callback], epochs=2, resume_from_checkpoint=checkpoint)
+    ds = pk.open_run(store)
+    assert ds.epoch.values.tolist() == [0, 1, 2] and ds.step.values.tolist() == [0, 5, 10]
+    assert np.isfinite(ds.model_loss.values[1:]).all()
+    with pytest.raises(ValueError, match=r"^the trainer resumes from a checkpoint at step 5, and the run \(kept in memory"):
+        _train(tmp_path, splits, [ProbeCallback(splits, quiet=True)], epochs=2, resume_from_checkpoint=checkpoint)
+
+
+def test_an_epoch_cut_short_by_max_steps_gets_no_row(splits, tmp_path):
+    callback = ProbeCallback(splits, reduce="first", quiet=True)
+    _train(tmp_path, splits, [callback], max_steps=7)  # 5 steps an epoch
+    assert callback.dataset.epoch.values.tolist() == [0, 1]
 
 
 def test_without_transformers_the_import_names_the_extra_in_one_line():

@@ -55,9 +55,12 @@ class ProbeCallback(_pl.Callback):
     from a checkpoint (``ckpt_path=``) continues the rows of its store with
     ``resume=True``.
 
-    Each row records the model's own training loss, as the module logged it
-    (``trainer.callback_metrics[train_loss_key]``, the epoch mean when it was
-    logged with ``on_epoch=True``), in the run's ``model_loss``; the validation
+    Each epoch row records the model's own training loss, as the module logged
+    it (``trainer.callback_metrics[train_loss_key]``, the epoch mean when it
+    was logged with ``on_epoch=True``), in the run's ``model_loss``; a step row
+    (``every_n_steps``), whose step may fall mid-epoch where the logged value
+    can still be the previous epoch's mean, records instead the mean of the
+    losses ``training_step`` returned since the previous row; the validation
     loss (``val_loss_key``), when a validation pass ran since the previous row,
     is kept beside it in :attr:`model_losses`. The best layer's error
     (``probe_best_valid_error``; ``_test_`` or ``_train_`` without a valid
@@ -138,6 +141,7 @@ class ProbeCallback(_pl.Callback):
         self.module, self.train_loss_key, self.val_loss_key = module, train_loss_key, val_loss_key
         self.batch_label_key = batch_label_key
         self._validated = False  # a validation pass (not the sanity check) ended since the last row
+        self._step_losses, self._step_batches = None, 0  # step rows: training_step's losses since the last row
         self._missing_warned = False
 
     # ---------------------------------------------------------------- what it made
@@ -173,8 +177,10 @@ class ProbeCallback(_pl.Callback):
             return
         if self.probes.mode == "online":
             self.probes.step(labels_from_batch(batch, label_key=self.batch_label_key, where="Trainer"))
-        if self.probes.step_due(trainer.global_step):
-            self._write(trainer, epoch=None)
+        if self.probes.by_steps:
+            self._add_step_loss(trainer, outputs)
+            if self.probes.step_due(trainer.global_step):
+                self._write(trainer, epoch=None)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.probes.monitor is None:
@@ -204,10 +210,22 @@ class ProbeCallback(_pl.Callback):
             raise ValueError(f"module={self.module!r} is not a submodule of {type(pl_module).__name__}; its children "
                              f"are {choices(names) or 'none'} (pass an attribute path such as 'net' or 'net.encoder')") from None
 
+    def _add_step_loss(self, trainer, outputs) -> None:
+        """Step rows: add the loss ``training_step`` returned (Lightning divides it by ``accumulate_grad_batches``)."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float() * trainer.accumulate_grad_batches
+            self._step_losses = loss if self._step_losses is None else self._step_losses + loss
+            self._step_batches += 1
+
     def _write(self, trainer, *, epoch: int | None) -> None:
         metrics = trainer.callback_metrics
-        train = self._logged(metrics, self.train_loss_key)
-        if train is None and not self._missing_warned:
+        if epoch is None:  # a step row: what callback_metrics holds mid-epoch may be the last epoch's mean
+            train = None if self._step_losses is None else self._step_losses / self._step_batches
+            self._step_losses, self._step_batches = None, 0
+        else:
+            train = self._logged(metrics, self.train_loss_key)
+        if train is None and epoch is not None and not self._missing_warned:
             self._missing_warned = True
             warnings.warn(
                 f"the module logs no {self.train_loss_key!r} (trainer.callback_metrics holds "

@@ -105,9 +105,9 @@ class TrainerProbes:
     """A :class:`~probekit.ProbeMonitor` driven by a trainer's events; what both callbacks share.
 
     Call :meth:`start` before training (it checks the data and builds the
-    monitor), :meth:`begin` just before the first step (epoch 0), :meth:`epoch_due` / :meth:`step_due` to ask whether an
-    epoch or step gets a row, :meth:`write` to write it, and :meth:`close`
-    when training ends. In online mode, :meth:`step` gives every probe one step
+    monitor), :meth:`begin` just before the first step (epoch 0),
+    :meth:`epoch_due` / :meth:`step_due` to ask whether an epoch or step gets
+    a row, :meth:`write` to write it, and :meth:`close` when training ends. In online mode, :meth:`step` gives every probe one step
     on the training batch the model just ran.
 
     Rows: with ``every_n_steps=None``, epoch 0 and every ``every_n_epochs``-th
@@ -198,9 +198,10 @@ class TrainerProbes:
         """Probe the model now and write one row; returns ``{name: value}`` of the best layer's error to log."""
         if self.by_steps:
             epoch = self.monitor.next_epoch
+        train, valid = _number(model_loss), _number(valid_loss)
         with left_as_found(self.model):
-            row = self.monitor.update(epoch=epoch, step=step, model_loss=model_loss)
-        self._losses.append((epoch, step, _number(model_loss), _number(valid_loss)))
+            row = self.monitor.update(epoch=epoch, step=step, model_loss=train)
+        self._losses.append((epoch, step, train, valid))
         return best_error(row)
 
     @property

@@ -24,6 +24,7 @@ except ImportError:
     ) from None
 
 import torch
+import xarray as xr
 
 from probekit.engine.monitor import Mode
 from probekit.integrations.probing import TrainerProbes
@@ -132,14 +133,14 @@ class ProbeCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- what it made
     @property
-    def dataset(self):
+    def dataset(self) -> xr.Dataset:
         """The run so far, as an ``xarray.Dataset`` (see docs/store.md)."""
         if self.probes.monitor is None:
             raise RuntimeError("the callback has not probed yet: pass it to a Trainer and call trainer.train()")
         return self.probes.monitor.dataset
 
     @property
-    def model_losses(self):
+    def model_losses(self) -> xr.DataArray:
         """The Trainer's logged losses at each row: ``(epoch, split)``, split ``train`` and ``valid`` (NaN: not logged)."""
         return self.probes.model_losses
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
+import xarray as xr
 
 try:
     import lightning.pytorch as _pl
@@ -146,14 +147,14 @@ class ProbeCallback(_pl.Callback):
 
     # ---------------------------------------------------------------- what it made
     @property
-    def dataset(self):
+    def dataset(self) -> xr.Dataset:
         """The run so far, as an ``xarray.Dataset`` (see docs/store.md)."""
         if self.probes.monitor is None:
             raise RuntimeError("the callback has not probed yet: pass it to a Trainer and call trainer.fit(...)")
         return self.probes.monitor.dataset
 
     @property
-    def model_losses(self):
+    def model_losses(self) -> xr.DataArray:
         """The module's logged losses at each row: ``(epoch, split)``, split ``train`` and ``valid`` (NaN: not logged)."""
         return self.probes.model_losses
 

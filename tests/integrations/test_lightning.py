@@ -171,6 +171,13 @@ def test_an_epoch_cut_short_by_max_steps_gets_no_row(digits, tmp_path):
     assert callback.dataset.epoch.values.tolist() == [0, 1]
 
 
+def test_an_epoch_without_a_validation_pass_records_no_stale_validation_loss(digits, tmp_path):
+    callback = ProbeCallback(digits, module="net", layers=["input", "fc2"], quiet=True)
+    _trainer(tmp_path, [callback], max_epochs=2, check_val_every_n_epoch=2).fit(DigitsModule(), *_loaders(digits))
+    valid = callback.model_losses.sel(split="valid").values
+    assert np.isnan(valid[:2]).all() and np.isfinite(valid[2])  # the sanity check's val_loss is not epoch 1's
+
+
 def test_bad_arguments_are_refused_in_one_line(digits, tmp_path):
     with pytest.raises(ValueError, match="every_n_epochs must be an integer >= 1; got 0"):
         ProbeCallback(digits, every_n_epochs=0)

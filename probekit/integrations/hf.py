@@ -212,7 +212,8 @@ class ProbeCallback(TrainerCallback):
     def _record(self, state, figures: Mapping[str, float]) -> None:
         """The best layer's figures into the log history, at the training epoch and step of the row just written."""
         if figures:
-            state.log_history.append({**figures, "epoch": float(state.epoch or 0.0), "step": int(self.probes.monitor.rows[-1].step)})
+            step = int(self.probes.monitor.rows[-1].step)
+            state.log_history.append({**figures, "epoch": float(state.epoch or 0.0), "step": step})
         self._logged_upto = len(state.log_history)
 
     def _close(self) -> None:

@@ -230,8 +230,9 @@ class ProbeCallback(_pl.Callback):
             self._missing_warned = True
             warnings.warn(
                 f"the module logs no {self.train_loss_key!r} (trainer.callback_metrics holds "
-                f"{', '.join(repr(k) for k in sorted(metrics) if not k.startswith(BEST_PREFIX)) or 'nothing'}); the run's model_loss stays NaN. Log it with "
-                f"self.log({self.train_loss_key!r}, loss) or pass train_loss_key= naming yours",
+                f"{', '.join(repr(k) for k in sorted(metrics) if not k.startswith(BEST_PREFIX)) or 'nothing'}); "
+                f"the run's model_loss stays NaN. Log it with self.log({self.train_loss_key!r}, loss) or pass "
+                "train_loss_key= naming yours",
                 RuntimeWarning, stacklevel=2,
             )
         valid = self._logged(metrics, self.val_loss_key) if self._validated else None

@@ -75,6 +75,10 @@ class ProbeCallback(_pl.Callback):
     each training batch's features as the module computes them and every probe
     takes one step per training batch (``on_train_batch_end``).
 
+    The callback derives from ``lightning.pytorch.Callback`` when the ``lightning``
+    package is installed, else from ``pytorch_lightning.Callback``; either
+    package's ``Trainer`` runs it.
+
     Distributed (DDP): rank 0 probes and writes the store with the whole
     ``data`` it was given; the other ranks do nothing. Probing is not sharded
     across ranks.

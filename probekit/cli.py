@@ -1,5 +1,7 @@
 """The ``probekit`` command: ``demo``, ``run``, ``reproduce`` and ``show``; every argparse definition of the package.
 
+::
+
     probekit demo                      # the paper's convnet on embedded digits, probed while it trains
     probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments)
     probekit run --model resnet50 --dataset digits --size 64 --epochs 0 --out runs/r50.zarr

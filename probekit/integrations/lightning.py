@@ -206,12 +206,15 @@ class ProbeCallback(_pl.Callback):
     # ---------------------------------------------------------------- helpers
     def _target(self, pl_module):
         """The module to probe: the LightningModule, or its submodule at ``module``."""
+        names = [name for name, _ in pl_module.named_children()]
         if not self.module:
+            if type(pl_module).forward is _pl.LightningModule.forward:
+                raise ValueError(f"{type(pl_module).__name__} defines no forward, so it cannot be probed as a whole; pass "
+                                 f"module= naming the network to probe (its children: {choices(names) or 'none'})")
             return pl_module
         try:
             return pl_module.get_submodule(self.module)
         except AttributeError:
-            names = [name for name, _ in pl_module.named_children()]
             raise ValueError(f"module={self.module!r} is not a submodule of {type(pl_module).__name__}; its children "
                              f"are {choices(names) or 'none'} (pass an attribute path such as 'net' or 'net.encoder')") from None
 

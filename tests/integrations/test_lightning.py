@@ -184,6 +184,21 @@ def test_bad_arguments_are_refused_in_one_line(digits, tmp_path):
     with pytest.raises(ValueError, match="^module='nett' is not a submodule of DigitsModule; its children are net "):
         _trainer(tmp_path, [ProbeCallback(digits, module="nett", quiet=True)]).fit(DigitsModule(), *_loaders(digits))
 
+    class NoForward(L.LightningModule):  # only training_step runs the network
+        def __init__(self):
+            super().__init__()
+            self.net = pk.zoo.paper_convnet(input_size=8, width=(8, 16), hidden=32)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="^NoForward defines no forward, so it cannot be probed as a whole; pass "
+                                         "module= naming the network to probe \\(its children: net\\)$"):
+        _trainer(tmp_path, [ProbeCallback(digits, quiet=True)]).fit(NoForward(), *_loaders(digits))
+
 
 def test_a_module_that_logs_no_training_loss_under_that_name_is_named_in_a_warning(digits, tmp_path):
     callback = ProbeCallback(digits, module="net", layers=["input", "fc2"], train_loss_key="loss", quiet=True)

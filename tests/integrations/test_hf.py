@@ -61,6 +61,7 @@ def _train(tmp_path, splits, callbacks, model=None, epochs=2, resume_from_checkp
     return trainer, model
 
 
+@pytest.mark.slow
 def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_best_layer(splits, tmp_path):
     callback = ProbeCallback(splits, store=tmp_path / "bert.zarr", reduce="first", quiet=True)
     trainer, _ = _train(tmp_path, splits, [callback])
@@ -83,6 +84,7 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
                                ds.probe.sel(metric="valid_error").min("layer").values, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_model_trains_exactly_as_it_would_without_the_callback(splits, tmp_path):
     """BERT's dropout draws from torch's random stream while it trains: probing must leave that stream as it was."""
     callback = ProbeCallback(splits, reduce="mean", quiet=True)
@@ -94,6 +96,7 @@ def test_the_model_trains_exactly_as_it_would_without_the_callback(splits, tmp_p
     assert [m.training for m in with_probes.modules()] == [m.training for m in without.modules()]
 
 
+@pytest.mark.slow
 def test_online_mode_steps_the_probes_every_batch_and_writes_every_n_steps(splits, tmp_path):
     callback = ProbeCallback(splits, mode="online", every_n_steps=4, reduce="first", probe_lr=1e-2, quiet=True)
     trainer, model = _train(tmp_path, splits, [callback], epochs=2, logging_strategy="steps", logging_steps=4)
@@ -106,6 +109,7 @@ def test_online_mode_steps_the_probes_every_batch_and_writes_every_n_steps(split
     assert not any(m._forward_hooks for m in model.modules())
 
 
+@pytest.mark.slow
 def test_data_that_does_not_fit_the_model_stops_training_before_any_step(splits, tmp_path):
     inputs, labels = splits["train"]
     wrong = {"train": ({**inputs, "input_ids": inputs["input_ids"] + VOCAB}, labels), "valid": splits["valid"]}
@@ -117,6 +121,7 @@ def test_data_that_does_not_fit_the_model_stops_training_before_any_step(splits,
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_training_resumed_from_a_checkpoint_continues_the_rows_of_its_store(splits, tmp_path):
     store = tmp_path / "r.zarr"
     _train(tmp_path, splits, [ProbeCallback(splits, store=store, reduce="first", quiet=True)], epochs=1,
@@ -131,6 +136,7 @@ def test_training_resumed_from_a_checkpoint_continues_the_rows_of_its_store(spli
         _train(tmp_path, splits, [ProbeCallback(splits, quiet=True)], epochs=2, resume_from_checkpoint=checkpoint)
 
 
+@pytest.mark.slow
 def test_an_epoch_cut_short_by_max_steps_gets_no_row(splits, tmp_path):
     callback = ProbeCallback(splits, reduce="first", quiet=True)
     _train(tmp_path, splits, [callback], max_steps=7)  # 5 steps an epoch

@@ -70,6 +70,7 @@ def _csv_rows(trainer) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_best_layer(digits, tmp_path):
     L.seed_everything(0, verbose=False)
     callback = ProbeCallback(digits, store=tmp_path / "l.zarr", module="net", layers=LAYERS, quiet=True)
@@ -96,6 +97,7 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
     assert fc1[0] != fc1[1] != fc1[2]  # each row probed the model as it was then
 
 
+@pytest.mark.slow
 def test_the_module_trains_exactly_as_it_would_without_the_callback(digits, tmp_path):
     """Probing (here over a shuffling loader, which draws from torch's random stream) changes nothing in training."""
     def fit(callbacks):
@@ -117,6 +119,7 @@ def test_the_module_trains_exactly_as_it_would_without_the_callback(digits, tmp_
     assert with_probes.device == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_online_mode_steps_the_probes_every_batch_and_writes_every_n_steps(digits, tmp_path):
     callback = ProbeCallback(digits, module="net", layers=LAYERS, mode="online", every_n_steps=5, probe_lr=1e-2,
                              quiet=True)
@@ -131,6 +134,7 @@ def test_online_mode_steps_the_probes_every_batch_and_writes_every_n_steps(digit
     assert not any(m._forward_hooks for m in module.modules())  # the hooks went with the end of fit
 
 
+@pytest.mark.slow
 def test_data_that_does_not_fit_the_model_stops_fit_before_any_step(digits, tmp_path):
     module = DigitsModule()
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -148,6 +152,7 @@ def test_data_that_does_not_fit_the_model_stops_fit_before_any_step(digits, tmp_
         _trainer(tmp_path, [ProbeCallback(short, module="net", quiet=True)]).fit(module, *_loaders(digits))
 
 
+@pytest.mark.slow
 def test_a_fit_resumed_from_a_checkpoint_continues_the_rows_of_its_store(digits, tmp_path):
     store, checkpoint = tmp_path / "r.zarr", tmp_path / "one.ckpt"
     module = DigitsModule()
@@ -165,12 +170,14 @@ def test_a_fit_resumed_from_a_checkpoint_continues_the_rows_of_its_store(digits,
     assert np.isfinite(ds.model_loss.values[1:]).all()
 
 
+@pytest.mark.slow
 def test_an_epoch_cut_short_by_max_steps_gets_no_row(digits, tmp_path):
     callback = ProbeCallback(digits, module="net", layers=LAYERS, quiet=True)
     _trainer(tmp_path, [callback], max_epochs=3, max_steps=6).fit(DigitsModule(), *_loaders(digits))
     assert callback.dataset.epoch.values.tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_an_epoch_without_a_validation_pass_records_no_stale_validation_loss(digits, tmp_path):
     callback = ProbeCallback(digits, module="net", layers=["input", "fc2"], quiet=True)
     _trainer(tmp_path, [callback], max_epochs=2, check_val_every_n_epoch=2).fit(DigitsModule(), *_loaders(digits))
@@ -178,6 +185,7 @@ def test_an_epoch_without_a_validation_pass_records_no_stale_validation_loss(dig
     assert np.isnan(valid[:2]).all() and np.isfinite(valid[2])  # the sanity check's val_loss is not epoch 1's
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_refused_in_one_line(digits, tmp_path):
     with pytest.raises(ValueError, match="every_n_epochs must be an integer >= 1; got 0"):
         ProbeCallback(digits, every_n_epochs=0)
@@ -200,6 +208,7 @@ def test_bad_arguments_are_refused_in_one_line(digits, tmp_path):
         _trainer(tmp_path, [ProbeCallback(digits, quiet=True)]).fit(NoForward(), *_loaders(digits))
 
 
+@pytest.mark.slow
 def test_a_module_that_logs_no_training_loss_under_that_name_is_named_in_a_warning(digits, tmp_path):
     callback = ProbeCallback(digits, module="net", layers=["input", "fc2"], train_loss_key="loss", quiet=True)
     with pytest.warns(RuntimeWarning, match="the module logs no 'loss' \\(trainer.callback_metrics holds 'train_loss', "
@@ -264,6 +273,7 @@ print(callback.dataset.epoch.values.tolist(), bool(callback.dataset.model_loss[1
 """
 
 
+@pytest.mark.slow
 def test_standalone_pytorch_lightning_is_used_when_lightning_is_not_installed():
     result = _run(_STANDALONE_FIT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 import probekit as pk
@@ -86,8 +87,12 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
 
 @pytest.mark.slow
 def test_the_model_trains_exactly_as_it_would_without_the_callback(splits, tmp_path):
-    """BERT's dropout draws from torch's random stream while it trains: probing must leave that stream as it was."""
-    callback = ProbeCallback(splits, reduce="mean", quiet=True)
+    """BERT's dropout draws from torch's random stream while it trains, and so does the probes' shuffling loader:
+    probing must leave that stream as it was."""
+    inputs, labels = splits["train"]
+    shuffled = DataLoader([({k: v[i] for k, v in inputs.items()}, labels[i]) for i in range(len(labels))],
+                          batch_size=64, shuffle=True)
+    callback = ProbeCallback({"train": shuffled, "valid": splits["valid"]}, reduce="mean", quiet=True)
     _, with_probes = _train(tmp_path, splits, [callback])
     _, without = _train(tmp_path, splits, [])
     assert callback.dataset.sizes["epoch"] == 3

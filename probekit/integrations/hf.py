@@ -1,0 +1,223 @@
+"""A Hugging Face ``transformers`` callback that probes a model's layers while ``Trainer`` trains it.
+
+:class:`ProbeCallback` is a ``transformers.TrainerCallback`` driving one
+:class:`~probekit.ProbeMonitor` (through
+:class:`~probekit.integrations.probing.TrainerProbes`): epoch 0 at
+``on_train_begin``, then a row after every ``every_n_epochs``-th epoch (or
+every ``every_n_steps`` optimiser steps). It needs transformers and accelerate
+(``pip install "probekit[hf]"``). Importing :mod:`probekit` never imports this
+module; this module is the only one of the package that imports transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+try:
+    from transformers import TrainerCallback
+except ImportError:
+    raise ImportError(
+        'probekit.integrations.hf needs transformers (and accelerate, for its Trainer), which are not installed; '
+        'pip install "probekit[hf]"'
+    ) from None
+
+import torch
+import xarray as xr
+
+from probekit.engine.monitor import Mode
+from probekit.integrations.probing import TrainerProbes
+
+__all__ = ["ProbeCallback"]
+
+#: The key of the Trainer's end-of-training summary log; the model is still the last step's when it is logged
+#: (``load_best_model_at_end`` replaces it right after).
+_SUMMARY_KEY = "train_runtime"
+
+
+class ProbeCallback(TrainerCallback):
+    """Probe a model's layers while a Hugging Face ``Trainer`` trains it.
+
+    Epoch 0 (the model before training) is probed at ``on_train_begin``, then
+    the model after every ``every_n_epochs``-th epoch (rows numbered by the
+    epoch, 1, 2, ...; an epoch cut short by ``max_steps`` gets no row), or, with
+    ``every_n_steps=N``, after every N-th optimiser step (rows numbered 0, 1,
+    2, ..., the global step in the run's ``step`` coordinate). Training resumed
+    from a checkpoint (``resume_from_checkpoint=``) continues the rows of the
+    store with ``resume=True``. Before training starts, every split of ``data`` is run through
+    the model once: data that does not fit stops ``train()`` with one line
+    saying what is wrong, before any step.
+
+    The Trainer logs an epoch's loss and evaluates it only after
+    ``on_epoch_end`` (``logging_strategy="epoch"``, ``eval_strategy="epoch"``),
+    so a row is written at the next event that follows those logs, with the
+    model unchanged since the epoch ended: the next epoch's (or step's) start,
+    or the end-of-training summary log (before ``load_best_model_at_end`` swaps
+    the model). Each row records the last ``loss`` the Trainer logged since the
+    previous row in the run's ``model_loss``, and the last ``eval_loss`` in
+    :attr:`model_losses`; NaN where none was logged (raise the logging
+    frequency: ``logging_strategy="epoch"``). The best layer's error
+    (``probe_best_valid_error``; ``_test_`` or ``_train_`` without a valid
+    split) is appended to ``state.log_history`` with the row's epoch and step.
+
+    Every probing call leaves the model as it found it: train/eval flags,
+    ``requires_grad``, parameters, buffers and device, and the random streams
+    (torch, CUDA, NumPy, Python). In online mode, forward hooks read each
+    training batch's features as the model computes them, and after each
+    training forward pass every probe takes one step on the batch's labels
+    (the ``batch_label_key`` keyword argument the Trainer passes the model).
+
+    Distributed: the world's process zero (``state.is_world_process_zero``)
+    probes and writes the store with the whole ``data`` it was given; the other
+    processes do nothing. Probing is not sharded across processes.
+
+    Args:
+        data: the probes' train/valid(/test) splits (see :class:`~probekit.ProbeMonitor`), e.g.
+            ``({"input_ids": ids, "attention_mask": mask}, labels)`` pairs.
+        store: Zarr store folder of the run; ``None`` keeps it in memory (:attr:`dataset`).
+        layers: probe point names, ``"blocks"`` or ``"all"``; default: the model's blocks.
+        reduce: reduction for every layer, or ``{layer: spec}`` (token sequences: ``"mean"``, ``"first"``, ...).
+        every_n_epochs: probe after every n-th epoch.
+        every_n_steps: probe every N optimiser steps instead of at epoch ends.
+        mode: ``"snapshot"`` (probes fitted to their optimum at each row) or ``"online"``.
+        batch_label_key: online mode: the keyword argument holding a training batch's labels.
+        label_key: the labels' key of ``data``'s rows, when they are mappings (a ``datasets`` row).
+        resume: continue the rows of an existing store, when the trainer resumes from a checkpoint
+            (a trainer starting past step 0 with no rows to continue is refused: its epoch 0 would be trained).
+        overwrite: replace an existing store.
+        num_classes, l2, probe_lr, batch_size, seed, quiet, model_name, dataset_name: as for
+            :class:`~probekit.ProbeMonitor`.
+
+    Example:
+        >>> from probekit.integrations.hf import ProbeCallback
+        >>> trainer = transformers.Trainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+        ...                                callbacks=[ProbeCallback(data, store="runs/bert.zarr", reduce="first")])
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        data: object,
+        *,
+        store: str | os.PathLike | None = None,
+        layers: str | Sequence[str] | None = None,
+        reduce: str | Mapping[str, str] | None = None,
+        every_n_epochs: int = 1,
+        every_n_steps: int | None = None,
+        mode: Mode = "snapshot",
+        batch_label_key: str = "labels",
+        label_key: str | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        num_classes: int | None = None,
+        l2: float | Literal["auto"] = "auto",
+        probe_lr: float = 1e-3,
+        batch_size: int = 256,
+        seed: int = 0,
+        quiet: bool = False,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+    ):
+        self.probes = TrainerProbes(
+            data, store=store, layers=layers, reduce=reduce, mode=mode, every_n_epochs=every_n_epochs,
+            every_n_steps=every_n_steps,
+            monitor_options=dict(resume=resume, overwrite=overwrite, num_classes=num_classes, l2=l2, probe_lr=probe_lr,
+                                 batch_size=batch_size, seed=seed, quiet=quiet, model_name=model_name,
+                                 dataset_name=dataset_name, label_key=label_key),
+        )
+        self.batch_label_key = batch_label_key
+        self._pending: tuple[int | None, int] | None = None  # (epoch or None for a step row, global step) to write
+        self._logged_upto = 0  # entries of state.log_history already read by a row
+        self._hook = None
+
+    # ---------------------------------------------------------------- what it made
+    @property
+    def dataset(self) -> xr.Dataset:
+        """The run so far, as an ``xarray.Dataset`` (see docs/store.md)."""
+        if self.probes.monitor is None:
+            raise RuntimeError("the callback has not probed yet: pass it to a Trainer and call trainer.train()")
+        return self.probes.monitor.dataset
+
+    @property
+    def model_losses(self) -> xr.DataArray:
+        """The Trainer's logged losses at each row: ``(epoch, split)``, split ``train`` and ``valid`` (NaN: not logged)."""
+        return self.probes.model_losses
+
+    # ---------------------------------------------------------------- events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if model is None:
+            raise ValueError("the Trainer passed no model to on_train_begin; give Trainer(model=...) a model")
+        self.probes.start(model)
+        figures = self.probes.begin(step=state.global_step)
+        self._logged_upto = len(state.log_history)
+        self._record(state, figures)
+        if self.probes.mode == "online":
+            self._hook = model.register_forward_hook(self._after_forward, with_kwargs=True)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._flush(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._flush(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.probes.step_due(state.global_step):
+            self._pending = (None, state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._flush(state)
+        epoch = round(state.epoch)
+        if abs(state.epoch - epoch) > 1e-6:
+            return  # cut short (max_steps): not a whole epoch, so no row is numbered as one
+        if self.probes.epoch_due(epoch):
+            self._pending = (epoch, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and _SUMMARY_KEY in logs:
+            self._flush(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        try:
+            self._flush(state)
+        finally:
+            self._close()
+
+    # ---------------------------------------------------------------- helpers
+    def _after_forward(self, module, args, kwargs, output) -> None:
+        """Online mode: after each training forward pass, one probe step on its batch's labels."""
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation, prediction, and the monitor's own passes (eval mode)
+        labels = kwargs.get(self.batch_label_key)
+        if labels is None:
+            raise ValueError(f"online probes need each training batch's labels, and the model was called without "
+                             f"{self.batch_label_key!r} (keywords: {', '.join(kwargs) or 'none'}); pass "
+                             "batch_label_key= naming them, or use mode='snapshot'")
+        self.probes.step(labels)
+
+    def _flush(self, state) -> None:
+        """Write the row that is due, with the losses logged since the previous row."""
+        if self._pending is None or self.probes.monitor is None:
+            return
+        epoch, step = self._pending
+        self._pending = None
+        new = state.log_history[self._logged_upto:]
+        train = next((entry["loss"] for entry in reversed(new) if "loss" in entry), None)
+        valid = next((entry["eval_loss"] for entry in reversed(new) if "eval_loss" in entry), None)
+        figures = self.probes.write(epoch=epoch, step=step, model_loss=train, valid_loss=valid)
+        self._record(state, figures)
+
+    def _record(self, state, figures: Mapping[str, float]) -> None:
+        """The best layer's figures into the log history, at the training epoch and step of the row just written."""
+        if figures:
+            step = int(self.probes.monitor.rows[-1].step)
+            state.log_history.append({**figures, "epoch": float(state.epoch or 0.0), "step": step})
+        self._logged_upto = len(state.log_history)
+
+    def _close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.probes.close()

@@ -1,4 +1,4 @@
-"""The ``probekit`` command: ``demo``, ``run``, ``reproduce`` and ``show``; every argparse definition of the package.
+"""The ``probekit`` command: ``demo``, ``run``, ``reproduce``, ``show`` and ``dashboard``; every argparse definition of the package.
 
     probekit demo                      # the paper's convnet on embedded digits, probed while it trains
     probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments)
@@ -7,6 +7,7 @@
     probekit run --model timm:vit_tiny_patch16_224 --model-arg img_size=32 --model-arg patch_size=8 \\
         --dataset digits --size 32 --channels 3 --out runs/vit.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
+    probekit dashboard runs/           # the explorers as a web page on 127.0.0.1, following the stores live
 
 Flags are checked with :func:`probekit.params.check_params` before any work, so
 a bad value is one line naming the flag (``--epochs must be an integer >= 0;
@@ -44,6 +45,8 @@ _FLAGS = {
     "--repeats": _POSITIVE_INT,
     "--batch-size": _POSITIVE_INT,
     "--train-batch-size": _POSITIVE_INT,
+    "--port": [Interval(int, 1, 65535)],
+    "--interval": _POSITIVE_RATE,
 }
 
 
@@ -203,6 +206,19 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from probekit.dashboard import check_token, find_runs, serve
+
+    if args.token is not None:
+        check_token(args.token)
+    runs, skipped = find_runs(args.runs)
+    for note in skipped:
+        print(f"probekit: {note}", file=sys.stderr)
+    given = {name: getattr(args, name) for name in ("host", "port", "token", "interval") if getattr(args, name) is not None}
+    serve(runs, **given)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from probekit.experiments import reproduce
 
@@ -299,6 +315,18 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("run")
     show.add_argument("--metric", default="valid_error")
     show.set_defaults(func=cmd_show)
+
+    dashboard = sub.add_parser("dashboard", help="serve the explorer (and, for several runs, a run picker and the "
+                                                 "comparison) as a web page that follows the stores live")
+    dashboard.add_argument("runs", nargs="+", metavar="RUN_OR_FOLDER",
+                           help="run stores, or folders searched (with their subfolders) for run stores")
+    dashboard.add_argument("--host",
+                           help="address to listen on (default: 127.0.0.1, this machine only; others warn)")
+    dashboard.add_argument("--port", type=int, help="port to listen on (default: 8866)")
+    dashboard.add_argument("--token", help="access token, part of the URL printed (default: a new random one)")
+    dashboard.add_argument("--interval", type=float,
+                           help="seconds between two checks of the stores (default: 2)")
+    dashboard.set_defaults(func=cmd_dashboard)
     return top
 
 

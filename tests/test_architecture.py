@@ -30,7 +30,8 @@ ALLOWED = {
     "zoo": {"engine"},
     "experiments": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "accessor"},
     "integrations": {"probekit", "engine", "run"},
-    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor"},
+    "dashboard": {"run", "explorers"},
+    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "dashboard"},
     "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).
@@ -41,6 +42,7 @@ FORBIDDEN = {
     "diagnosis": {"torch", "zarr", "altair", "ipywidgets"},
     "plots": {"torch", "zarr", "ipywidgets"},
     "explorers": {"torch"},
+    "dashboard": {"torch", "altair"},
     "accessor": {"torch", "zarr", "ipywidgets"},
     "params": {"torch", "numpy", "xarray", "zarr"},
     "engine": {"altair", "ipywidgets"},

@@ -1,0 +1,261 @@
+"""``probekit dashboard``: finding runs, bad input in one line, and the served page in headless Chromium.
+
+The browser test starts ``probekit dashboard`` from this interpreter on a free
+port with a token, on two stores written in the test from the committed
+``data/runs/mnist-convnet.zarr`` (one of them kept open by its writer), opens the
+URL the command prints, and checks in the page that
+
+* the explorer's and the comparison's charts rendered as SVG, with no code cell;
+* picking the other run, then layers, redraws the explorer;
+* an epoch appended to the open store while the page is open shows up;
+* the page fetched nothing from outside the server.
+
+Another test checks, without a browser, that the server refuses requests
+without the token and serves nothing but the page. Chromium is Debian's
+(``apt-get install -y chromium``), driven by the ``playwright`` package.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+from probekit import cli
+from probekit.dashboard import check_port, dashboard_notebook, find_runs, is_loopback
+from probekit.run.schema import layout_of, rows_of
+from probekit.run.store import RunWriter, open_run
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "data" / "runs" / "mnist-convnet.zarr"
+TOKEN = "dashboard-test-token-0123"
+#: Probe points of the committed convnet run.
+CONVNET_LAYERS = ["input", "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "fc1", "relu3", "fc2"]
+CURVE_LINES = ".probekit-board .probekit-explorer .probekit-curves svg g.mark-line path"
+
+
+def _write_store(path: Path, epochs: int) -> RunWriter:
+    """A store holding the committed run's first ``epochs`` epochs; its writer is returned open."""
+    run = open_run(COMMITTED)
+    writer = RunWriter(path, layout_of(run))
+    for row in rows_of(run)[:epochs]:
+        writer.append(row)
+    return writer
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------ finding runs, bad input
+def test_a_folder_is_searched_for_run_stores_and_other_zarr_stores_are_skipped(tmp_path):
+    shutil.copytree(COMMITTED, tmp_path / "convnet.zarr")
+    _write_store(tmp_path / "exp" / "two.zarr", 2).close()
+    (tmp_path / "exp" / "empty.zarr").mkdir()
+    (tmp_path / ".hidden.zarr").mkdir()
+    runs, skipped = find_runs([tmp_path])
+    assert runs == {"convnet": (tmp_path / "convnet.zarr").resolve(), "exp/two": (tmp_path / "exp" / "two.zarr").resolve()}
+    assert len(skipped) == 1 and "exp/empty.zarr" in skipped[0] and "empty folder" in skipped[0]
+    direct, none_skipped = find_runs([tmp_path / "convnet.zarr", tmp_path / "exp" / "two.zarr", tmp_path / "convnet.zarr"])
+    assert list(direct) == ["convnet", "two"] and none_skipped == []
+    (tmp_path / "other").mkdir()
+    shutil.copytree(COMMITTED, tmp_path / "other" / "convnet.zarr")
+    both, _ = find_runs([tmp_path / "convnet.zarr", tmp_path / "other" / "convnet.zarr"])
+    assert list(both) == [str((tmp_path / "convnet").resolve()), str((tmp_path / "other" / "convnet").resolve())]
+
+
+def test_the_notebook_is_one_cell_the_explorer_of_one_run_or_the_board_of_several(tmp_path):
+    one = dashboard_notebook({"a": tmp_path / "a.zarr"}, interval=0.5)
+    assert [cell.cell_type for cell in one.cells] == ["code"]
+    assert one.cells[0].source.endswith(f"explore({str(tmp_path / 'a.zarr')!r}, live=True, interval=0.5)")
+    several = dashboard_notebook({"a": tmp_path / "a.zarr", "b's": tmp_path / "b.zarr"})
+    assert "board({'a': " in several.cells[0].source and "\"b's\": " in several.cells[0].source
+    compile(several.cells[0].source, "cell", "exec")
+    assert several.metadata["kernelspec"]["name"] == "probekit-dashboard"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["{tmp}/missing"], r"no such file or folder: '.*missing'; pass a run store"),
+    (["{tmp}"], r"no run stores in '.*': no \*\.zarr run store in it or its subfolders \(1 other Zarr store skipped\); "),
+    (["{tmp}/empty.zarr"], r"is not a probekit run store: it is an empty folder"),
+    (["{tmp}/file.txt"], r"is a file; pass a run store"),
+    (["{tmp}/empty.zarr", "--token", "short"], r"--token must be at least 8 letters, digits"),
+    (["{tmp}", "--port", "0"], r"--port must be an integer in \[1, 65535\]; got 0"),
+    (["{tmp}", "--interval", "0"], r"--interval must be a finite number > 0"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "empty.zarr").mkdir()
+    (tmp_path / "file.txt").write_text("not a run")
+    assert cli.main(["dashboard", *[a.format(tmp=tmp_path) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("probekit: error: ")
+    assert re.search(message, err), err
+
+
+def test_a_port_already_taken_is_named_with_what_to_do(tmp_path, capsys):
+    shutil.copytree(COMMITTED, tmp_path / "convnet.zarr")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"port {port} is already in use on 127.0.0.1; pick another with --port"):
+            check_port("127.0.0.1", port)
+        assert cli.main(["dashboard", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"probekit: error: port {port} is already in use on 127.0.0.1; "
+                   f"pick another with --port (e.g. --port {port + 1})\n")
+    with pytest.raises(OSError, match=r"--host 'no-such-host.invalid' is not an address of this machine"):
+        check_port("no-such-host.invalid", _free_port())
+
+
+def test_loopback_hosts():
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("no-such-host.invalid")
+
+
+# ------------------------------------------------------------------ the served page
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``probekit dashboard`` on a folder of two runs, one of them still open for writing."""
+    home = tmp_path_factory.mktemp("dashboard")
+    runs = home / "runs"
+    _write_store(runs / "a-convnet.zarr", 6).close()
+    writer = _write_store(runs / "b-growing.zarr", 2)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython")}
+    port, log = _free_port(), home / "dashboard.log"
+    command = [sys.executable, "-m", "probekit.cli", "dashboard", str(runs), "--port", str(port), "--token", TOKEN,
+               "--interval", "0.5"]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=home)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"probekit dashboard exited with code {process.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"probekit dashboard did not answer at {base} within 300 s:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/login", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        url = re.search(r"at (http://\S+)", log.read_text()).group(1)
+        yield {"base": base, "url": url, "writer": writer, "log": log, "home": home}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        writer.close()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _status(url: str, headers: dict | None = None) -> tuple[int, str, str]:
+    """Status, Location and body of one GET, redirects not followed."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+            return response.status, response.headers.get("Location", ""), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Location", ""), error.read().decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_the_server_refuses_requests_without_the_token_and_serves_nothing_but_the_page(served):
+    base = served["base"]
+    assert served["url"] == f"{base}/?token={TOKEN}"
+    for path in ("/", "/?token=not-the-token", "/api/kernels", "/voila/tree"):
+        status, location, body = _status(base + path)
+        assert status == 302 and location.startswith("/login"), (path, status, location)
+        assert "probekit" not in body
+    status, _, body = _status(base + "/login")
+    assert status == 200 and "probekit-board" not in body and "new_password" not in body
+    for path in ("/voila/files/probekit-dashboard.ipynb", "/voila/files/voila.json", "/voila/files/../voila.json"):
+        assert _status(f"{base}{path}?token={TOKEN}")[0] in (403, 404), path
+    for path in ("/api/kernels", "/api/contents", "/api/terminals", "/voila/tree", "/tree", "/lab"):
+        status, location, _ = _status(f"{base}{path}?token={TOKEN}")  # single-notebook mode: a file route, refused
+        assert status == 302 and location.startswith("/voila/files/"), (path, status, location)
+        assert _status(base + location)[0] in (302, 403)
+    assert _status(f"{base}/?token={TOKEN}", headers={"Host": f"attacker.example:{base.rsplit(':', 1)[1]}"})[0] == 403
+
+
+@pytest.mark.slow
+def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(served):
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"the browser test needs Chromium at {CHROMIUM}; install it with: apt-get install -y chromium")
+    base, writer = served["base"], served["writer"]
+    outside: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2300})
+        try:
+            page.on("request", lambda request: outside.append(request.url)
+                    if not request.url.startswith((base, base.replace("http", "ws"), "data:", "blob:")) else None)
+            page.goto(served["url"], wait_until="commit", timeout=120_000)
+            page.locator(CURVE_LINES).nth(len(CONVNET_LAYERS) - 1).wait_for(state="attached", timeout=300_000)
+            assert page.locator(CURVE_LINES).count() == len(CONVNET_LAYERS)
+            for name in ("profile", "heatmap", "diagnosis"):
+                marks = page.locator(f".probekit-board .probekit-explorer .probekit-{name} svg .role-mark")
+                assert marks.count() > 0, f"the explorer's {name} chart drew no SVG marks"
+            comparison = page.locator(".probekit-board .probekit-compare .probekit-comparison svg g.mark-line path")
+            comparison.first.wait_for(state="attached", timeout=120_000)
+            legend = page.locator(".probekit-compare .probekit-comparison svg .role-legend-label text").all_text_contents()
+            assert {"a-convnet", "b-growing"} <= set(legend), legend
+            assert page.locator(".jp-InputArea, .jp-InputPrompt, .cm-editor").count() == 0
+            assert "from probekit" not in page.inner_text("body")
+            header = page.locator(".probekit-board .probekit-explorer").first
+            assert "6 epochs" in header.inner_text()
+
+            page.locator(".probekit-run-picker select").select_option("b-growing")
+            page.locator(".probekit-explorer", has_text="2 epochs").wait_for(timeout=120_000)
+            page.locator(".probekit-explorer .probekit-layers select").select_option(["conv1", "fc2"])
+            _wait_for(lambda: page.locator(CURVE_LINES).count() == 2, "two lines after picking two layers", 120)
+
+            writer.append(rows_of(open_run(COMMITTED))[2])  # the run goes on while the page is open
+            page.locator(".probekit-explorer", has_text="3 epochs").wait_for(timeout=120_000)
+            page.locator(".probekit-explorer .probekit-curves svg [aria-label^='epoch: 2;']").first.wait_for(
+                state="attached", timeout=120_000)  # the training curves reach the new epoch
+            assert page.locator(CURVE_LINES).count() == 2  # the selection survives the new epoch
+            table = page.locator(".probekit-compare .probekit-runs")
+            _wait_for(lambda: re.search(r"b-growing.*?<td[^>]*>2</td>", table.inner_html()) is not None,
+                      "the comparison's table at epoch 2 for the growing run", 60)
+        except Exception as error:
+            shot = served["home"] / "failure.png"
+            page.screenshot(path=str(shot), full_page=True)
+            raise AssertionError(f"{error}\nscreenshot: {shot}\ndashboard log:\n{served['log'].read_text()[-3000:]}") from error
+        finally:
+            browser.close()
+    assert outside == [], f"the page fetched from outside the server (a CDN?): {outside[:5]}"
+
+
+def _wait_for(condition, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")

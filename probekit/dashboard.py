@@ -61,7 +61,7 @@ from probekit.params import Interval, check_params, choices
 from probekit.run.store import StoreError, open_run
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "check_port", "check_token", "dashboard_notebook", "find_runs",
-           "is_loopback", "serve"]
+           "host_warning", "is_loopback", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 #: Voila's own default port.
@@ -241,6 +241,19 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
+def host_warning(host: str, port: int) -> str | None:
+    """The warning for a ``host`` other machines can reach (None for loopback).
+
+    Example:
+        >>> host_warning("0.0.0.0", 8866)[:40]
+        'probekit: warning: --host 0.0.0.0 is not'
+    """
+    if is_loopback(host):
+        return None
+    return (f"probekit: warning: --host {host or repr(host)} is not loopback: anyone who can reach port {port} of this "
+            "machine and has the token can open these runs (the default, 127.0.0.1, serves this machine only)")
+
+
 def check_port(host: str, port: int) -> None:
     """Raise a one-line ``OSError`` when the server could not listen on ``host:port`` (taken, or not allowed).
 
@@ -317,7 +330,7 @@ def serve(
     port: int = DEFAULT_PORT,
     token: str | None = None,
     interval: float = DEFAULT_INTERVAL,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the runs' explorer (and, for several, the run picker and the comparison) until interrupted.
 
@@ -327,7 +340,7 @@ def serve(
         port: The port to listen on.
         token: The access token (:func:`check_token`); by default a new random one.
         interval: Seconds between two checks of the stores by each page.
-        say: Where the lines for the user go (the URL first).
+        say: Where the lines for the user go (the URL first); by default standard output, flushed at once.
 
     Raises:
         OSError: The port is taken (the message names it) or the host is not this machine's.
@@ -337,11 +350,12 @@ def serve(
         >>> serve(find_runs(["runs"])[0], port=9000)      # blocks; Ctrl-C stops it
     """
     check_params(_CONSTRAINTS, port=port, interval=interval)
+    say = say or (lambda line: print(line, flush=True))
     token = secrets.token_hex(24) if token is None else check_token(token)
     check_port(host, port)
-    if not is_loopback(host):
-        print(f"probekit: warning: --host {host} is not loopback: anyone who can reach port {port} of this machine "
-              "and has the token can open these runs", file=sys.stderr)
+    warning = host_warning(host, port)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     from voila.app import Voila
 
     folder = Path(tempfile.mkdtemp(prefix="probekit-dashboard-"))  # readable by its owner only

@@ -32,7 +32,7 @@ import pytest
 from test_browser import CHROMIUM, CHROMIUM_ARGS
 
 from probekit import cli
-from probekit.dashboard import check_port, dashboard_notebook, find_runs, is_loopback
+from probekit.dashboard import check_port, dashboard_notebook, find_runs, host_warning, is_loopback
 from probekit.run.schema import layout_of, rows_of
 from probekit.run.store import RunWriter, open_run
 
@@ -120,9 +120,13 @@ def test_a_port_already_taken_is_named_with_what_to_do(tmp_path, capsys):
         check_port("no-such-host.invalid", _free_port())
 
 
-def test_loopback_hosts():
+def test_a_host_other_machines_can_reach_gets_a_warning():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("no-such-host.invalid")
+    assert host_warning("127.0.0.1", 8866) is None and host_warning("localhost", 8866) is None
+    assert host_warning("0.0.0.0", 9000) == (
+        "probekit: warning: --host 0.0.0.0 is not loopback: anyone who can reach port 9000 of this machine and has "
+        "the token can open these runs (the default, 127.0.0.1, serves this machine only)")
 
 
 # ------------------------------------------------------------------ the served page

@@ -10,13 +10,16 @@ URL the command prints, and checks in the page that
 * an epoch appended to the open store while the page is open shows up;
 * the page fetched nothing from outside the server.
 
-Another test checks, without a browser, that the server refuses requests
-without the token and serves nothing but the page. Chromium is Debian's
+Two more check, without a browser, that the server refuses requests without
+the token and serves nothing but the page, and that the page's kernel
+websocket does not run code sent to it (an execute request is dropped while a
+kernel info request is answered). Chromium is Debian's
 (``apt-get install -y chromium``), driven by the ``playwright`` package.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,6 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -203,6 +207,57 @@ def test_the_server_refuses_requests_without_the_token_and_serves_nothing_but_th
         assert status == 302 and location.startswith("/voila/files/"), (path, status, location)
         assert _status(base + location)[0] in (302, 403)
     assert _status(f"{base}/?token={TOKEN}", headers={"Host": f"attacker.example:{base.rsplit(':', 1)[1]}"})[0] == 403
+
+
+def _kernel_messages(base: str, kernel_id: str, messages: list[dict], wait_s: float) -> list[dict]:
+    """Send ``messages`` on the kernel's websocket (with the token) and collect what comes back for ``wait_s`` seconds."""
+    import asyncio
+
+    from tornado.websocket import websocket_connect
+
+    async def talk() -> list[dict]:
+        url = f"{base.replace('http', 'ws')}/api/kernels/{kernel_id}/channels?token={TOKEN}"
+        connection = await asyncio.wait_for(websocket_connect(url), timeout=30)
+        for message in messages:
+            await connection.write_message(json.dumps(message))
+        replies, deadline = [], time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                text = await asyncio.wait_for(connection.read_message(), timeout=left)
+            except asyncio.TimeoutError:
+                break
+            if text is None:
+                break
+            replies.append(json.loads(text))
+        connection.close()
+        return replies
+
+    return asyncio.run(talk())
+
+
+def _request(msg_type: str, content: dict) -> dict:
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": uuid.uuid4().hex, "username": "test",
+              "version": "5.3", "date": ""}
+    return {"header": header, "parent_header": {}, "metadata": {}, "content": content, "channel": "shell",
+            "buffers": []}
+
+
+@pytest.mark.slow
+def test_the_page_cannot_run_code_in_its_kernel(served, tmp_path):
+    """Voila's kernel websocket passes comms and kernel info only: an execute request never runs."""
+    status, _, page = _status(f"{served['base']}/?token={TOKEN}")  # renders the page: starts and runs its kernel
+    assert status == 200 and "probekit-dashboard" in page
+    kernel_id = json.loads(re.search(r'<script id="jupyter-config-data" type="application/json">\s*(\{.*?\})\s*</script>',
+                                     page, re.S).group(1))["kernelId"]
+    made = tmp_path / "made-by-the-page"
+    replies = _kernel_messages(served["base"], kernel_id, [
+        _request("execute_request", {"code": f"open({str(made)!r}, 'w').write('x')", "silent": False,
+                                     "store_history": False, "user_expressions": {}, "allow_stdin": False}),
+        _request("kernel_info_request", {}),
+    ], wait_s=10)
+    kinds = [reply["header"]["msg_type"] for reply in replies]
+    assert "kernel_info_reply" in kinds, kinds  # the channel works ...
+    assert "execute_reply" not in kinds and not made.exists()  # ... and the code was never run
 
 
 @pytest.mark.slow

@@ -250,11 +250,16 @@ def test_the_page_cannot_run_code_in_its_kernel(served, tmp_path):
     kernel_id = json.loads(re.search(r'<script id="jupyter-config-data" type="application/json">\s*(\{.*?\})\s*</script>',
                                      page, re.S).group(1))["kernelId"]
     made = tmp_path / "made-by-the-page"
-    replies = _kernel_messages(served["base"], kernel_id, [
-        _request("execute_request", {"code": f"open({str(made)!r}, 'w').write('x')", "silent": False,
-                                     "store_history": False, "user_expressions": {}, "allow_stdin": False}),
-        _request("kernel_info_request", {}),
-    ], wait_s=10)
+    try:
+        replies = _kernel_messages(served["base"], kernel_id, [
+            _request("execute_request", {"code": f"open({str(made)!r}, 'w').write('x')", "silent": False,
+                                         "store_history": False, "user_expressions": {}, "allow_stdin": False}),
+            _request("kernel_info_request", {}),
+        ], wait_s=10)
+    finally:  # no browser closes this page: shut its kernel down as the page does when it is closed
+        shutdown = urllib.request.Request(f"{served['base']}/api/kernels/{kernel_id}?token={TOKEN}", method="DELETE")
+        with urllib.request.urlopen(shutdown, timeout=60) as response:
+            assert response.status == 204
     kinds = [reply["header"]["msg_type"] for reply in replies]
     assert "kernel_info_reply" in kinds, kinds  # the channel works ...
     assert "execute_reply" not in kinds and not made.exists()  # ... and the code was never run

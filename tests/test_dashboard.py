@@ -10,6 +10,10 @@ URL the command prints, and checks in the page that
 * an epoch appended to the open store while the page is open shows up;
 * the page fetched nothing from outside the server.
 
+One run alone is served as its explorer (no picker, no comparison), behind a
+token the command generated and printed; each server must exit cleanly on
+SIGTERM and leave no private folder behind.
+
 Two more check, without a browser, that the server refuses requests without
 the token and serves nothing but the page, and that the page's kernel
 websocket does not run code sent to it (an execute request is dropped while a
@@ -19,6 +23,7 @@ kernel info request is answered). Chromium is Debian's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -134,18 +139,18 @@ def test_a_host_other_machines_can_reach_gets_a_warning():
 
 
 # ------------------------------------------------------------------ the served page
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """``probekit dashboard`` on a folder of two runs, one of them still open for writing."""
-    home = tmp_path_factory.mktemp("dashboard")
-    runs = home / "runs"
-    _write_store(runs / "a-convnet.zarr", 6).close()
-    writer = _write_store(runs / "b-growing.zarr", 2)
+@contextlib.contextmanager
+def _dashboard(home: Path, *args: str):
+    """``probekit dashboard ARGS`` from this interpreter on a free port, until the block ends; yields its URLs and log.
+
+    Its temporary folder is made under ``home / "tmp"``, so that the block's end can check that it is gone.
+    """
+    tmp = home / "tmp"
+    tmp.mkdir()
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
-           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython")}
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython"), "TMPDIR": str(tmp)}
     port, log = _free_port(), home / "dashboard.log"
-    command = [sys.executable, "-m", "probekit.cli", "dashboard", str(runs), "--port", str(port), "--token", TOKEN,
-               "--interval", "0.5"]
+    command = [sys.executable, "-m", "probekit.cli", "dashboard", *args, "--port", str(port), "--interval", "0.5"]
     with open(log, "w") as handle:
         process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=home)
     base = f"http://127.0.0.1:{port}"
@@ -164,7 +169,7 @@ def served(tmp_path_factory):
                 pass
             time.sleep(0.5)
         url = re.search(r"at (http://\S+)", log.read_text()).group(1)
-        yield {"base": base, "url": url, "writer": writer, "log": log, "home": home}
+        yield {"base": base, "url": url, "log": log, "home": home}
     finally:
         process.terminate()
         try:
@@ -172,7 +177,18 @@ def served(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        writer.close()
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert not list(tmp.glob("probekit-dashboard-*")), "the dashboard left its private folder behind"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``probekit dashboard`` on a folder of two runs, one of them still open for writing."""
+    home = tmp_path_factory.mktemp("dashboard")
+    runs = home / "runs"
+    _write_store(runs / "a-convnet.zarr", 6).close()
+    with _write_store(runs / "b-growing.zarr", 2) as writer, _dashboard(home, str(runs), "--token", TOKEN) as server:
+        yield {**server, "writer": writer}
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -269,8 +285,7 @@ def test_the_page_cannot_run_code_in_its_kernel(served, tmp_path):
 def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(served):
     from playwright.sync_api import sync_playwright
 
-    if not CHROMIUM.exists():
-        pytest.fail(f"the browser test needs Chromium at {CHROMIUM}; install it with: apt-get install -y chromium")
+    _need_chromium()
     base, writer = served["base"], served["writer"]
     outside: list[str] = []
     with sync_playwright() as playwright:
@@ -316,6 +331,11 @@ def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(se
     assert outside == [], f"the page fetched from outside the server (a CDN?): {outside[:5]}"
 
 
+def _need_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"the browser test needs Chromium at {CHROMIUM}; install it with: apt-get install -y chromium")
+
+
 def _wait_for(condition, what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -323,3 +343,27 @@ def _wait_for(condition, what: str, timeout_s: float) -> None:
             return
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_one_run_is_served_as_its_explorer_with_a_token_of_its_own(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _need_chromium()
+    store = tmp_path / "convnet.zarr"
+    _write_store(store, 6).close()
+    with _dashboard(tmp_path, str(store)) as server:
+        assert re.fullmatch(rf"{server['base']}/\?token=[0-9a-f]{{48}}", server["url"]), server["url"]
+        assert _status(f"{server['base']}/?token={TOKEN}")[0] == 302  # another token is refused
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            try:
+                page.goto(server["url"], wait_until="commit", timeout=120_000)
+                lines = page.locator(".probekit-explorer .probekit-curves svg g.mark-line path")
+                lines.nth(len(CONVNET_LAYERS) - 1).wait_for(state="attached", timeout=300_000)
+                assert lines.count() == len(CONVNET_LAYERS)
+                assert page.locator(".probekit-board, .probekit-run-picker, .probekit-compare").count() == 0
+                assert "live" in page.locator(".probekit-explorer").first.inner_text()
+            finally:
+                browser.close()

@@ -223,6 +223,9 @@ def test_the_server_refuses_requests_without_the_token_and_serves_nothing_but_th
         assert status == 302 and location.startswith("/voila/files/"), (path, status, location)
         assert _status(base + location)[0] in (302, 403)
     assert _status(f"{base}/?token={TOKEN}", headers={"Host": f"attacker.example:{base.rsplit(':', 1)[1]}"})[0] == 403
+    for route in ("static", "templates/lab/static", "labextensions", "api/themes"):  # front-end code, not files
+        status, _, body = _status(f"{base}/voila/{route}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd")
+        assert status in (403, 404, 500) and "root:" not in body, (route, status)
 
 
 def _kernel_messages(base: str, kernel_id: str, messages: list[dict], wait_s: float) -> list[dict]:

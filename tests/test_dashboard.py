@@ -115,6 +115,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 def test_a_port_already_taken_is_named_with_what_to_do(tmp_path, capsys):
     shutil.copytree(COMMITTED, tmp_path / "convnet.zarr")
+    (tmp_path / "unfinished.zarr").mkdir()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -122,9 +123,10 @@ def test_a_port_already_taken_is_named_with_what_to_do(tmp_path, capsys):
         with pytest.raises(OSError, match=rf"port {port} is already in use on 127.0.0.1; pick another with --port"):
             check_port("127.0.0.1", port)
         assert cli.main(["dashboard", str(tmp_path), "--port", str(port)]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"probekit: error: port {port} is already in use on 127.0.0.1; "
-                   f"pick another with --port (e.g. --port {port + 1})\n")
+    note, error = capsys.readouterr().err.splitlines()
+    assert note.startswith(f"probekit: skipped {tmp_path / 'unfinished.zarr'}: ") and "empty folder" in note
+    assert error == (f"probekit: error: port {port} is already in use on 127.0.0.1; "
+                     f"pick another with --port (e.g. --port {port + 1})")
     with pytest.raises(OSError, match=r"--host 'no-such-host.invalid' is not an address of this machine"):
         check_port("no-such-host.invalid", _free_port())
 

@@ -1,5 +1,7 @@
 """``probekit dashboard``: the explorers as a standalone web page, served by Voila, following stores live.
 
+::
+
     probekit dashboard runs/demo.zarr              # one run: its explorer
     probekit dashboard runs/                        # every run store in the folder: a run picker and the comparison
     probekit dashboard a.zarr b.zarr --port 9000 --token s3cret-workshop

@@ -8,7 +8,8 @@ URL the command prints, and checks in the page that
 * the explorer's and the comparison's charts rendered as SVG, with no code cell;
 * picking the other run, then layers, redraws the explorer;
 * an epoch appended to the open store while the page is open shows up;
-* the page fetched nothing from outside the server.
+* the page fetched nothing from outside the server and logged no error
+  (the widget and anywidget front-ends load; the template has no CDN link).
 
 One run alone is served as its explorer (no picker, no comparison), behind a
 token the command generated and printed; each server must exit cleanly on
@@ -293,12 +294,14 @@ def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(se
     _need_chromium()
     base, writer = served["base"], served["writer"]
     outside: list[str] = []
+    console_errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 2300})
         try:
             page.on("request", lambda request: outside.append(request.url)
                     if not request.url.startswith((base, base.replace("http", "ws"), "data:", "blob:")) else None)
+            page.on("console", lambda message: console_errors.append(message.text) if message.type == "error" else None)
             page.goto(served["url"], wait_until="commit", timeout=120_000)
             page.locator(CURVE_LINES).nth(len(CONVNET_LAYERS) - 1).wait_for(state="attached", timeout=300_000)
             assert page.locator(CURVE_LINES).count() == len(CONVNET_LAYERS)
@@ -334,6 +337,7 @@ def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(se
         finally:
             browser.close()
     assert outside == [], f"the page fetched from outside the server (a CDN?): {outside[:5]}"
+    assert console_errors == [], console_errors[:5]
 
 
 def _need_chromium() -> None:

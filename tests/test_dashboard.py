@@ -210,6 +210,7 @@ def _status(url: str, headers: dict | None = None) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hard bound over the waits' own timeouts, server start included
 def test_the_server_refuses_requests_without_the_token_and_serves_nothing_but_the_page(served):
     base = served["base"]
     assert served["url"] == f"{base}/?token={TOKEN}"
@@ -265,6 +266,7 @@ def _request(msg_type: str, content: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hard bound over the waits' own timeouts, server start included
 def test_the_page_cannot_run_code_in_its_kernel(served, tmp_path):
     """Voila's kernel websocket passes comms and kernel info only: an execute request never runs."""
     status, _, page = _status(f"{served['base']}/?token={TOKEN}")  # renders the page: starts and runs its kernel
@@ -288,6 +290,7 @@ def test_the_page_cannot_run_code_in_its_kernel(served, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hard bound over the waits' own timeouts, server start included
 def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(served):
     from playwright.sync_api import sync_playwright
 
@@ -355,6 +358,7 @@ def _wait_for(condition, what: str, timeout_s: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hard bound over the waits' own timeouts, server start included
 def test_one_run_is_served_as_its_explorer_with_a_token_of_its_own(tmp_path):
     from playwright.sync_api import sync_playwright
 

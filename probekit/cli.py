@@ -207,15 +207,10 @@ def cmd_show(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from probekit.dashboard import check_token, find_runs, serve
+    from probekit.dashboard import serve
 
-    if args.token is not None:
-        check_token(args.token)
-    runs, skipped = find_runs(args.runs)
-    for note in skipped:
-        print(f"probekit: {note}", file=sys.stderr)
     given = {name: getattr(args, name) for name in ("host", "port", "token", "interval") if getattr(args, name) is not None}
-    serve(runs, **given)
+    serve(args.runs, **given)
     return 0
 
 

@@ -8,10 +8,13 @@
 
 :func:`find_runs` turns the paths given into run stores by name (a folder is
 searched, with its subfolders, for ``*.zarr`` folders that are run stores).
-:func:`serve` writes a one-cell notebook (:func:`dashboard_notebook`: the
-explorer of one run, or :func:`probekit.explorers.board.board` for several,
-``live=True``) into a private temporary folder and runs Voila on that one
-notebook, in this process, until interrupted; the folder goes with it.
+:func:`serve` checks them, writes a one-cell notebook
+(:func:`dashboard_notebook`, which calls :func:`page`) into a private
+temporary folder and runs Voila on that one notebook, in this process, until
+interrupted; the folder goes with it. :func:`page` finds the runs again each
+time the page is opened: the explorer of one run, or
+:func:`probekit.explorers.board.board` for several, ``live=True``; a run
+started in a given folder after the server shows up when the page is reloaded.
 
 Voila shows a notebook's outputs without its code, runs the cell in a kernel of
 its own for each visitor, and speaks to the page's widgets over the kernel's
@@ -38,7 +41,8 @@ and shutdown, so the page cannot run code. :func:`serve` configures it (a
   dropped) is in the private folder, and charts are inlined by
   :func:`probekit.plots.enable_offline`.
 
-This module imports the run store, nbformat, tornado and voila (at serve time): never torch.
+This module imports the run store, the explorers, ipywidgets, nbformat, tornado and voila (at serve time):
+never torch.
 """
 
 from __future__ import annotations
@@ -53,17 +57,21 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import ipywidgets as widgets
 import nbformat
 
+from probekit.explorers import Explorer, explore
+from probekit.explorers.board import Board, board
 from probekit.explorers.live import DEFAULT_INTERVAL
+from probekit.explorers.widgets import status_html
 from probekit.params import Interval, check_params, choices
 from probekit.run.store import StoreError, open_run
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "check_port", "check_token", "dashboard_notebook", "find_runs",
-           "host_warning", "is_loopback", "serve"]
+           "host_warning", "is_loopback", "page", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 #: Voila's own default port.
@@ -188,24 +196,40 @@ def _distinct(named: list[tuple[str, Path]]) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------ the page
-def dashboard_notebook(runs: Mapping[str, Path], *, interval: float = DEFAULT_INTERVAL) -> nbformat.NotebookNode:
-    """The one-cell notebook the dashboard serves: the live explorer of one run, or the board of several.
+def page(paths: Sequence[str | os.PathLike], *, live: bool = True,
+         interval: float = DEFAULT_INTERVAL) -> Explorer | Board | widgets.HTML:
+    """What the dashboard shows: the runs ``paths`` name now (:func:`find_runs`), explored.
+
+    One run gets its explorer; several get the board (a run picker over the
+    explorer, and the comparison). Paths that hold no run any more give a
+    one-line message in red instead.
 
     Example:
-        >>> nb = dashboard_notebook({"demo": Path("/abs/runs/demo.zarr")})
+        >>> page(["runs"], live=False).picker.options
+        ('a', 'b')
+    """
+    try:
+        runs, _ = find_runs(paths)
+        if len(runs) == 1:
+            return explore(next(iter(runs.values())), live=live, interval=interval)
+        return board(runs, live=live, interval=interval)
+    except (OSError, ValueError) as error:
+        return widgets.HTML(status_html(str(error), error=True))
+
+
+def dashboard_notebook(paths: Sequence[str | os.PathLike], *, interval: float = DEFAULT_INTERVAL) -> nbformat.NotebookNode:
+    """The one-cell notebook the dashboard serves: :func:`page` on the paths given (made absolute), live.
+
+    Example:
+        >>> nb = dashboard_notebook(["/abs/runs"])
         >>> nb.cells[0].source.splitlines()[-1]
-        "explore('/abs/runs/demo.zarr', live=True, interval=2.0)"
+        "page(['/abs/runs'], interval=2.0)"
     """
     check_params(_CONSTRAINTS, interval=interval)
-    if not runs:
-        raise ValueError("the dashboard needs at least one run")
-    if len(runs) == 1:
-        (path,) = runs.values()
-        code = f"from probekit.explorers import explore\n\nexplore({str(path)!r}, live=True, interval={float(interval)!r})"
-    else:
-        mapping = {name: str(path) for name, path in runs.items()}
-        code = (f"from probekit.explorers.board import board\n\n"
-                f"board({mapping!r}, live=True, interval={float(interval)!r})")
+    if not paths:
+        raise ValueError("the dashboard needs at least one run store or folder")
+    absolute = [str(Path(path).resolve()) for path in paths]
+    code = f"from probekit.dashboard import page\n\npage({absolute!r}, interval={float(interval)!r})"
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "probekit dashboard", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
@@ -291,13 +315,13 @@ def _url(host: str, port: int, token: str) -> str:
     return f"http://{shown}:{port}/?token={token}"
 
 
-def _write_private_folder(folder: Path, runs: Mapping[str, Path], *, host: str, port: int, token: str,
+def _write_private_folder(folder: Path, paths: Sequence[str | os.PathLike], *, host: str, port: int, token: str,
                           interval: float) -> Path:
     """The notebook, the kernel spec, the template and Voila's config; returns the notebook's path."""
     page = folder / "page"
     page.mkdir()
     notebook = page / "probekit-dashboard.ipynb"
-    nbformat.write(dashboard_notebook(runs, interval=interval), notebook)
+    nbformat.write(dashboard_notebook(paths, interval=interval), notebook)
     kernel = folder / "jupyter" / "kernels" / KERNEL_NAME
     kernel.mkdir(parents=True)
     (kernel / "kernel.json").write_text(json.dumps({
@@ -325,8 +349,19 @@ def _write_private_folder(folder: Path, runs: Mapping[str, Path], *, host: str, 
     return notebook
 
 
+def _give_the_page_its_xsrf_cookie(handler, notebook, cwd) -> None:
+    """Voila's prelaunch hook: set the ``_xsrf`` cookie with the page.
+
+    The page shuts its kernel down when it is closed or reloaded by a POST that
+    carries the ``_xsrf`` cookie, which only the login form would otherwise
+    have set; without it the POST is refused and the kernel (and its live
+    reading) would run on. Reading ``xsrf_token`` makes tornado set the cookie.
+    """
+    handler.xsrf_token  # noqa: B018 - read for its side effect
+
+
 def serve(
-    runs: Mapping[str, Path],
+    paths: Sequence[str | os.PathLike],
     *,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
@@ -334,10 +369,11 @@ def serve(
     interval: float = DEFAULT_INTERVAL,
     say: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve the runs' explorer (and, for several, the run picker and the comparison) until interrupted.
+    """Serve the explorer of the runs ``paths`` name (several: the run picker and the comparison) until interrupted.
 
     Args:
-        runs: Run stores by name (:func:`find_runs`).
+        paths: Run stores, or folders holding them (:func:`find_runs`); each
+            Zarr store of a folder that is not a run is named on standard error.
         host: The address to listen on; anything but loopback is reachable from other machines.
         port: The port to listen on.
         token: The access token (:func:`check_token`); by default a new random one.
@@ -346,14 +382,17 @@ def serve(
 
     Raises:
         OSError: The port is taken (the message names it) or the host is not this machine's.
-        ValueError: A bad token, port or interval.
+        FileNotFoundError, ValueError: A path that holds no run; a bad token, port or interval.
 
     Example:
-        >>> serve(find_runs(["runs"])[0], port=9000)      # blocks; Ctrl-C stops it
+        >>> serve(["runs"], port=9000)      # blocks; Ctrl-C stops it
     """
     check_params(_CONSTRAINTS, port=port, interval=interval)
     say = say or (lambda line: print(line, flush=True))
     token = secrets.token_hex(24) if token is None else check_token(token)
+    runs, skipped = find_runs(paths)
+    for note in skipped:
+        print(f"probekit: {note}", file=sys.stderr, flush=True)
     check_port(host, port)
     warning = host_warning(host, port)
     if warning:
@@ -363,10 +402,11 @@ def serve(
     folder = Path(tempfile.mkdtemp(prefix="probekit-dashboard-"))  # readable by its owner only
     old_path = os.environ.get("JUPYTER_PATH")
     try:
-        notebook = _write_private_folder(folder, runs, host=host, port=port, token=token, interval=interval)
+        notebook = _write_private_folder(folder, paths, host=host, port=port, token=token, interval=interval)
         os.environ["JUPYTER_PATH"] = os.pathsep.join([str(folder / "jupyter"), *([old_path] if old_path else [])])
         app = Voila()
         app.initialize([str(notebook), f"--Voila.config_file_paths={folder}"])
+        app.voila_configuration.prelaunch_hook = _give_the_page_its_xsrf_cookie  # a callable: not in a JSON file
         what = next(iter(runs)) if len(runs) == 1 else f"{len(runs)} runs ({choices(list(runs), limit=6)})"
         say(f"probekit dashboard: {what}, live, at {_url(host, port, token)}")
         say("stop it with Ctrl-C")

@@ -42,7 +42,7 @@ FORBIDDEN = {
     "diagnosis": {"torch", "zarr", "altair", "ipywidgets"},
     "plots": {"torch", "zarr", "ipywidgets"},
     "explorers": {"torch"},
-    "dashboard": {"torch", "altair"},
+    "dashboard": {"torch"},
     "accessor": {"torch", "zarr", "ipywidgets"},
     "params": {"torch", "numpy", "xarray", "zarr"},
     "engine": {"altair", "ipywidgets"},

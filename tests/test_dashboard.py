@@ -7,7 +7,9 @@ URL the command prints, and checks in the page that
 
 * the explorer's and the comparison's charts rendered as SVG, with no code cell;
 * picking the other run, then layers, redraws the explorer;
-* an epoch appended to the open store while the page is open shows up;
+* an epoch appended to the open store while the page is open shows up, and a
+  run started in the folder afterwards is in the picker once the page is reloaded
+  (and the kernel of the page before the reload is shut down);
 * the page fetched nothing from outside the server and logged no error
   (the widget and anywidget front-ends load; the template has no CDN link).
 
@@ -42,7 +44,9 @@ import pytest
 from test_browser import CHROMIUM, CHROMIUM_ARGS
 
 from probekit import cli
-from probekit.dashboard import check_port, dashboard_notebook, find_runs, host_warning, is_loopback
+from probekit.dashboard import check_port, dashboard_notebook, find_runs, host_warning, is_loopback, page
+from probekit.explorers import Explorer
+from probekit.explorers.board import Board
 from probekit.run.schema import layout_of, rows_of
 from probekit.run.store import RunWriter, open_run
 
@@ -86,14 +90,27 @@ def test_a_folder_is_searched_for_run_stores_and_other_zarr_stores_are_skipped(t
     assert list(both) == [str((tmp_path / "convnet").resolve()), str((tmp_path / "other" / "convnet").resolve())]
 
 
-def test_the_notebook_is_one_cell_the_explorer_of_one_run_or_the_board_of_several(tmp_path):
-    one = dashboard_notebook({"a": tmp_path / "a.zarr"}, interval=0.5)
-    assert [cell.cell_type for cell in one.cells] == ["code"]
-    assert one.cells[0].source.endswith(f"explore({str(tmp_path / 'a.zarr')!r}, live=True, interval=0.5)")
-    several = dashboard_notebook({"a": tmp_path / "a.zarr", "b's": tmp_path / "b.zarr"})
-    assert "board({'a': " in several.cells[0].source and "\"b's\": " in several.cells[0].source
-    compile(several.cells[0].source, "cell", "exec")
-    assert several.metadata["kernelspec"]["name"] == "probekit-dashboard"
+def test_the_notebook_is_one_cell_that_finds_the_runs_when_the_page_opens(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    nb = dashboard_notebook(["runs", tmp_path / "a.zarr"], interval=0.5)
+    assert [cell.cell_type for cell in nb.cells] == ["code"]
+    assert nb.cells[0].source == (f"from probekit.dashboard import page\n\n"
+                                  f"page({[str(tmp_path / 'runs'), str(tmp_path / 'a.zarr')]!r}, interval=0.5)")
+    assert nb.metadata["kernelspec"]["name"] == "probekit-dashboard"
+
+
+def test_the_page_is_the_explorer_of_one_run_or_the_board_of_several_as_found_now(tmp_path):
+    runs = tmp_path / "runs"
+    _write_store(runs / "a.zarr", 2).close()
+    one = page([runs], live=False)
+    assert isinstance(one, Explorer) and one.epoch == 1
+    _write_store(runs / "b.zarr", 3).close()  # a run started after the server: the next page finds it
+    several = page([runs], live=False)
+    assert isinstance(several, Board) and several.picker.options == ("a", "b")
+    assert several.comparison.epochs_shown == {"a": 1, "b": 2}
+    shutil.rmtree(runs)
+    gone = page([runs], live=False)
+    assert "no such file or folder" in gone.value and "color:#b00020" in gone.value
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -333,6 +350,17 @@ def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(se
             table = page.locator(".probekit-compare .probekit-runs")
             _wait_for(lambda: re.search(r"b-growing.*?<td[^>]*>2</td>", table.inner_html()) is not None,
                       "the comparison's table at epoch 2 for the growing run", 60)
+
+            _write_store(served["home"] / "runs" / "c-started-later.zarr", 1).close()  # a new run in the folder
+            first_kernel = _kernel_id(page)
+            assert _status(f"{base}/api/kernels/{first_kernel}?token={TOKEN}")[0] == 200
+            page.reload(wait_until="commit", timeout=120_000)  # a reloaded page finds it
+            page.locator(".probekit-run-picker select option", has_text="c-started-later").wait_for(
+                state="attached", timeout=300_000)
+            page.locator(CURVE_LINES).nth(len(CONVNET_LAYERS) - 1).wait_for(state="attached", timeout=300_000)
+            assert _kernel_id(page) != first_kernel
+            _wait_for(lambda: _status(f"{base}/api/kernels/{first_kernel}?token={TOKEN}")[0] == 404,
+                      "the closed page's kernel to be shut down", 60)
         except Exception as error:
             shot = served["home"] / "failure.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -341,6 +369,11 @@ def test_the_dashboard_renders_reacts_and_follows_a_growing_store_in_chromium(se
             browser.close()
     assert outside == [], f"the page fetched from outside the server (a CDN?): {outside[:5]}"
     assert console_errors == [], console_errors[:5]
+
+
+def _kernel_id(page) -> str:
+    """The id of the kernel Voila started for ``page`` (from the page's Jupyter config)."""
+    return page.evaluate("JSON.parse(document.getElementById('jupyter-config-data').textContent).kernelId")
 
 
 def _need_chromium() -> None:

@@ -31,9 +31,13 @@ and shutdown, so the page cannot run code. :func:`serve` configures it (a
   ``/voila/files/`` route is closed (allowlist empty, denylist everything);
   ``/api/kernels/<id>`` and its channels reach only a kernel whose id the
   visitor got with its page (there is no kernel list or kernel start route),
-  and a visitor cannot switch the template (``?template=``) or the theme; What Voila serves
-  without the token is static front-end code of installed packages
-  (``/voila/static``, ``/voila/templates``, ``/voila/labextensions``, themes);
+  and a visitor cannot switch the template (``?template=``) or the theme.
+  What Voila serves without the token is static front-end code of installed
+  packages (``/voila/static``, ``/voila/templates``, ``/voila/labextensions``,
+  themes);
+* the page gets the ``_xsrf`` cookie with it, so that closing or reloading it
+  shuts its kernel down (Voila's page posts that with the cookie, and the
+  POST is refused without one);
 * the kernel runs this interpreter (a kernel spec in the private folder, the
   only one allowed), so the page reads runs with the probekit that serves it;
 * the page loads only the widget and anywidget front-ends, and fetches nothing

@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -> virtual environment + install + `probekit demo`
 #   make test   -> virtual environment + install + Chromium (for the browser test) + the test suite
+# and `make docs` builds the docs site into build/docs/html.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The real-browser test drives Debian's Chromium (Playwright cannot download browsers here).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test chromium
+.PHONY: demo test chromium docs
 
 $(BIN)/.probekit-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +31,8 @@ chromium:
 
 test: $(BIN)/.probekit-installed chromium
 	PROBEKIT_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q
+
+# The docs site, from docs/ (guides), notebooks/ (not run) and the docstrings; offline, warnings are
+# errors as in tests/test_docs.py. Open build/docs/html/index.html.
+docs: $(BIN)/.probekit-installed
+	$(BIN)/python -m sphinx -W --keep-going -b html docs build/docs/html

@@ -9,6 +9,7 @@ across depth and across training time.
     >>> pk.list_layers(model, example_input)
     >>> ds = pk.probe(model, (train, valid, test), store="runs/a.zarr")
     >>> pk.open_run("runs/a.zarr")
+    >>> pk.open_runs("runs/*.zarr")                 # many runs, lazily, along a ``run`` dimension
 
 Heavy modules (torch) load on first use, so ``probekit.plots``, the explorers
 and the run store readers work without importing torch. The package follows
@@ -36,6 +37,7 @@ _LAZY = {
     "probe_checkpoints": "probekit.engine",
     "train_and_probe": "probekit.engine",
     "open_run": "probekit.run",
+    "open_runs": "probekit.run",
     "StoreError": "probekit.run",
     "diagnose": "probekit.diagnosis",
     "Findings": "probekit.diagnosis",

@@ -1,4 +1,6 @@
-"""The ``probekit`` command: ``demo``, ``run``, ``reproduce``, ``show`` and ``dashboard``; every argparse definition of the package.
+"""The ``probekit`` command: ``demo``, ``run``, ``sweep``, ``reproduce``, ``show`` and ``dashboard``; every argparse definition of the package.
+
+::
 
     probekit demo                      # the paper's convnet on embedded digits, probed while it trains
     probekit reproduce bypass          # one of the paper's experiments (see probekit.experiments)
@@ -7,6 +9,7 @@
     probekit run --model timm:vit_tiny_patch16_224 --model-arg img_size=32 --model-arg patch_size=8 \\
         --dataset digits --size 32 --channels 3 --out runs/vit.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
+    probekit sweep --out runs/sweep --grid seed=0,1 --grid reduce=pool,subset100 -- --epochs 2 --limit 200
     probekit dashboard runs/           # the explorers as a web page on 127.0.0.1, following the stores live
 
 Flags are checked with :func:`probekit.params.check_params` before any work, so
@@ -45,6 +48,8 @@ _FLAGS = {
     "--repeats": _POSITIVE_INT,
     "--batch-size": _POSITIVE_INT,
     "--train-batch-size": _POSITIVE_INT,
+    "--workers": _POSITIVE_INT,
+    "--cell-threads": _POSITIVE_INT,
     "--port": [Interval(int, 1, 65535)],
     "--interval": _POSITIVE_RATE,
 }
@@ -206,6 +211,66 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _run_options(run_parser: argparse.ArgumentParser) -> list[str]:
+    """The long options of ``probekit run``, without their dashes."""
+    return [option[2:] for action in run_parser._actions for option in action.option_strings
+            if option.startswith("--") and option != "--help"]
+
+
+def _check_cell(run_parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> None:
+    """Parse a sweep cell's arguments as ``probekit run`` would, and check its flags: one line naming the cell."""
+    def refuse(message: str) -> None:
+        raise ValueError(f"sweep cell {name!r}: {message}; fix the grid or the shared arguments")
+
+    run_parser.error = refuse  # argparse would print the usage and exit; one line instead
+    try:
+        _check_flags(run_parser.parse_args([*argv, "--out", "cell.zarr"]))
+    except ValueError as error:
+        if str(error).startswith("sweep cell"):
+            raise
+        refuse(str(error))
+
+
+def cmd_sweep(args) -> int:
+    from probekit.sweep import RESERVED, cells_of, load_spec, parse_grid, run_sweep
+
+    if args.scheduler and args.workers:
+        raise ValueError("--workers sizes the LocalCluster made here; with --scheduler, that scheduler's workers run "
+                         "the cells: drop one of the two")
+    run_parser = _subparsers(parser())["run"]
+    grid, shared = load_spec(args.spec) if args.spec else ({}, [])
+    for key, values in parse_grid(args.grid or []).items():
+        if key in grid:
+            raise ValueError(f"--grid {key} is also in the spec {args.spec!r}; give its values in one place")
+        grid[key] = values
+    shared = [*shared, *(args.args[1:] if args.args[:1] == ["--"] else args.args)]
+    known = _run_options(run_parser)
+    for key in grid:
+        if key not in known:
+            shown = [option for option in known if option not in RESERVED]
+            raise ValueError(f"--grid {key!r} is not an option of probekit run; choose from: {choices(shown, limit=40)}")
+    cells = cells_of(grid, shared)
+    for cell in cells:
+        _check_cell(run_parser, cell.name, cell.argv)
+
+    def report(result) -> None:
+        extra = " (resumed)" if result.resumed else ""
+        line = f"{result.status:>7}  {result.name}" + (f"  {result.seconds:.1f} s{extra}" if result.status != "skipped" else "")
+        print(line + (f": {result.error}" if result.error else ""), flush=True)
+
+    where = args.scheduler or f"a LocalCluster of {args.workers or 'up to ' + str(len(cells))} workers"
+    print(f"sweep of {len(cells)} cell{'s' if len(cells) != 1 else ''} into {args.out} on {where}", flush=True)
+    results = run_sweep(cells, args.out, grid=grid, shared=shared, scheduler=args.scheduler, workers=args.workers,
+                        cell_threads=args.cell_threads, on_result=report)
+    frame = pd.DataFrame([{"cell": r.name, "status": r.status, "seconds": round(r.seconds, 1), "error": r.error}
+                          for r in results])
+    print(frame.to_string(index=False))
+    counts = {status: sum(r.status == status for r in results) for status in ("done", "skipped", "failed")}
+    print(f"{len(results)} cells: {counts['done']} done, {counts['skipped']} skipped (done before), "
+          f"{counts['failed']} failed; read the done ones with probekit.sweep.open_sweep({args.out!r})")
+    return 1 if counts["failed"] else 0
+
+
 def cmd_dashboard(args) -> int:
     from probekit.dashboard import serve
 
@@ -239,6 +304,12 @@ def _add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced size for tests and smoke runs")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
+
+
+def _subparsers(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands' parsers of ``top``, by name."""
+    action = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -306,6 +377,28 @@ def parser() -> argparse.ArgumentParser:
     _add_reproduce_arguments(reproduce)
     reproduce.set_defaults(func=cmd_reproduce)
 
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of `probekit run` cells on a dask cluster: one store per cell, resumable",
+        description="Run every cell of a grid over probekit run's options on a dask.distributed cluster, each into "
+                    "OUT/CELL.zarr. Running it again skips the cells done and resumes the others. Exit code 1 when "
+                    "a cell failed (the summary gives its error), 2 for a bad grid.",
+    )
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                       help="an option of probekit run and its values, repeatable: the sweep is their product "
+                            "(e.g. --grid seed=0,1 --grid reduce=pool,subset100)")
+    sweep.add_argument("--spec", help="a JSON (or TOML) file with a 'grid' table {option: [values]} and an optional "
+                                      "'args' table {option: value} of arguments every cell shares")
+    sweep.add_argument("--out", required=True, help="folder of the cells' stores and the summary sweep.json")
+    sweep.add_argument("--scheduler", help="address of a dask scheduler (e.g. tcp://host:8786) whose workers reach "
+                                           "--out; default: a LocalCluster on this machine")
+    sweep.add_argument("--workers", type=int, help="LocalCluster workers (default: one per cell, at most the CPU count)")
+    sweep.add_argument("--cell-threads", type=int,
+                       help="threads of each cell's process (default: on a LocalCluster, the CPUs shared among the "
+                            "workers; with --scheduler, the worker's own setting)")
+    sweep.add_argument("args", nargs=argparse.REMAINDER, metavar="-- RUN_ARGS",
+                       help="after --, the probekit run arguments every cell shares (e.g. -- --epochs 2 --limit 200)")
+    sweep.set_defaults(func=cmd_sweep)
+
     show = sub.add_parser("show", help="per-layer summary of a run store (works while it is written)")
     show.add_argument("run")
     show.add_argument("--metric", default="valid_error")
@@ -339,7 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_flags(args)
         return args.func(args)
     except KeyboardInterrupt:
-        print("probekit: interrupted; completed epochs are in the store (continue with --resume)", file=sys.stderr)
+        again = "run the same sweep again" if args.command == "sweep" else "continue with --resume"
+        print(f"probekit: interrupted; completed epochs are in the store ({again})", file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError) as error:
         print(f"probekit: error: {error}", file=sys.stderr)

@@ -30,8 +30,10 @@ ALLOWED = {
     "zoo": {"engine"},
     "experiments": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "accessor"},
     "integrations": {"probekit", "engine", "run"},
+    "sweep": {"run"},
     "dashboard": {"run", "explorers"},
-    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "dashboard"},
+    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "sweep",
+            "dashboard"},
     "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).
@@ -48,6 +50,7 @@ FORBIDDEN = {
     "engine": {"altair", "ipywidgets"},
     "data": {"altair", "ipywidgets"},
     "zoo": {"altair", "ipywidgets"},
+    "sweep": {"torch", "altair", "ipywidgets"},
 }
 
 

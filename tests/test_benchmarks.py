@@ -29,12 +29,27 @@ def test_quick_benchmark_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     figures = {row["figure"].split()[0] for row in result["rows"]}
-    assert figures == {"1", "2", "3", "4", "5", "6", "8"}
+    assert figures == {"1", "2", "3", "4", "5", "6", "8", "10"}
     for row in result["rows"]:
         assert row["baseline_value"] > 0 and row["probekit_value"] > 0, row
         assert math.isfinite(row["ratio"]), row
     assert result["machine"]["cores"] and result["load_average"]
     assert "ratio" in proc.stdout and f"wrote {out}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_many_runs_figure_runs_at_quick_size(tmp_path):
+    """Figure 10 alone at --quick size: eight runs as a sweep on a LocalCluster against the same runs one by one."""
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "10", "--out", str(out)], cwd=ROOT,
+        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["figure"] == "10 sweep" and row["case"].startswith("8 runs, paper convnet")
+    assert row["baseline_value"] > 0 and row["probekit_value"] > 0 and math.isfinite(row["ratio"])
+    assert "cells done: 8/8 sweep, 8/8 one after another" in row["note"]
 
 
 @pytest.mark.slow

@@ -191,11 +191,11 @@ def probe_checkpoints(
         epochs: each checkpoint's epoch number (default 0, 1, 2, ...).
         steps: each checkpoint's training step (default: unknown, ``None``).
         store, resume: as for :func:`probe`; resuming skips checkpoints already written.
-        layers, reduce, overwrite, num_classes, l2, baselines, groups, repeats, metrics, batch_size, budget,
-            max_flatten, seed, max_iter,
-            cache_bytes, quiet, model_name, dataset_name, tracer_kwargs, layouts, label_key, mask_key, device,
-            channels_last, autocast:
-            as for :func:`probe`.
+
+    The other arguments (``layers``, ``reduce``, ``overwrite``, ``num_classes``, ``l2``, ``baselines``, ``groups``,
+    ``repeats``, ``metrics``, ``batch_size``, ``budget``, ``max_flatten``, ``seed``, ``max_iter``, ``cache_bytes``,
+    ``quiet``, ``model_name``, ``dataset_name``, ``tracer_kwargs``, ``layouts``, ``label_key``, ``mask_key``,
+    ``device``, ``channels_last``, ``autocast``) are as for :func:`probe`.
 
     Example:
         >>> ds = pk.probe_checkpoints(lambda: pk.zoo.paper_convnet(), ["c0.pt", "c1.pt"], data, steps=[0, 500])

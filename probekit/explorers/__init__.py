@@ -1,7 +1,8 @@
 """Explorers: small ipywidgets apps over probe runs, for JupyterLab.
 
 :func:`explore` opens one run and :func:`compare` puts several on a common depth
-axis. Each explorer is a state object with one owner, the explorer, which is also
+axis; both take many runs opened together (:func:`probekit.open_runs`, a ``run``
+dimension): explore shows one at a time, with a run menu. Each explorer is a state object with one owner, the explorer, which is also
 the controller; views hold no data, and charts come from :mod:`probekit.plots`.
 
 The package follows the app's parts: ``selection`` (which layers a shortcut

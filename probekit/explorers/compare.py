@@ -9,7 +9,9 @@ owns one :class:`CompareState` and is its controller; its views are
 :func:`probekit.plots.comparison` (each run's baselines dashed, as its
 *baselines* menu selects them), with, when it is given one, the layer
 similarity of two models (:func:`probekit.cka`) as a heatmap beside it
-(:func:`probekit.plots.cka_heatmap`).
+(:func:`probekit.plots.cka_heatmap`). Many runs opened together
+(:func:`probekit.open_runs`' dataset, with a ``run`` dimension) are compared
+run by run, each named by its ``run`` coordinate.
 
 This module imports pandas, xarray, altair and ipywidgets: never torch.
 """
@@ -33,6 +35,7 @@ from probekit.explorers.selection import (
 )
 from probekit.explorers.widgets import ChartPanel, CompareControls, table_html
 from probekit.params import Interval, Options, check_params
+from probekit.run.many import RUN_DIM, split_runs
 from probekit.run.schema import check_in_run, epoch_index, measures_of, splits_of
 
 __all__ = ["CompareState", "Comparison", "compare"]
@@ -439,8 +442,13 @@ class Comparison(LiveApp):
 
 
 def _compare_sources(runs: object, names: Sequence[str] | None, *, wait: bool) -> list[Source]:
+    if isinstance(runs, xr.Dataset) and RUN_DIM in runs.dims:
+        if names is not None:
+            raise TypeError("names= is for a list of runs; the 'run' coordinate of pk.open_runs' dataset already names them")
+        return [Source(name, None, one.load()) for name, one in split_runs(runs).items()]
     if isinstance(runs, (xr.Dataset, str, os.PathLike)):
-        raise TypeError("compare takes several runs (a list, or a dict from name to run); for one run use pk.explore")
+        raise TypeError("compare takes several runs (a list, a dict from name to run, or pk.open_runs' dataset); "
+                        "for one run use pk.explore")
     if isinstance(runs, Mapping):
         if names is not None:
             raise TypeError("names= is for a list of runs; the keys of a dict already name them")
@@ -495,7 +503,9 @@ def compare(
     (a reduction is part of the result).
 
     Args:
-        runs: A list of runs (datasets or store paths), or a dict from name to run.
+        runs: A list of runs (datasets or store paths), a dict from name to
+            run, or :func:`probekit.open_runs`' dataset (each run read as it is
+            compared, named by its ``run`` coordinate).
         names: Names for a list of runs; by default each run's ``model``
             attribute (numbered when two share one).
         live: Follow stores that runs are still writing (see :func:`probekit.explorers.explore`).
@@ -519,6 +529,7 @@ def compare(
     Example:
         >>> pk.compare({"Inception v3": "data/runs/inception_v3.zarr", "ResNet-50": "data/runs/resnet50.zarr"})
         >>> pk.compare([resnet_run, inception_run], cka=pk.cka(resnet, inception, data))
+        >>> pk.compare(pk.open_runs("runs/sweep/*.zarr"))
     """
     return Comparison(runs, names=names, live=live, interval=interval, layers=layers, every=every,
                       depth_range=depth_range, measure=measure, split=split, epoch=epoch, cka=cka)

@@ -3,13 +3,16 @@
 :func:`explore` opens one run: pick layers (with the shortcuts *all*,
 *merge points only* and *every k-th*), the metric and the split, and move an
 epoch slider; the depth profile, the training curves, the layer x epoch
-heatmap and the diagnosis panel follow.
+heatmap and the diagnosis panel follow. Given many runs
+(:func:`probekit.open_runs`' dataset, with a ``run`` dimension), a run menu
+picks the one shown; each run is read when it is first picked.
 
     >>> ex = pk.explore("runs/demo.zarr")           # last expression of a cell: the app
     >>> ex.select(layers=["fc1", "conv1"], split="test")  # what the widgets do, from code
     >>> ex.selected_layers                           # what the user picked, for the next cell
     ['conv1', 'fc1']
     >>> live = pk.explore("runs/b.zarr", live=True)  # follows a run that is still writing
+    >>> pk.explore(pk.open_runs("runs/sweep/*.zarr"), run="seed=1")   # many runs: pick one
 
 The explorer owns one :class:`ExploreState` and is its controller: every change
 from a widget or from :meth:`Explorer.select` builds a new state and renders it
@@ -33,11 +36,12 @@ import pandas as pd
 import xarray as xr
 
 from probekit import plots
-from probekit.explorers.live import DEFAULT_INTERVAL, LiveApp, Poller, RunLike, as_source, read_now
+from probekit.explorers.live import DEFAULT_INTERVAL, LiveApp, Poller, RunLike, Source, as_source, read_now
 from probekit.explorers.selection import (
     default_layers, default_split, epoch_numbers, fits_epoch, resolve_layers, run_layers,
 )
 from probekit.explorers.widgets import ChartPanel, ExploreControls, findings_html, status_html
+from probekit.run.many import RUN_DIM, run_names, select_run
 from probekit.run.schema import check_in_run, epoch_position, measures_of, splits_of
 
 __all__ = ["ExploreState", "Explorer", "explore"]
@@ -58,6 +62,7 @@ class ExploreState:
         version: Counts the times new run data arrived.
         status: A one-line message for the user ("" when all is well).
         alert: Whether ``status`` reports a problem (shown in red).
+        run_name: The name of the run shown, when the explorer was given many runs (None otherwise).
     """
 
     run: xr.Dataset | None
@@ -69,6 +74,7 @@ class ExploreState:
     version: int = 0
     status: str = ""
     alert: bool = False
+    run_name: str | None = None
 
     @property
     def baselines_shown(self) -> tuple[str, ...]:
@@ -173,8 +179,9 @@ class Explorer(LiveApp):
 
     def __init__(
         self,
-        run: RunLike,
+        runs: RunLike,
         *,
+        run: str | None = None,
         live: bool = False,
         interval: float = DEFAULT_INTERVAL,
         layers: str | Sequence[str] | None = None,
@@ -183,7 +190,20 @@ class Explorer(LiveApp):
         split: str | None = None,
         epoch: int = -1,
     ):
-        self._source = as_source(run, None, wait=live)
+        self._runs: xr.Dataset | None = None  # many runs (a ``run`` dimension), of which one is shown
+        self._loaded: dict[str, xr.Dataset] = {}
+        if isinstance(runs, xr.Dataset) and RUN_DIM in runs.dims:
+            self._runs = runs
+            names = run_names(runs)
+            run = names[0] if run is None else run
+            if run not in names:
+                raise ValueError(f"run={run!r} is not in this dataset; choose from: {', '.join(names)}")
+            self._source = Source(run, None, self._run_named(run))
+        elif run is not None:
+            raise ValueError("run= picks one of many runs (pk.open_runs' dataset, with a 'run' dimension); "
+                             "this is a single run: leave run= out")
+        else:
+            self._source = as_source(runs, None, wait=live)
         self._poller = Poller([self._source], interval, self._data_arrived, self._set_status)
         if live and self._source.path is None:
             raise ValueError(
@@ -208,6 +228,8 @@ class Explorer(LiveApp):
         self.state = ExploreState(run=None, status=f"waiting for the run store {self._source.path} to appear")
         if self._source.dataset is not None:
             self.state = self._first_state(self._source.dataset, version=1)
+            if self._runs is not None:
+                self.state = replace(self.state, run_name=self._source.label)
         if live:
             self._poller.start()
         self._render()
@@ -217,6 +239,11 @@ class Explorer(LiveApp):
     def dataset(self) -> xr.Dataset | None:
         """The run as last read (None while a live store has not appeared)."""
         return self.state.run
+
+    @property
+    def runs(self) -> list[str]:
+        """The names of the runs to pick from (empty for an explorer of one run)."""
+        return [] if self._runs is None else run_names(self._runs)
 
     @property
     def selected_layers(self) -> list[str]:
@@ -247,6 +274,7 @@ class Explorer(LiveApp):
     def select(
         self,
         *,
+        run: str | None = None,
         layers: str | Sequence[str] | None = None,
         every: int | None = None,
         measure: str | None = None,
@@ -257,6 +285,8 @@ class Explorer(LiveApp):
         """Change the selection from code, as the widgets do; unset arguments stay.
 
         Args:
+            run: The run shown, by name, when the explorer was given many runs;
+                the other selections carry over where the run has them.
             layers: Layer names, ``"all"`` or ``"merges"`` (see
                 :func:`probekit.explorers.selection.merge_layers`).
             every: Keep every k-th layer from the input (and the last layer).
@@ -277,6 +307,8 @@ class Explorer(LiveApp):
         Example:
             >>> ex.select(layers=["conv1", "fc1"], split="test", epoch=0)
         """
+        if run is not None:
+            self._show_run(run)
         ds = self.state.run
         if ds is None:
             raise ValueError(f"the run store {self._source.path} has not appeared yet; select once it has epochs")
@@ -305,6 +337,36 @@ class Explorer(LiveApp):
             self._set_status(str(error), True)
 
     # -- data ------------------------------------------------------------------
+    def _run_named(self, name: str) -> xr.Dataset:
+        """One of the many runs, read into memory the first time it is shown."""
+        if name not in self._loaded:
+            self._loaded[name] = select_run(self._runs, name).load()
+        return self._loaded[name]
+
+    def _show_run(self, name: str) -> None:
+        """Show another of the many runs, keeping the layers, measure, split and epoch where it has them."""
+        if self._runs is None:
+            raise ValueError("run= picks one of many runs, but this explorer shows a single run; "
+                             "open several with pk.open_runs and explore that")
+        names = run_names(self._runs)
+        if name not in names:
+            raise ValueError(f"run={name!r} is not in this dataset; choose from: {', '.join(names)}")
+        if name == self.state.run_name:
+            return
+        ds, old = self._run_named(name), self.state
+        layers = set(run_layers(ds))
+        self._request = {
+            "layers": list(old.layers) if old.layers and set(old.layers) <= layers else None, "every": None,
+            "measure": old.measure if old.measure in measures_of(ds) else "error",
+            "split": old.split if old.split in splits_of(ds) else None,
+            "epoch": old.epoch if fits_epoch(epoch_numbers(ds), old.epoch) else -1,
+        }
+        self._source = Source(name, None, ds)
+        self._poller.sources = [self._source]
+        self.state = replace(self._first_state(ds, version=old.version + 1), run_name=name,
+                             baselines=old.baselines)
+        self._findings.clear()
+
     def _first_state(self, ds: xr.Dataset, *, version: int) -> ExploreState:
         request = self._request
         if request["layers"] is None and request["every"] is None:
@@ -378,6 +440,7 @@ class Explorer(LiveApp):
         ds, attrs = state.run, state.run.attrs
         n_epochs = ds.sizes["epoch"]
         parts = [
+            *([f"run <b>{html.escape(state.run_name)}</b>"] if state.run_name is not None else []),
             f"<b>{html.escape(str(attrs.get('model', 'run')))}</b> on {html.escape(str(attrs.get('dataset', '?')))}",
             f"{ds.sizes['layer']} layers, {len(state.layers)} selected",
             f"{n_epochs} epoch{'s' if n_epochs != 1 else ''}",
@@ -400,6 +463,8 @@ class Explorer(LiveApp):
             alert=state.alert,
             baselines=plots.baselines_of(ds) if ds is not None else (),
             shown_baselines=state.baselines_shown,
+            runs=self.runs,
+            run=state.run_name,
         )
 
     def _render(self) -> None:
@@ -426,7 +491,8 @@ class Explorer(LiveApp):
 
     def __repr__(self) -> str:
         state = self.state
-        where = self._source.path or "an in-memory run"
+        where = self._source.path or (f"run {self.state.run_name!r} of {len(self.runs)}" if self._runs is not None
+                                      else "an in-memory run")
         return (
             f"<Explorer of {where}: {len(state.layers)} layers selected, {state.split} {state.measure}, "
             f"epoch {state.epoch_shown}{', live' if self.live else ''}>"
@@ -434,8 +500,9 @@ class Explorer(LiveApp):
 
 
 def explore(
-    run: RunLike,
+    runs: RunLike,
     *,
+    run: str | None = None,
     live: bool = False,
     interval: float = DEFAULT_INTERVAL,
     layers: str | Sequence[str] | None = None,
@@ -458,7 +525,11 @@ def explore(
     as their mean with a band.
 
     Args:
-        run: A run dataset, or the path of its store.
+        runs: A run dataset, the path of its store, or many runs:
+            :func:`probekit.open_runs`' dataset (with a ``run`` dimension), of
+            which a menu picks the one shown.
+        run: With many runs, the one shown first (by default the first);
+            :meth:`Explorer.select` (``run=``) and the menu change it.
         live: Follow a store that a run is still writing: check it every
             ``interval`` seconds and redraw as each epoch lands, without
             blocking the kernel. The store may not exist yet. Stop with
@@ -487,6 +558,7 @@ def explore(
         >>> ex = pk.explore("runs/demo.zarr", layers="merges")
         >>> ex                                   # shows the app
         >>> pk.explore("runs/b.zarr", live=True) # follows a run still writing
+        >>> pk.explore(pk.open_runs("runs/sweep/*.zarr"), run="seed=1")
     """
-    return Explorer(run, live=live, interval=interval, layers=layers, every=every, measure=measure, split=split,
-                    epoch=epoch)
+    return Explorer(runs, run=run, live=live, interval=interval, layers=layers, every=every, measure=measure,
+                    split=split, epoch=epoch)

@@ -218,11 +218,11 @@ class _Controls:
 
 
 class ExploreControls(_Controls):
-    """Layer list with shortcuts, metric, split and epoch for one run.
+    """Layer list with shortcuts, metric, split and epoch for one run (and a run menu over several).
 
     Args:
         on_change: Called with the user's change as keyword arguments of
-            :meth:`probekit.explorers.Explorer.select` (``layers=``, ``every=``,
+            :meth:`probekit.explorers.Explorer.select` (``run=``, ``layers=``, ``every=``,
             ``measure=``, ``split=``, ``baselines=`` or ``epoch=``).
 
     Example:
@@ -240,11 +240,15 @@ class ExploreControls(_Controls):
         self.k = _k_box()
         for button, name in ((self.all, "all"), (self.merges, "merges"), (self.every, "every")):
             button.add_class(f"probekit-{name}")
+        self.run = widgets.Dropdown(options=[], description="run", layout=widgets.Layout(width="96%", display="none"))
+        self.run.add_class("probekit-run")
         self.measure = _measure_dropdown()
         self.split = _split_buttons()
         self.baselines = _baselines_menu()
         self.epoch = EpochSlider()
         self.status = widgets.HTML()
+        self.run.observe(lambda change: self._changed(run=change["new"]) if change["new"] is not None else None,
+                         names="value")
         self.baselines.observe(lambda change: self._changed(baselines=tuple(change["new"])), names="value")
         self.layers.observe(lambda change: self._changed(layers=tuple(change["new"])), names="value")
         self.measure.observe(lambda change: self._changed(measure=change["new"]), names="value")
@@ -255,6 +259,7 @@ class ExploreControls(_Controls):
         self.every.on_click(lambda _: self._changed(every=self.k.value))
         self.widget = widgets.VBox(
             [
+                self.run,
                 widgets.HTML("<b>layers</b> (shift/ctrl-click for several)"),
                 self.layers,
                 widgets.HBox([self.all, self.merges], layout=widgets.Layout(flex_flow="row wrap")),
@@ -283,12 +288,17 @@ class ExploreControls(_Controls):
         alert: bool,
         baselines: Sequence[str] = (),
         shown_baselines: Sequence[str] = (),
+        runs: Sequence[str] = (),
+        run: str | None = None,
     ) -> None:
         """Show these values; ``names`` None (no run read yet) disables the controls.
 
-        ``baselines`` are the run's (the menu is hidden without any), ``shown_baselines`` those drawn.
+        ``baselines`` are the run's (the menu is hidden without any), ``shown_baselines`` those drawn;
+        ``runs`` are the runs to pick from (the menu is hidden without any), ``run`` the one shown.
         """
         with self._guard:
+            _set_options(self.run, list(runs), run if runs else None)
+            self.run.layout.display = None if runs else "none"
             _show_baselines(self.baselines, baselines, shown_baselines)
             options = list(names or [])
             _set_options(self.layers, options, tuple(layers))

@@ -37,7 +37,10 @@ from probekit.run.schema import (
     SCHEMA_VERSION, VARIABLE_DIMS, EpochRow, RunLayout, build_dataset, layout_for_shape, layout_of, row_values, rows_of,
 )
 
-__all__ = ["EPOCH_BLOCK", "LOCK_FILE", "READABLE_VERSIONS", "RunWriter", "StoreError", "StoreLockedError", "open_run", "write_atomic"]
+__all__ = [
+    "EPOCH_BLOCK", "LOCK_FILE", "READABLE_VERSIONS", "RunWriter", "StoreError", "StoreLockedError", "open_run", "open_run_lazy",
+    "write_atomic",
+]
 
 #: Schema versions :func:`open_run` reads; older ones are upgraded in memory (:func:`_upgrade`), never on disk.
 READABLE_VERSIONS = (1, SCHEMA_VERSION)
@@ -156,6 +159,46 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
             ds = ds.load()
     except StoreError:
         raise
+    except Exception as error:  # noqa: BLE001 - any decoding failure is a damaged store
+        raise StoreError(
+            f"run store {str(path)!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "its metadata may be damaged. Re-run into a new path"
+        ) from error
+    ds.attrs.pop("completed_epochs", None)
+    for variable in ds.variables.values():
+        variable.encoding = {}
+    if attrs.get("probekit_schema") == 1:
+        ds = _upgrade(ds)
+    return ds
+
+
+def open_run_lazy(path: str | os.PathLike) -> xr.Dataset:
+    """Open a run store without reading its data: dask arrays over the store's chunks, cut at the completed epochs.
+
+    The checks of :func:`open_run` run first (a missing path, a folder that is
+    not a run store, another schema version), and the completed-epoch count is
+    read once, now: epochs a writer adds later are not seen, and the epochs
+    seen never change (a writer only adds epochs). Only the metadata and the
+    small coordinate arrays are read here; each data variable is read, chunk by
+    chunk, when it is computed. A store replaced after this call (``overwrite``)
+    is read as it is then: open it again.
+
+    Args:
+        path: the folder a run wrote.
+
+    Example:
+        >>> ds = open_run_lazy("runs/demo.zarr")
+        >>> ds.probe.sel(metric="valid_error").isel(epoch=-1).compute()
+    """
+    path = Path(path)
+    _check_store_path(path)
+    attrs = _root_attrs(path)
+    completed = int(attrs.get("completed_epochs", 0))
+    try:
+        lazy = xr.open_zarr(path, consolidated=True, zarr_format=2, chunks={})
+        ds = lazy.isel(epoch=slice(0, completed))
+        for name in ds.coords:
+            ds[name].load()
     except Exception as error:  # noqa: BLE001 - any decoding failure is a damaged store
         raise StoreError(
             f"run store {str(path)!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "

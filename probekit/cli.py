@@ -1,4 +1,4 @@
-"""The ``probekit`` command: ``demo``, ``run``, ``sweep``, ``reproduce`` and ``show``; every argparse definition of the package.
+"""The ``probekit`` command: ``demo``, ``run``, ``sweep``, ``reproduce``, ``show`` and ``dashboard``; every argparse definition of the package.
 
 ::
 
@@ -10,6 +10,7 @@
         --dataset digits --size 32 --channels 3 --out runs/vit.zarr
     probekit show runs/demo.zarr       # per-layer summary, also while a run writes
     probekit sweep --out runs/sweep --grid seed=0,1 --grid reduce=pool,subset100 -- --epochs 2 --limit 200
+    probekit dashboard runs/           # the explorers as a web page on 127.0.0.1, following the stores live
 
 Flags are checked with :func:`probekit.params.check_params` before any work, so
 a bad value is one line naming the flag (``--epochs must be an integer >= 0;
@@ -49,6 +50,8 @@ _FLAGS = {
     "--train-batch-size": _POSITIVE_INT,
     "--workers": _POSITIVE_INT,
     "--cell-threads": _POSITIVE_INT,
+    "--port": [Interval(int, 1, 65535)],
+    "--interval": _POSITIVE_RATE,
 }
 
 
@@ -268,6 +271,14 @@ def cmd_sweep(args) -> int:
     return 1 if counts["failed"] else 0
 
 
+def cmd_dashboard(args) -> int:
+    from probekit.dashboard import serve
+
+    given = {name: getattr(args, name) for name in ("host", "port", "token", "interval") if getattr(args, name) is not None}
+    serve(args.runs, **given)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from probekit.experiments import reproduce
 
@@ -392,6 +403,18 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("run")
     show.add_argument("--metric", default="valid_error")
     show.set_defaults(func=cmd_show)
+
+    dashboard = sub.add_parser("dashboard", help="serve the explorer (and, for several runs, a run picker and the "
+                                                 "comparison) as a web page that follows the stores live")
+    dashboard.add_argument("runs", nargs="+", metavar="RUN_OR_FOLDER",
+                           help="run stores, or folders searched (with their subfolders) for run stores")
+    dashboard.add_argument("--host",
+                           help="address to listen on (default: 127.0.0.1, this machine only; others warn)")
+    dashboard.add_argument("--port", type=int, help="port to listen on (default: 8866)")
+    dashboard.add_argument("--token", help="access token, part of the URL printed (default: a new random one)")
+    dashboard.add_argument("--interval", type=float,
+                           help="seconds between two checks of the stores (default: 2)")
+    dashboard.set_defaults(func=cmd_dashboard)
     return top
 
 

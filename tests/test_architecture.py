@@ -31,7 +31,9 @@ ALLOWED = {
     "experiments": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "accessor"},
     "integrations": {"probekit", "engine", "run"},
     "sweep": {"run"},
-    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "sweep"},
+    "dashboard": {"run", "explorers"},
+    "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "sweep",
+            "dashboard"},
     "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).
@@ -42,6 +44,7 @@ FORBIDDEN = {
     "diagnosis": {"torch", "zarr", "altair", "ipywidgets"},
     "plots": {"torch", "zarr", "ipywidgets"},
     "explorers": {"torch"},
+    "dashboard": {"torch"},
     "accessor": {"torch", "zarr", "ipywidgets"},
     "params": {"torch", "numpy", "xarray", "zarr"},
     "engine": {"altair", "ipywidgets"},

@@ -7,7 +7,8 @@ the controller; views hold no data, and charts come from :mod:`probekit.plots`.
 
 The package follows the app's parts: ``selection`` (which layers a shortcut
 keeps), ``live`` (reading stores, live off the event loop), ``widgets`` (the
-views), ``explorer`` (one run) and ``compare`` (several runs).
+views), ``explorer`` (one run), ``compare`` (several runs) and ``board`` (a run
+picker over one run's explorer, with the comparison: the dashboard's page).
 
 This package imports numpy, pandas, xarray, altair and ipywidgets: never torch.
 """

@@ -84,6 +84,9 @@ class StoreFullError(StoreError, OSError):
     code catching a full disk the usual way catches it.
     """
 
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..."
+        return str(self.args[0]) if self.args else super().__str__()
+
 
 #: The errors of a full disk or an exhausted quota.
 _NO_SPACE = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
@@ -241,7 +244,14 @@ class _RemoteFiles:
     def zarr_store(self, *, read_only: bool):
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+        if self.fs.async_impl:  # zarr makes its own asynchronous instance (s3fs, gcsfs, adlfs)
+            try:
+                return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+            except ValueError:  # a wrapper that says it is asynchronous over a filesystem that is not (dir://)
+                pass
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        return FsspecStore(AsyncFileSystemWrapper(self.fs, asynchronous=True), path=self.root, read_only=read_only)
 
 
 def _files_for(store: str | os.PathLike, storage_options: Mapping[str, object] | None):
@@ -252,7 +262,8 @@ def _files_for(store: str | os.PathLike, storage_options: Mapping[str, object] |
                              f"{str(location)!r} is a local path: drop them, or pass the store as a URL")
         return _LocalFiles(location)
     files = _RemoteFiles(location, storage_options)
-    if not files.root or (files.protocol != "memory" and "/" not in files.root):
+    bucket = files.protocol in _OBJECT_STORES and files.protocol != "memory"
+    if not files.root or (bucket and "/" not in files.root):
         raise StoreError(f"run store {location!r} names no folder for the store; pass a path inside the bucket, "
                          f"e.g. {location.rstrip('/')}/run.zarr")
     return files
@@ -872,12 +883,16 @@ class RunWriter:
         self._lock = _Lock(self.path / LOCK_FILE)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store path {str(self.path)!r} is a file; pass a folder path such as 'runs/a.zarr'")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            self._open_existing(resume=resume, overwrite=overwrite)
-        else:
-            if self.path.is_dir():
-                self.path.rmdir()
-            self._create()
+        try:
+            if self.path.is_dir() and any(self.path.iterdir()):
+                self._open_existing(resume=resume, overwrite=overwrite)
+            else:
+                if self.path.is_dir():
+                    self.path.rmdir()
+                self._create()
+        except BaseException:
+            self._lock.release()  # a writer that refused holds nothing (a full disk while healing, say)
+            raise
 
     # creation ----------------------------------------------------------------
     def _create(self, *, replace: Path | None = None) -> None:
@@ -928,7 +943,14 @@ class RunWriter:
                 "mid-write can leave a truncated file there); write to a local path or an object store "
                 "(s3://, gs://, az://) and copy it, or read such a store with pk.open_run"
             )
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except OSError as error:
+            if not _no_space(error):
+                raise
+            raise _full(error, f"no space left on run store {files.name!r} for its writer's lock ({error.strerror}): "
+                               "nothing was written, what it holds is kept and no temporary file is left. Free space "
+                               "(or raise the quota), then run again (with resume=True, --resume, to continue it)") from error
         try:
             keys = files.keys() - {LOCK_FILE}
             if ".zmetadata" in keys:

@@ -1,0 +1,223 @@
+"""Run stores on fsspec URLs: file://, memory:// and an S3-compatible server, end to end, and their refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+
+import probekit as pk
+from probekit import cli
+from probekit.engine.training import resume_path, train_and_probe
+from probekit.run.store import CREATING_MARKER, LOCK_FILE, RunWriter, StoreError, StoreLockedError, open_run
+from tests.conftest import tiny_convnet
+from tests.run.test_store import _layout, _row
+
+#: Small and fast: three probe points, pooled features, one fixed L2.
+FAST = {"layers": ["input", "pool1", "fc2"], "reduce": "pool", "l2": 1e-3, "quiet": True}
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh ``memory://`` store URL; the in-process memory filesystem is cleared of it afterwards."""
+    folder = f"/probekit-test-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{folder}/run.zarr"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+@pytest.fixture(params=["file", "memory"])
+def url(request, tmp_path, memory_url):
+    return (tmp_path / "run.zarr").as_uri() if request.param == "file" else memory_url
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server on 127.0.0.1 (moto) with one bucket; yields the storage_options that reach it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+    fs = fsspec.filesystem("s3", **options)
+    fs.call_s3("create_bucket", Bucket="probekit-runs")
+    yield options
+    server.stop()
+
+
+def _small(digits_tensors):
+    return {name: (x[:300], y[:300]) for name, (x, y) in digits_tensors.items()}
+
+
+def test_probe_and_monitor_write_a_url_that_reopens_and_resumes(url, digits_tensors, tmp_path):
+    data = _small(digits_tensors)
+    ds = pk.probe(tiny_convnet(), data, store=url, **FAST)
+    stored = open_run(url)
+    np.testing.assert_array_equal(stored.probe.values, ds.probe.values)
+    assert list(stored.layer.values) == FAST["layers"]
+    again = pk.probe(tiny_convnet(), data, store=url, resume=True, **FAST)  # finished: returned, not recomputed
+    np.testing.assert_array_equal(again.probe.values, ds.probe.values)
+
+    monitored = url.replace("run.zarr", "monitor.zarr")
+    model = tiny_convnet()
+    with pk.ProbeMonitor(model, data, store=monitored, **FAST) as monitor:
+        monitor.update(epoch=0)
+        monitor.update(epoch=1)
+    with pk.ProbeMonitor(model, data, store=monitored, resume=True, **FAST) as monitor:
+        assert [row.epoch for row in monitor.rows] == [0, 1]
+        monitor.update(epoch=2)
+    with pk.ProbeMonitor(model, data, store=tmp_path / "reference.zarr", **FAST) as reference:
+        for epoch in range(3):
+            reference.update(epoch=epoch)
+    resumed = open_run(monitored)
+    assert list(resumed.epoch.values) == [0, 1, 2]
+    np.testing.assert_array_equal(resumed.probe.values, open_run(tmp_path / "reference.zarr").probe.values)
+
+
+def test_train_and_probe_resumes_from_its_checkpoint_beside_a_url(memory_url, digits_tensors, tmp_path):
+    data = _small(digits_tensors)
+    options = dict(FAST, seed=3, train_batch_size=100)
+    train_and_probe(tiny_convnet(), data, epochs=1, store=memory_url, **options)
+    checkpoint = resume_path(memory_url)
+    assert checkpoint == memory_url.replace("/run.zarr", "/.run.zarr.resume.pt")
+    assert fsspec.filesystem("memory").exists(checkpoint.split("://", 1)[1])
+    resumed = train_and_probe(tiny_convnet(), data, epochs=2, store=memory_url, resume=True, **options)
+    straight = train_and_probe(tiny_convnet(), data, epochs=2, store=tmp_path / "r.zarr", **options)
+    assert list(resumed.epoch.values) == [0, 1, 2]
+    np.testing.assert_array_equal(resumed.probe.values, straight.probe.values)
+    np.testing.assert_array_equal(resumed.model_loss.values, straight.model_loss.values)
+
+
+def test_a_run_on_an_s3_server_is_written_read_resumed_and_locked(s3, digits_tensors):
+    data = _small(digits_tensors)
+    store = "s3://probekit-runs/models/convnet.zarr"
+    model = tiny_convnet()
+    with pk.ProbeMonitor(model, data, store=store, storage_options=s3, **FAST) as monitor:
+        monitor.update(epoch=0)
+        with pytest.raises(StoreLockedError, match=f"being written by process .* on {socket.gethostname()}"):
+            pk.probe(tiny_convnet(), data, store=store, storage_options=s3, resume=True, **FAST)
+        monitor.update(epoch=1)
+        live = open_run(store, storage_options=s3)  # read while the writer holds the store
+        assert list(live.epoch.values) == [0, 1]
+    fs = fsspec.filesystem("s3", **s3)
+    fs.invalidate_cache()
+    assert not fs.exists(f"probekit-runs/models/convnet.zarr/{LOCK_FILE}")  # released on close
+    with pk.ProbeMonitor(model, data, store=store, storage_options=s3, resume=True, **FAST) as monitor:
+        monitor.update(epoch=2)
+    ds = open_run(store, storage_options=s3)
+    assert list(ds.epoch.values) == [0, 1, 2] and np.isfinite(ds.probe.values).all()
+    with pytest.raises(FileExistsError, match="already exists .*3 epochs"):
+        pk.probe(tiny_convnet(), data, store=store, storage_options=s3, **FAST)
+    replaced = pk.probe(tiny_convnet(), data, store=store, storage_options=s3, overwrite=True, **FAST)
+    assert list(open_run(store, storage_options=s3).epoch.values) == [0]
+    np.testing.assert_array_equal(open_run(store, storage_options=s3).probe.values, replaced.probe.values)
+
+
+def test_the_cli_runs_shows_and_resumes_a_store_on_an_s3_server(s3, capsys):
+    store = "s3://probekit-runs/cli/run.zarr"
+    args = ["run", "--model", "paper_convnet", "--dataset", "digits", "--limit", "100", "--epochs", "1",
+            "--layers", "input,pool1,fc2", "--store", store, "--storage-options", json.dumps(s3), "--quiet"]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main(["show", store, "--storage-options", json.dumps(s3)]) == 0
+    assert "2 epochs completed" in capsys.readouterr().out
+    assert cli.main([*args[:8], "2", *args[9:], "--resume"]) == 0
+    ds = open_run(store, storage_options=s3)
+    assert list(ds.epoch.values) == [0, 1, 2] and np.isfinite(ds.model_loss.values[1:]).all()
+
+
+def test_a_lock_left_on_an_object_store_is_taken_over_only_from_this_machine(memory_url):
+    layout = _layout()
+    fs = fsspec.filesystem("memory")
+    root = memory_url.split("://", 1)[1]
+    with RunWriter(memory_url, layout) as writer:
+        writer.append(_row(layout, 0))
+        with pytest.raises(StoreLockedError, match="being written by process"):
+            RunWriter(memory_url, layout, resume=True)
+    # A writer of this machine killed while holding the store leaves its lock object; its machine lock died with it.
+    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"pid": 1, "host": socket.gethostname(), "command": "killed",
+                                                    "token": "old"}).encode())
+    with RunWriter(memory_url, layout, resume=True) as writer:
+        writer.append(_row(layout, 1))
+    # One of another machine cannot be told from a live writer: refused, saying how to clear it.
+    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"pid": 7, "host": "gpu-node-3", "command": "train.py"}).encode())
+    with pytest.raises(StoreLockedError, match=rf"process 7 on gpu-node-3 \(train.py\).*if it no longer runs, delete "
+                                               rf"{memory_url}/{LOCK_FILE}"):
+        RunWriter(memory_url, layout, resume=True)
+    fs.rm_file(f"{root}/{LOCK_FILE}")
+    with RunWriter(memory_url, layout, resume=True) as writer:
+        fs.rm_file(f"{root}/{LOCK_FILE}")  # someone removed the lock of a live writer
+        with pytest.raises(StoreLockedError, match="lock of run store .* was removed .*stopped before counting"):
+            writer.append(_row(layout, 2))
+    assert list(open_run(memory_url).epoch.values) == [0, 1]
+
+
+def test_an_interrupted_creation_on_an_object_store_reads_as_such_and_is_created_anew(memory_url):
+    fs = fsspec.filesystem("memory")
+    root = memory_url.split("://", 1)[1]
+    fs.pipe({f"{root}/{CREATING_MARKER}": b"{}", f"{root}/.zgroup": b'{"zarr_format": 2}'})
+    with pytest.raises(StoreError, match="is being created or replaced, or its writer died doing so"):
+        open_run(memory_url)
+    layout = _layout()
+    with RunWriter(memory_url, layout) as writer:
+        writer.append(_row(layout, 0))
+    assert not fs.exists(f"{root}/{CREATING_MARKER}")
+    assert list(open_run(memory_url).epoch.values) == [0]
+    fs.rm(f"{root}/.zmetadata")
+    with pytest.raises(StoreError, match="is damaged: its metadata object .zmetadata is missing"):
+        open_run(memory_url)
+    with pytest.raises(StoreError, match="holds a damaged run store .*refusing to write into it"):
+        RunWriter(memory_url, layout, overwrite=True)
+
+
+def _absent_protocol() -> tuple[str, str]:
+    """A protocol fsspec knows whose package is not installed here: (protocol, package)."""
+    from fsspec.registry import known_implementations
+
+    for protocol in ("gs", "abfs", "oci", "webhdfs", "dropbox", "box", "lakefs", "wandb", "hf", "ossfs", "tosfs"):
+        spec = known_implementations.get(protocol)
+        if spec and importlib.util.find_spec(spec["class"].split(".")[0]) is None:
+            return protocol, spec["class"].split(".")[0]
+    raise AssertionError("every candidate filesystem package is installed; add a protocol whose package is absent")
+
+
+def test_a_url_whose_filesystem_package_is_missing_names_the_package(digits_tensors, capsys):
+    protocol, package = _absent_protocol()
+    store = f"{protocol}://bucket/run.zarr"
+    message = rf"needs the {package} package for {protocol}:// URLs, which is not installed; install {package}: pip install {package}"
+    with pytest.raises(ImportError, match=message):
+        open_run(store)
+    with pytest.raises(ImportError, match=message):
+        pk.probe(tiny_convnet(), _small(digits_tensors), store=store, **FAST)
+    assert cli.main(["run", "--dataset", "digits", "--limit", "100", "--store", store, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"pip install {package}" in err
+
+
+def test_a_filesystem_without_whole_object_writes_is_read_but_never_written(tmp_path, digits_tensors):
+    local = tmp_path / "run.zarr"
+    ds = pk.probe(tiny_convnet(), _small(digits_tensors), store=local, **FAST)
+    options = {"path": str(tmp_path), "target_protocol": "file"}  # fsspec's dir:// over the local folder
+    np.testing.assert_array_equal(open_run("dir://run.zarr", storage_options=options).probe.values, ds.probe.values)
+    with pytest.raises(StoreError, match="dir:// cannot hold a run while it is written .*write to a local path or an object store"):
+        RunWriter("dir://other.zarr", _layout(), storage_options=options)
+    assert not (tmp_path / "other.zarr").exists()
+
+
+def test_bad_store_urls_and_options_are_one_line(tmp_path):
+    with pytest.raises(StoreError, match="names no folder for the store; pass a path inside the bucket, e.g. s3://bucket/run.zarr"):
+        open_run("s3://bucket")
+    with pytest.raises(ValueError, match="fsspec knows no filesystem for nosuchfs:// URLs"):
+        open_run("nosuchfs://a/run.zarr")
+    with pytest.raises(ValueError, match="storage_options= are for fsspec URLs .*is a local path"):
+        open_run(tmp_path / "a.zarr", storage_options={"anon": True})
+    with pytest.raises(ValueError, match="storage_options must be"):
+        pk.probe(tiny_convnet(), {"train": (np.zeros((4, 1, 8, 8)), np.zeros(4))}, store="memory://x.zarr",
+                 storage_options="anon", quiet=True)

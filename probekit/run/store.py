@@ -755,7 +755,11 @@ class _RemoteLock:
                         "and run again (pk.open_run reads the store meanwhile)"
                     )
             self._token = token
+            # A filesystem package that ignores create-only puts lets two machines both "create" the lock: the
+            # last write wins, and the loser sees the winner's token here (or, later, at its first count).
+            self.check()
         except BaseException:
+            self._token = None
             self._local.release()
             raise
 

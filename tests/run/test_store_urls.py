@@ -81,6 +81,22 @@ def test_probe_and_monitor_write_a_url_that_reopens_and_resumes(url, digits_tens
     np.testing.assert_array_equal(resumed.probe.values, open_run(tmp_path / "reference.zarr").probe.values)
 
 
+def test_probe_checkpoints_writes_a_url_and_resumes_past_the_checkpoints_written(memory_url, digits_tensors, tmp_path):
+    import torch
+
+    data = _small(digits_tensors)
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"c{seed}.pt")
+        torch.save(tiny_convnet(seed).state_dict(), paths[-1])
+    first = pk.probe_checkpoints(tiny_convnet, paths[:2], data, store=memory_url, **FAST)
+    assert list(first.epoch.values) == [0, 1]
+    resumed = pk.probe_checkpoints(tiny_convnet, paths, data, store=memory_url, resume=True, **FAST)
+    straight = pk.probe_checkpoints(tiny_convnet, paths, data, **FAST)
+    assert list(open_run(memory_url).epoch.values) == [0, 1, 2]
+    np.testing.assert_array_equal(resumed.probe.values, straight.probe.values)
+
+
 def test_train_and_probe_resumes_from_its_checkpoint_beside_a_url(memory_url, digits_tensors, tmp_path):
     data = _small(digits_tensors)
     options = dict(FAST, seed=3, train_batch_size=100)

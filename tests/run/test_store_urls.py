@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import socket
 import uuid
 
@@ -16,7 +17,7 @@ from probekit import cli
 from probekit.engine.training import resume_path, train_and_probe
 from probekit.run.store import CREATING_MARKER, LOCK_FILE, RunWriter, StoreError, StoreLockedError, open_run
 from tests.conftest import tiny_convnet
-from tests.run.test_store import _layout, _row
+from tests.run.test_store import EPOCHS, FORK, RUN, WRITES, WRITES_PER_EPOCH, _layout, _row
 
 #: Small and fast: three probe points, pooled features, one fixed L2.
 FAST = {"layers": ["input", "pool1", "fc2"], "reduce": "pool", "l2": 1e-3, "quiet": True}
@@ -237,3 +238,50 @@ def test_bad_store_urls_and_options_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="storage_options must be"):
         pk.probe(tiny_convnet(), {"train": (np.zeros((4, 1, 8, 8)), np.zeros(4))}, store="memory://x.zarr",
                  storage_options="anon", quiet=True)
+
+
+def _run_cli_at(store, options, kill_after, *extra):
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["PROBEKIT_KILL_AFTER_WRITES"] = str(kill_after)
+    os._exit(cli.main([*RUN, "--store", store, "--storage-options", json.dumps(options), *extra]))
+
+
+def _cli_at(store, options, *extra, kill_after=0) -> int:
+    proc = FORK.Process(target=_run_cli_at, args=(store, options, kill_after, *extra))
+    proc.start()
+    proc.join(600)  # only to catch a hang
+    assert proc.exitcode is not None, "probekit run hung"
+    return proc.exitcode
+
+
+@pytest.mark.slow
+def test_sigkill_on_an_s3_server_keeps_every_completed_epoch_and_resume_takes_the_lock_over(s3):
+    """``probekit run`` on S3 killed right after chosen object writes (the creation, a middle chunk, ``.zattrs``,
+    ``.zmetadata``): the store opens with exactly the epochs counted, equal to the reference, and ``--resume`` (which
+    finds the killed writer's lock object) completes it."""
+    reference = "s3://probekit-runs/kill/reference.zarr"
+    assert _cli_at(reference, s3, kill_after=WRITES + 1) == 0
+    expected = open_run(reference, storage_options=s3)
+    assert expected.sizes["epoch"] == EPOCHS
+    points = [1, WRITES_PER_EPOCH + WRITES_PER_EPOCH // 2, 1 + 2 * WRITES_PER_EPOCH + WRITES_PER_EPOCH - 1,
+              1 + 3 * WRITES_PER_EPOCH]
+    for k in points:
+        store = f"s3://probekit-runs/kill/after-{k}.zarr"
+        assert _cli_at(store, s3, kill_after=k) == -signal.SIGKILL, f"the run was not killed after write {k}"
+        ds = open_run(store, storage_options=s3)
+        n = ds.sizes["epoch"]
+        assert n == (k - 1) // WRITES_PER_EPOCH, (k, n)
+        for name in ("probe", "step", "epoch", "model_loss", "model_error"):
+            np.testing.assert_array_equal(ds[name].values, expected[name].isel(epoch=slice(0, n)).values)
+        fs = fsspec.filesystem("s3", **s3)
+        fs.invalidate_cache()
+        assert fs.exists(store.split("://", 1)[1] + f"/{LOCK_FILE}")  # the killed writer's lock is left behind
+        if k in points[1:3]:
+            assert _cli_at(store, s3, "--resume") == 0
+            done = open_run(store, storage_options=s3)
+            for name in ("probe", "step", "epoch", "model_loss", "model_error"):
+                np.testing.assert_array_equal(done[name].values, expected[name].values)

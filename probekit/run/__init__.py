@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 
-__all__ = ["StoreError", "StoreLockedError", "open_run"]
+__all__ = ["StoreError", "StoreFullError", "StoreLockedError", "open_run"]
 
 
 def __getattr__(name: str):

@@ -34,11 +34,11 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Mapping
@@ -201,7 +201,7 @@ class _RemoteFiles:
         self.fs, self.root = _filesystem(url, storage_options)
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         self.writable = bool(protocols & _OBJECT_STORES) or isinstance(self.fs, MemoryFileSystem)
-        self.protocol = sorted(protocols)[0]
+        self.protocol = url.split("://", 1)[0]  # as the user wrote it (gs://, not gcsfs's first name gcs://)
 
     def path_of(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -328,7 +328,7 @@ def _check_remote_store(files: _RemoteFiles) -> None:
     if CREATING_MARKER in keys:
         raise StoreError(
             f"run store {files.name!r} is being created or replaced, or its writer died doing so; wait for it, "
-            "or run again into it (with overwrite=True) to create it anew"
+            "or run again into it to create it anew"
         )
     if ".zgroup" in keys:
         raise StoreError(

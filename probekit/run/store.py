@@ -706,6 +706,23 @@ def _describe_holder(holder: dict) -> str:
     return f"process {holder.get('pid', '?')} on {holder.get('host', '?')} ({holder.get('command', 'unknown command')})"
 
 
+def _alive(pid: object) -> bool:
+    """Whether ``pid`` is a running process of this machine (on Windows, where no probe is safe, always False).
+
+    A second guard beside the machine's lock file, which two processes with
+    different temporary folders would not share.
+    """
+    if os.name == "nt" or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class _RemoteLock:
     """The writer's lock of a store on an object store, where no lock dies with its process.
 
@@ -714,8 +731,9 @@ class _RemoteLock:
     machine and dies with its process; and the object ``.writer.lock`` in the
     store, created only if absent (a conditional put), which holds the writer's
     pid, host, command and a token. A lock object left by a killed writer of
-    *this* machine is taken over, since holding the machine's lock proves that
-    writer gone; one left by another machine cannot be told from a live writer,
+    *this* machine is taken over, since holding the machine's lock and finding
+    no process of its pid prove that writer gone; one left by another machine
+    cannot be told from a live writer,
     so it is refused with a message naming it and how to clear it. The writer
     checks its token before counting each epoch, so a lock taken from it stops
     it before it counts another.
@@ -745,8 +763,8 @@ class _RemoteLock:
                     if not self.files.create(LOCK_FILE, info):
                         raise StoreLockedError(f"run store {self.files.name!r} was just taken by another writer; "
                                                "wait for it to finish, or write to another path")
-                elif holder.get("host") == socket.gethostname():
-                    # A writer of this machine that holds no machine lock any more: it is gone.
+                elif holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+                    # A writer of this machine that holds no machine lock any more and whose process is gone.
                     self.files.write(LOCK_FILE, info)
                 else:
                     raise StoreLockedError(

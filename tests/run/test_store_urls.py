@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import uuid
 
 import fsspec
@@ -159,10 +162,16 @@ def test_a_lock_left_on_an_object_store_is_taken_over_only_from_this_machine(mem
         with pytest.raises(StoreLockedError, match="being written by process"):
             RunWriter(memory_url, layout, resume=True)
     # A writer of this machine killed while holding the store leaves its lock object; its machine lock died with it.
-    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"pid": 1, "host": socket.gethostname(), "command": "killed",
-                                                    "token": "old"}).encode())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
+                                                    "command": "killed", "token": "old"}).encode())
     with RunWriter(memory_url, layout, resume=True) as writer:
         writer.append(_row(layout, 1))
+    # A live process of this machine (one that took its machine lock elsewhere, under another TMPDIR) keeps it.
+    fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                    "command": "live", "token": "other"}).encode())
+    with pytest.raises(StoreLockedError, match=rf"process {os.getpid()} on .*\(live\)"):
+        RunWriter(memory_url, layout, resume=True)
     # One of another machine cannot be told from a live writer: refused, saying how to clear it.
     fs.pipe_file(f"{root}/{LOCK_FILE}", json.dumps({"pid": 7, "host": "gpu-node-3", "command": "train.py"}).encode())
     with pytest.raises(StoreLockedError, match=rf"process 7 on gpu-node-3 \(train.py\).*if it no longer runs, delete "
@@ -241,8 +250,6 @@ def test_bad_store_urls_and_options_are_one_line(tmp_path):
 
 
 def _run_cli_at(store, options, kill_after, *extra):
-    import os
-
     import torch
 
     torch.set_num_threads(1)

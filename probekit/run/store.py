@@ -667,7 +667,7 @@ class _Lock:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 if self._shared else 0o644)
-        if self._shared:
+        if self._shared and hasattr(os, "fchmod"):
             try:
                 os.fchmod(fd, 0o666)
             except OSError:  # another user's file: it is already open to all

@@ -325,7 +325,7 @@ def _check_remote_store(files: _RemoteFiles) -> None:
     keys = files.keys()
     if not keys:
         raise FileNotFoundError(f"no run store at {files.name!r}; check the URL, or start a run with store={files.name!r}")
-    if CREATING_MARKER in keys:
+    if CREATING_MARKER in keys or keys == {LOCK_FILE}:  # a writer took the URL and is about to create the store
         raise StoreError(
             f"run store {files.name!r} is being created or replaced, or its writer died doing so; wait for it, "
             "or run again into it to create it anew"

@@ -20,6 +20,7 @@ from probekit import cli
 from probekit.engine.training import resume_path, train_and_probe
 from probekit.run.store import CREATING_MARKER, LOCK_FILE, RunWriter, StoreError, StoreLockedError, open_run
 from tests.conftest import tiny_convnet
+from probekit.run.store import EPOCH_BLOCK
 from tests.run.test_store import EPOCHS, FORK, RUN, WRITES, WRITES_PER_EPOCH, _layout, _row
 
 #: Small and fast: three probe points, pooled features, one fixed L2.
@@ -292,3 +293,56 @@ def test_sigkill_on_an_s3_server_keeps_every_completed_epoch_and_resume_takes_th
             done = open_run(store, storage_options=s3)
             for name in ("probe", "step", "epoch", "model_loss", "model_error"):
                 np.testing.assert_array_equal(done[name].values, expected[name].values)
+
+
+def _write_epochs_at(store, options, count, seen):
+    """Write ``count`` epochs to ``store``; after each, wait until the reader has seen it (a timeout for hangs)."""
+    layout = _layout()
+    with RunWriter(store, layout, storage_options=options) as writer:
+        for epoch in range(count):
+            writer.append(_row(layout, epoch))
+            observed = 0
+            while observed < epoch + 1:
+                if not seen.poll(120):
+                    raise TimeoutError(f"the reader did not see epoch {epoch} within 120 s")
+                observed = seen.recv()
+
+
+@pytest.mark.slow
+def test_a_reader_of_an_s3_store_never_errors_nor_sees_half_an_epoch(s3):
+    """A writer in another process appends across the epoch axis's growth; after each epoch it waits until the
+    reader has seen it, so the reader reads every count, each epoch whole."""
+    import time
+
+    store = "s3://probekit-runs/live/run.zarr"
+    count = EPOCH_BLOCK + 6
+    seen_by_reader, seen_by_writer = FORK.Pipe()
+    writer = FORK.Process(target=_write_epochs_at, args=(store, s3, count, seen_by_writer))
+    writer.start()
+    seen, errors, layout = [], [], _layout()
+    deadline = time.monotonic() + 600  # only to catch a hang
+    while not seen or seen[-1] < count:
+        assert time.monotonic() < deadline, f"the reader saw {seen[-1:]} of {count} epochs before the deadline"
+        assert writer.is_alive() or writer.exitcode == 0, f"the writer died (exit code {writer.exitcode})"
+        try:
+            ds = open_run(store, storage_options=s3)
+        except FileNotFoundError:
+            continue  # not created yet
+        except StoreError as error:
+            if not seen and "is being created" in str(error):
+                continue  # the writer holds the URL and is creating the store: no store yet, said so
+            errors.append(repr(error))
+            continue
+        except Exception as error:  # noqa: BLE001 - counted, the test fails on any
+            errors.append(repr(error))
+            continue
+        n = ds.sizes["epoch"]
+        if n:
+            np.testing.assert_array_equal(ds.probe.values[:, -1], _row(layout, n - 1).probe)
+            assert ds.epoch.values.tolist() == list(range(n))
+        if not seen or n > seen[-1]:
+            seen_by_reader.send(n)
+        seen.append(n)
+    writer.join()
+    assert writer.exitcode == 0 and errors == []
+    assert seen == sorted(seen) and set(range(1, count + 1)) <= set(seen)

@@ -45,8 +45,9 @@ def url(request, tmp_path, memory_url):
 @pytest.fixture(scope="module")
 def s3():
     """An S3-compatible server on 127.0.0.1 (moto) with one bucket; yields the storage_options that reach it."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    from moto.server import ThreadedMotoServer  # moto[server] is in the test extra
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server._server.server_address
     options = {"key": "testing", "secret": "testing",

@@ -18,9 +18,10 @@ import pytest
 import probekit as pk
 from probekit import cli
 from probekit.engine.training import resume_path, train_and_probe
-from probekit.run.store import CREATING_MARKER, LOCK_FILE, RunWriter, StoreError, StoreLockedError, open_run
+from probekit.run.store import (
+    CREATING_MARKER, EPOCH_BLOCK, LOCK_FILE, RunWriter, StoreError, StoreLockedError, open_run,
+)
 from tests.conftest import tiny_convnet
-from probekit.run.store import EPOCH_BLOCK
 from tests.run.test_store import EPOCHS, FORK, RUN, WRITES, WRITES_PER_EPOCH, _layout, _row
 
 #: Small and fast: three probe points, pooled features, one fixed L2.

@@ -225,11 +225,17 @@ class _RemoteFiles:
         return True
 
     def remove(self, keys: list[str]) -> None:
-        if keys:
-            try:
-                self.fs.rm([self.path_of(key) for key in keys])
-            except FileNotFoundError:
-                pass
+        """Remove every object of ``keys`` that exists (one bulk delete where the filesystem has one)."""
+        if not keys:
+            return
+        try:
+            self.fs.rm([self.path_of(key) for key in keys])
+        except FileNotFoundError:  # a filesystem that stops at the first missing one: each, skipping those
+            for key in keys:
+                try:
+                    self.fs.rm_file(self.path_of(key))
+                except FileNotFoundError:
+                    pass
 
     def keys(self) -> set[str]:
         """Every object under the store's path, relative to it (listed afresh, never from a cache)."""
@@ -1017,9 +1023,10 @@ class RunWriter:
                 raise StoreError(f"cannot create run store {files.name!r}: {error.strerror or error}; "
                                  "choose a writable location") from error
             try:
-                files.remove([*written, CREATING_MARKER])
+                files.remove(written)
+                files.remove([CREATING_MARKER])  # last: while it is there, the next run creates the store anew
             except OSError:
-                pass  # the marker, if left, makes the next run into this URL create the store anew
+                pass
             raise _full(error, f"no space left to create run store {files.name!r} ({error.strerror}); nothing was "
                                "kept. Free space (or raise the quota) and run again") from error
         self._wrote()

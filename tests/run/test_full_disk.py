@@ -93,8 +93,8 @@ class SmallDisk:
     def store(self, name: str) -> str:
         return str(self.root / name) if self.kind == "tmpfs" else f"quotamem://{self.root}/{name}"
 
-    def fill(self) -> None:
-        """Write a ballast file until the filesystem refuses more."""
+    def fill(self, leave: int = 0) -> None:
+        """Write a ballast file until the filesystem refuses more, then give ``leave`` bytes back."""
         if self.kind == "tmpfs":
             fd = os.open(self.root / "ballast", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
@@ -104,14 +104,16 @@ class SmallDisk:
                             os.write(fd, b"\0" * size)
                     except OSError as error:
                         assert error.errno == errno.ENOSPC
+                if leave:
+                    os.ftruncate(fd, os.fstat(fd).st_size - leave)
             finally:
                 os.close(fd)
             return
         fs = QuotaFileSystem()
         used = sum(f.getbuffer().nbytes for f in fs.store.values())
-        fs.pipe_file(f"/{self.root}/ballast", b"\0" * (QuotaFileSystem.quota - used))
+        fs.pipe_file(f"/{self.root}/ballast", b"\0" * (QuotaFileSystem.quota - used - leave))
         with pytest.raises(OSError):
-            fs.pipe_file(f"/{self.root}/one-more", b"\0")
+            fs.pipe_file(f"/{self.root}/one-more", b"\0" * (leave + 1))
 
     def free(self) -> None:
         if self.kind == "tmpfs":
@@ -198,6 +200,17 @@ def test_a_full_disk_creating_a_store_leaves_nothing(small_disk, digits_tensors)
     assert small_disk.files() == []
     small_disk.free()
     assert pk.probe(tiny_convnet(), digits_tensors, store=store, **FAST).sizes["epoch"] == 1
+
+
+def test_a_disk_filling_while_a_store_is_created_leaves_nothing_and_a_new_run_creates_it(small_disk, digits_tensors):
+    small_disk.fill(leave=8192)  # room for the lock and the creation marker, not for the store's files
+    store = small_disk.store("half.zarr")
+    with pytest.raises(StoreFullError, match=rf"^no space left to create run store {re.escape(repr(store))} .*Free space"):
+        pk.probe(tiny_convnet(), digits_tensors, store=store, **FAST)
+    assert small_disk.files() == []
+    small_disk.free()
+    assert pk.probe(tiny_convnet(), digits_tensors, store=store, **FAST).sizes["epoch"] == 1
+    assert _leftovers(small_disk.files()) == []
 
 
 def test_the_cli_on_a_full_disk_is_one_line_and_resume_completes_the_run(small_disk, tmp_path, capsys):

@@ -328,6 +328,11 @@ def _check_remote_store(files: _RemoteFiles) -> None:
         return
     except FileNotFoundError:
         pass
+    except Exception as error:  # noqa: BLE001 - refused, unreachable (botocore's errors are no OSError)
+        raise StoreError(
+            f"cannot read run store {files.name!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "check the URL, and the credentials and endpoint in storage_options"
+        ) from error
     keys = files.keys()
     if not keys:
         raise FileNotFoundError(f"no run store at {files.name!r}; check the URL, or start a run with store={files.name!r}")
@@ -973,9 +978,14 @@ class RunWriter:
             )
         try:
             self._lock.acquire()
-        except OSError as error:
+        except StoreError:
+            raise
+        except Exception as error:  # noqa: BLE001 - refused, unreachable (botocore's errors are no OSError)
             if not _no_space(error):
-                raise
+                raise StoreError(
+                    f"cannot write run store {files.name!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                    "check that its bucket exists and that the credentials in storage_options may write there"
+                ) from error
             raise _full(error, f"no space left on run store {files.name!r} for its writer's lock ({error.strerror}): "
                                "nothing was written, what it holds is kept and no temporary file is left. Free space "
                                "(or raise the quota), then run again (with resume=True, --resume, to continue it)") from error

@@ -143,6 +143,21 @@ def test_a_run_on_an_s3_server_is_written_read_resumed_and_locked(s3, digits_ten
     np.testing.assert_array_equal(open_run(store, storage_options=s3).probe.values, replaced.probe.values)
 
 
+def test_a_missing_bucket_and_an_unreachable_server_are_one_line(s3):
+    with pytest.raises(StoreError, match=r"cannot write run store 's3://no-such-bucket/run.zarr' .*check that its bucket "
+                                         r"exists and that the credentials in storage_options may write there"):
+        RunWriter("s3://no-such-bucket/run.zarr", _layout(), storage_options=s3)
+    with pytest.raises(FileNotFoundError, match="no run store at 's3://no-such-bucket/run.zarr'"):
+        open_run("s3://no-such-bucket/run.zarr", storage_options=s3)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nowhere = {**s3, "client_kwargs": {**s3["client_kwargs"], "endpoint_url": f"http://127.0.0.1:{port}"},
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    with pytest.raises(StoreError, match="cannot read run store .*check the URL, and the credentials and endpoint"):
+        open_run("s3://probekit-runs/run.zarr", storage_options=nowhere)
+
+
 def test_the_cli_runs_shows_and_resumes_a_store_on_an_s3_server(s3, capsys):
     store = "s3://probekit-runs/cli/run.zarr"
     args = ["run", "--model", "paper_convnet", "--dataset", "digits", "--limit", "100", "--epochs", "1",

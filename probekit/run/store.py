@@ -334,6 +334,8 @@ def _check_remote_store(files: _RemoteFiles) -> None:
             "check the URL, and the credentials and endpoint in storage_options"
         ) from error
     keys = files.keys()
+    if ".zmetadata" in keys:  # written (and the marker removed) between the read and the listing: it is whole now
+        return
     if not keys:
         raise FileNotFoundError(f"no run store at {files.name!r}; check the URL, or start a run with store={files.name!r}")
     if CREATING_MARKER in keys or keys == {LOCK_FILE}:  # a writer took the URL and is about to create the store

@@ -65,6 +65,20 @@ def _l2_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto; got {text!r}") from None
 
 
+def _storage_options(text: str) -> dict:
+    """``--storage-options``: a JSON object of the store's fsspec options."""
+    import json
+
+    try:
+        options = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}); pass an object such as "
+                                         "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"got a JSON {type(options).__name__}; pass a JSON object of fsspec options")
+    return options
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """Check every flag of ``args`` that has a constraint and was given (not None)."""
     given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in _FLAGS}
@@ -190,7 +204,7 @@ def cmd_run(args) -> int:
     shared: Mapping[str, object] = dict(
         layers=layers, reduce=args.reduce, quiet=args.quiet, model_name=args.name or args.model.split(":")[-1],
         batch_size=args.batch_size, budget=args.budget, l2=args.l2, baselines=args.baselines, repeats=args.repeats,
-        metrics=args.metrics, store=args.out, resume=args.resume,
+        metrics=args.metrics, store=args.out, storage_options=args.storage_options, resume=args.resume,
         overwrite=args.overwrite, device=args.device, seed=args.seed, autocast=args.autocast,
     )
     if args.epochs == 0 and args.mode == "snapshot":
@@ -206,7 +220,7 @@ def cmd_run(args) -> int:
 def cmd_show(args) -> int:
     from probekit.run.store import open_run
 
-    ds = open_run(args.run)
+    ds = open_run(args.run, storage_options=args.storage_options)
     _print_summary(ds, args.metric, str(args.run))
     return 0
 
@@ -367,7 +381,11 @@ def parser() -> argparse.ArgumentParser:
                           "the probes are fitted on float32 features either way")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--name", help="model name recorded in the store")
-    run.add_argument("--out", required=True, help="run store to write")
+    run.add_argument("--out", "--store", dest="out", required=True,
+                     help="run store to write: a folder, or an fsspec URL (s3://bucket/run.zarr, gs://..., memory://...)")
+    run.add_argument("--storage-options", type=_storage_options, metavar="JSON",
+                     help="the store URL's fsspec options as a JSON object, e.g. "
+                          "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     run.add_argument("--quiet", action="store_true")
@@ -400,7 +418,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
 
     show = sub.add_parser("show", help="per-layer summary of a run store (works while it is written)")
-    show.add_argument("run")
+    show.add_argument("run", help="the run store: a folder or an fsspec URL")
+    show.add_argument("--storage-options", type=_storage_options, metavar="JSON", help="the store URL's fsspec options")
     show.add_argument("--metric", default="valid_error")
     show.set_defaults(func=cmd_show)
 
@@ -435,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = "run the same sweep again" if args.command == "sweep" else "continue with --resume"
         print(f"probekit: interrupted; completed epochs are in the store ({again})", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError) as error:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError, ImportError) as error:
         print(f"probekit: error: {error}", file=sys.stderr)
         return 2
 

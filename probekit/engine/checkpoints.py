@@ -7,11 +7,14 @@ state dict inside the usual wrappers (``{"model": ...}``, ``{"state_dict": ...}`
 ``{"model_state_dict": ...}``) and strips the ``module.`` prefix that
 ``DataParallel`` / ``DistributedDataParallel`` add; :func:`load_state` puts it
 into a model with a one-line error when it does not fit; :func:`load_checkpoint`
-does all three. This module imports only torch: never the run store, the data or the zoo.
+does all three. A checkpoint beside a run store on an object store is read
+through its fsspec URL. This module imports only torch (and fsspec, for a URL):
+never the run store, the data or the zoo.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from collections.abc import Mapping
@@ -36,8 +39,11 @@ def _reason(error: BaseException) -> str:
     return lines[0][:160] if lines else type(error).__name__
 
 
-def safe_load(path: str | os.PathLike) -> object:
+def safe_load(path: str | os.PathLike, *, storage_options: Mapping[str, object] | None = None) -> object:
     """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` onto the CPU.
+
+    ``path`` may be an fsspec URL (``s3://bucket/.run.zarr.resume.pt``), read with
+    ``storage_options``.
 
     Raises:
         ValueError: in one line, if the file holds pickled objects other than
@@ -49,6 +55,11 @@ def safe_load(path: str | os.PathLike) -> object:
         torch.Size([2])
     """
     try:
+        if isinstance(path, str) and "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb", **dict(storage_options or {})) as handle:
+                return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(

@@ -44,6 +44,7 @@ def probe(
     layers: str | Sequence[str] | None = None,
     reduce: str | Mapping[str, str] | None = None,
     store: str | os.PathLike | None = None,
+    storage_options: Mapping[str, object] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     num_classes: int | None = None,
@@ -80,7 +81,9 @@ def probe(
         layers: probe point names (see :func:`probekit.list_layers`), ``"blocks"`` or ``"all"``;
             default: the model's ``probe_layers`` attribute, else ``"blocks"``.
         reduce: one reduction for every layer or ``{layer: spec}`` (see :mod:`probekit.engine.reduce`).
-        store: Zarr store folder to write; ``None`` keeps the run in memory only.
+        store: Zarr store to write: a folder, or an fsspec URL (``s3://bucket/run.zarr``,
+            ``memory://run.zarr``; see docs/store.md); ``None`` keeps the run in memory only.
+        storage_options: the fsspec filesystem's options for a URL ``store`` (see :class:`ProbeMonitor`).
         resume: with an existing complete store, return it without recomputing.
         overwrite: replace an existing store.
         num_classes: classes of the probing task; when not given, ``data.info.num_classes``,
@@ -123,9 +126,9 @@ def probe(
     """
     check_params(
         _PROBE_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, layouts=layouts, num_classes=num_classes, budget=budget,
-        max_flatten=max_flatten, seed=seed, store=store, resume=resume, overwrite=overwrite, l2=l2,
-        baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, batch_size=batch_size, max_iter=max_iter,
-        cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
+        max_flatten=max_flatten, seed=seed, store=store, storage_options=storage_options, resume=resume,
+        overwrite=overwrite, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
+        batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name,
         dataset_name=dataset_name, device=device, channels_last=channels_last, epoch=epoch, step=step,
         label_key=label_key, mask_key=mask_key, autocast=autocast,
     )
@@ -133,7 +136,8 @@ def probe(
     use_cl = wants_channels_last(model, device, channels_last)
     with placed(model, device, use_cl):
         with ProbeMonitor(
-            model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
+            model, data, layers=layers, reduce=reduce, store=store, storage_options=storage_options, resume=resume,
+            overwrite=overwrite,
             num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
             batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
             max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,
@@ -155,6 +159,7 @@ def probe_checkpoints(
     layers: str | Sequence[str] | None = None,
     reduce: str | Mapping[str, str] | None = None,
     store: str | os.PathLike | None = None,
+    storage_options: Mapping[str, object] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     num_classes: int | None = None,
@@ -190,7 +195,7 @@ def probe_checkpoints(
         checkpoints: paths, in training order.
         epochs: each checkpoint's epoch number (default 0, 1, 2, ...).
         steps: each checkpoint's training step (default: unknown, ``None``).
-        store, resume: as for :func:`probe`; resuming skips checkpoints already written.
+        store, storage_options, resume: as for :func:`probe`; resuming skips checkpoints already written.
 
     The other arguments (``layers``, ``reduce``, ``overwrite``, ``num_classes``, ``l2``, ``baselines``, ``groups``,
     ``repeats``, ``metrics``, ``batch_size``, ``budget``, ``max_flatten``, ``seed``, ``max_iter``, ``cache_bytes``,
@@ -202,7 +207,8 @@ def probe_checkpoints(
     """
     check_params(
         _CHECKPOINTS_CONSTRAINTS, build_model=build_model, tracer_kwargs=tracer_kwargs, layouts=layouts,
-        num_classes=num_classes, budget=budget, max_flatten=max_flatten, seed=seed, store=store, resume=resume,
+        num_classes=num_classes, budget=budget, max_flatten=max_flatten, seed=seed, store=store,
+        storage_options=storage_options, resume=resume,
         overwrite=overwrite, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
         batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
         model_name=model_name, dataset_name=dataset_name, device=device, channels_last=channels_last,
@@ -228,7 +234,8 @@ def probe_checkpoints(
     if use_cl:
         model.to(memory_format=torch.channels_last)
     with ProbeMonitor(
-        model, data, layers=layers, reduce=reduce, store=store, resume=resume, overwrite=overwrite,
+        model, data, layers=layers, reduce=reduce, store=store, storage_options=storage_options, resume=resume,
+        overwrite=overwrite,
         num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
         batch_size=batch_size, budget=budget, max_flatten=max_flatten, seed=seed,
         max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet, model_name=model_name, dataset_name=dataset_name,

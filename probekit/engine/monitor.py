@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import IO, Literal
 
 import numpy as np
@@ -49,7 +48,7 @@ from probekit.engine.probes import FALLBACK_L2, MIN_PER_CLASS, fit_probes, score
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
 from probekit.run.schema import EpochRow, build_dataset, metric_name, metric_names
-from probekit.run.store import RunWriter
+from probekit.run.store import RunWriter, store_location
 
 __all__ = ["MONITOR_CONSTRAINTS", "Mode", "ProbeMonitor", "UPDATE_CONSTRAINTS"]
 
@@ -62,6 +61,7 @@ MONITOR_CONSTRAINTS = {
     **PLAN_CONSTRAINTS,
     "num_classes": [*PLAN_CONSTRAINTS["num_classes"], None],
     "store": [str, os.PathLike, None],
+    "storage_options": [Mapping, None],
     "mode": [Options("snapshot", "online")],
     "resume": [bool],
     "overwrite": [bool],
@@ -278,7 +278,10 @@ class ProbeMonitor:
         layers: probe point names, ``"blocks"`` or ``"all"``; default: the model's
             ``probe_layers`` attribute, else ``"blocks"``.
         reduce: reduction for every layer or ``{layer: spec}`` (see :mod:`probekit.engine.reduce`).
-        store: Zarr store folder to write; ``None`` keeps the run in memory only.
+        store: Zarr store to write: a folder, or an fsspec URL (``s3://bucket/run.zarr``,
+            ``memory://run.zarr``; see docs/store.md); ``None`` keeps the run in memory only.
+        storage_options: the fsspec filesystem's options for a URL ``store`` (credentials,
+            ``client_kwargs={"endpoint_url": ...}``), as :func:`probekit.open_run` takes them.
         mode: ``"snapshot"`` or ``"online"``.
         resume: continue an existing store made by the same setup.
         overwrite: replace an existing store.
@@ -361,6 +364,7 @@ class ProbeMonitor:
         layers: str | Sequence[str] | None = None,
         reduce: str | Mapping[str, str] | None = None,
         store: str | os.PathLike | None = None,
+        storage_options: Mapping[str, object] | None = None,
         mode: Mode = "snapshot",
         resume: bool = False,
         overwrite: bool = False,
@@ -389,7 +393,7 @@ class ProbeMonitor:
     ):
         check_params(
             MONITOR_CONSTRAINTS, model=model, tracer_kwargs=tracer_kwargs, layouts=layouts, num_classes=num_classes, budget=budget,
-            max_flatten=max_flatten, seed=seed, store=store, mode=mode, resume=resume, overwrite=overwrite, l2=l2,
+            max_flatten=max_flatten, seed=seed, store=store, storage_options=storage_options, mode=mode, resume=resume, overwrite=overwrite, l2=l2,
             baselines=baselines, groups=groups, repeats=repeats, metrics=metrics, probe_lr=probe_lr,
             batch_size=batch_size, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
             model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, label_key=label_key,
@@ -459,8 +463,10 @@ class ProbeMonitor:
             self._fresh_graph = LayerGraph(self._fresh, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
             if permuted:
                 self.layout.attrs["random_init_permuted"] = ", ".join(permuted)[:1000]
-        self._writer = RunWriter(store, self.layout, resume=resume, overwrite=overwrite) if store is not None else None
-        self.store = Path(store) if store is not None else None
+        self._writer = (RunWriter(store, self.layout, resume=resume, overwrite=overwrite, storage_options=storage_options)
+                        if store is not None else None)
+        #: The store: a local ``Path``, or the URL of an object store.
+        self.store = store_location(store) if store is not None else None
         self.rows: list[EpochRow] = list(self._writer.rows) if self._writer else []
         self._clock = time.monotonic() - (self.rows[-1].wall_time if self.rows and math.isfinite(self.rows[-1].wall_time) else 0.0)
         if not quiet:

@@ -40,7 +40,7 @@ from probekit.engine.features import DEFAULT_CACHE_BYTES, as_splits
 from probekit.engine.monitor import ProbeMonitor
 from probekit.engine.reduce import DEFAULT_BUDGET, DEFAULT_MAX_FLATTEN
 from probekit.params import Interval, Options, check_params
-from probekit.run.store import write_atomic
+from probekit.run.store import exists, remove, store_location, write_atomic
 
 __all__ = ["EpochResult", "Minibatch", "resume_path", "train_and_probe", "train_epoch"]
 
@@ -146,15 +146,18 @@ def train_epoch(
     return EpochResult(loss=total_loss / seen, error=total_error / seen, step=step)
 
 
-def resume_path(store: str | os.PathLike) -> Path:
-    """Where the training checkpoint of the run in ``store`` lives (beside it, not in it).
+def resume_path(store: str | os.PathLike) -> Path | str:
+    """Where the training checkpoint of the run in ``store`` lives (beside it, not in it): a path, or a URL beside a URL.
 
     Example:
-        >>> resume_path("runs/demo.zarr")
-        PosixPath('runs/.demo.zarr.resume.pt')
+        >>> resume_path("runs/demo.zarr"), resume_path("s3://bucket/runs/demo.zarr")
+        (PosixPath('runs/.demo.zarr.resume.pt'), 's3://bucket/runs/.demo.zarr.resume.pt')
     """
-    store = Path(store)
-    return store.with_name(f".{store.name}.resume.pt")
+    location = store_location(store)
+    if isinstance(location, Path):
+        return location.with_name(f".{location.name}.resume.pt")
+    parent, _, name = location.rpartition("/")
+    return f"{parent}/.{name}.resume.pt"
 
 
 def _train_dataset(split: object) -> Dataset:
@@ -166,8 +169,8 @@ def _train_dataset(split: object) -> Dataset:
     return TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
 
 
-def _load_resume(path: Path) -> dict:
-    state = safe_load(path)
+def _load_resume(path: Path | str, storage_options: Mapping[str, object] | None) -> dict:
+    state = safe_load(path, storage_options=storage_options)
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "step"} <= set(state):
         raise ValueError(f"{str(path)!r} is not a probekit training checkpoint; delete it and run without --resume")
     return state
@@ -179,6 +182,7 @@ def train_and_probe(
     *,
     epochs: int,
     store: str | os.PathLike | None = None,
+    storage_options: Mapping[str, object] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     optimizer: Literal["sgd", "adam"] = "sgd",
@@ -222,7 +226,8 @@ def train_and_probe(
         model: the model to train (trained in place).
         data: train/valid(/test) splits; the model trains on ``train``.
         epochs: training epochs; the run has ``epochs + 1`` rows (0 = untrained).
-        store: Zarr store of the run; its checkpoint is kept beside it for resuming.
+        store: Zarr store of the run, a folder or an fsspec URL; its checkpoint is kept beside it for resuming.
+        storage_options: the fsspec filesystem's options for a URL ``store`` (see :class:`~probekit.engine.ProbeMonitor`).
         resume: continue a killed or finished run from its checkpoint.
         overwrite: replace an existing store.
         optimizer: the model's optimiser, ``"sgd"`` (with ``momentum``; 0 gives plain SGD) or ``"adam"``.
@@ -275,11 +280,13 @@ def train_and_probe(
            else torch.optim.Adam(params, lr=lr))
     train_set = _train_dataset(as_splits(data)["train"])
     checkpoint = resume_path(store) if store is not None else None
-    if checkpoint is not None and not resume and checkpoint.exists() and not Path(store).exists():
-        checkpoint.unlink()
+    files = {"storage_options": storage_options}
+    if checkpoint is not None and not resume and exists(checkpoint, **files) and not exists(store, **files):
+        remove(checkpoint, **files)
 
     with ProbeMonitor(
-        model, data, layers=layers, reduce=reduce, store=store, mode=mode, resume=resume, overwrite=overwrite,
+        model, data, layers=layers, reduce=reduce, store=store, storage_options=storage_options, mode=mode,
+        resume=resume, overwrite=overwrite,
         num_classes=num_classes, l2=l2, baselines=baselines, groups=groups, repeats=repeats, metrics=metrics,
         probe_lr=probe_lr, batch_size=batch_size, budget=budget,
         max_flatten=max_flatten, seed=seed, max_iter=max_iter, cache_bytes=cache_bytes, quiet=quiet,
@@ -288,12 +295,12 @@ def train_and_probe(
     ) as monitor:
         start, step = 0, 0
         if monitor.rows:
-            if checkpoint is None or not checkpoint.exists():
+            if checkpoint is None or not exists(checkpoint, **files):
                 raise ValueError(
                     f"cannot resume training of {str(store)!r}: its checkpoint {str(checkpoint)!r} is missing; "
                     "start again with overwrite=True (--overwrite)"
                 )
-            state = _load_resume(checkpoint)
+            state = _load_resume(checkpoint, storage_options)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start, step = int(state["epoch"]), int(state["step"])
@@ -305,7 +312,7 @@ def train_and_probe(
                 monitor.update(epoch=start, step=step, model_loss=state.get("model_loss"), model_error=state.get("model_error"))
                 start += 1
         else:
-            _checkpoint(checkpoint, model, opt, epoch=0, step=0)
+            _checkpoint(checkpoint, storage_options, model, opt, epoch=0, step=0)
             monitor.update(epoch=0, step=0)
             start = 1
         on_step = (lambda batch: monitor.step(batch.labels)) if mode == "online" else None
@@ -316,7 +323,8 @@ def train_and_probe(
             torch.manual_seed(epoch_seed)  # dropout
             result = train_epoch(model, opt, loader, device=device, loss_fn=loss_fn, step=step, on_step=on_step)
             step = result.step
-            _checkpoint(checkpoint, model, opt, epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
+            _checkpoint(checkpoint, storage_options, model, opt, epoch=epoch, step=step, model_loss=result.loss,
+                        model_error=result.error)
             row = monitor.update(epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
             if not monitor.quiet:
                 print(_epoch_line(row, epochs))
@@ -335,8 +343,9 @@ def _epoch_line(row: xr.Dataset, epochs: int) -> str:
     )
 
 
-def _checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer, **info) -> None:
+def _checkpoint(path: Path | str | None, storage_options: Mapping[str, object] | None, model: nn.Module,
+                opt: torch.optim.Optimizer, **info) -> None:
     if path is not None:
         buffer = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), **info}, buffer)
-        write_atomic(path, buffer.getvalue())
+        write_atomic(path, buffer.getvalue(), storage_options=storage_options)

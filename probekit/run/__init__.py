@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 
-__all__ = ["StoreError", "StoreLockedError", "open_run", "open_runs"]
+__all__ = ["StoreError", "StoreFullError", "StoreLockedError", "open_run", "open_runs"]
 
 
 def __getattr__(name: str):

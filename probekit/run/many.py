@@ -62,14 +62,37 @@ _GLOB_CHARS = frozenset("*?[")
 RunsLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Mapping[str, Union[str, os.PathLike]]]
 
 
-def _named_paths(runs: object) -> dict[str, Path]:
-    """``{run name: store path}``: a glob's matches (sorted), a list's paths or a mapping's items."""
+def _is_url(path: object) -> bool:
+    """An fsspec URL other than ``file://`` (which is a local path)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _store_path(path: str | os.PathLike) -> Path | str:
+    """A local store as a Path; a URL as it was written (a Path would fold its ``//``)."""
+    return path if _is_url(path) else Path(path)
+
+
+def _glob_url(text: str, storage_options: Mapping[str, object] | None) -> list[str]:
+    """The stores a URL pattern matches, as URLs (sorted)."""
+    import fsspec
+
+    fs, _, found = fsspec.core.get_fs_token_paths(text, storage_options=dict(storage_options or {}))
+    return sorted(fs.unstrip_protocol(p) for p in found)
+
+
+def _named_paths(runs: object, storage_options: Mapping[str, object] | None = None) -> dict[str, Path | str]:
+    """``{run name: store path or URL}``: a glob's matches (sorted), a list's paths or a mapping's items."""
     if isinstance(runs, Mapping):
-        named = {str(name): Path(path) for name, path in runs.items()}
+        named = {str(name): _store_path(path) for name, path in runs.items()}
     else:
         if isinstance(runs, (str, os.PathLike)):
             text = os.fspath(runs)
-            if _GLOB_CHARS & set(text):
+            if _is_url(text):
+                found = _glob_url(text, storage_options) if _GLOB_CHARS & set(text) else [text]
+                if not found:
+                    raise FileNotFoundError(f"no run store matches {text!r}; check the pattern, or pass the stores' URLs")
+                paths = found
+            elif _GLOB_CHARS & set(text):
                 found = sorted(glob.glob(text))
                 if not found:
                     raise FileNotFoundError(
@@ -86,13 +109,14 @@ def _named_paths(runs: object) -> dict[str, Path]:
                         f"{os.path.join(text, '*.zarr')!r} to open them all"
                     )
         elif isinstance(runs, Sequence):
-            paths = [Path(p) for p in runs]
+            paths = [_store_path(p) for p in runs]
         else:
             raise TypeError(
                 "open_runs takes a glob pattern ('runs/*.zarr'), a list of store paths or a mapping from name to "
                 f"store path; got {type(runs).__name__}"
             )
-        stems = [p.name.removesuffix(".zarr") for p in paths]
+        stems = [(p.rstrip("/").rsplit("/", 1)[-1] if isinstance(p, str) else p.name).removesuffix(".zarr")
+                 for p in paths]
         names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
         named = dict(zip(names, paths))
         if len(named) != len(paths):
@@ -149,6 +173,7 @@ def open_runs(
     layers: Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
     join: Literal["exact", "inner"] = "exact",
+    storage_options: Mapping[str, object] | None = None,
 ) -> xr.Dataset:
     """Open many run stores as one lazy dataset along a ``run`` dimension.
 
@@ -166,6 +191,8 @@ def open_runs(
         metrics: Keep these metrics of every run (each run must have them).
         join: ``"exact"`` (the default): runs with other layers or metrics are
             refused, naming them; ``"inner"``: keep the layers and metrics all runs have.
+        storage_options: the fsspec filesystem's options for stores given as URLs
+            (``"s3://bucket/runs/*.zarr"`` globs there too), as for :func:`probekit.open_run`.
 
     Returns:
         A dataset with dims ``(run, layer, epoch, metric)`` (and ``baseline``,
@@ -188,8 +215,9 @@ def open_runs(
         >>> pk.compare(ds.sel(run=ds.seed == 0))
     """
     check_params(_CONSTRAINTS, join=join)
-    named = _named_paths(runs)
-    opened = {name: open_run_lazy(path) for name, path in named.items()}
+    named = _named_paths(runs, storage_options)
+    opened = {name: open_run_lazy(path, storage_options=storage_options if _is_url(path) else None)
+              for name, path in named.items()}
     if layers is not None:
         opened = {name: _select(ds, "layer", [str(v) for v in layers], name, "layers") for name, ds in opened.items()}
     if metrics is not None:

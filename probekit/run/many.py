@@ -76,8 +76,8 @@ def _glob_url(text: str, storage_options: Mapping[str, object] | None) -> list[s
     """The stores a URL pattern matches, as URLs (sorted)."""
     import fsspec
 
-    fs, _, found = fsspec.core.get_fs_token_paths(text, storage_options=dict(storage_options or {}))
-    return sorted(fs.unstrip_protocol(p) for p in found)
+    fs, pattern = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+    return sorted(fs.unstrip_protocol(p) for p in fs.glob(pattern))
 
 
 def _named_paths(runs: object, storage_options: Mapping[str, object] | None = None) -> dict[str, Path | str]:

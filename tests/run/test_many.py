@@ -179,3 +179,31 @@ def test_list_attributes_and_attributes_some_runs_lack_come_back_as_they_were(tm
         assert one.identical(pk.open_run(tmp_path / f"{name}.zarr"))
     assert select_run(ds, "a").attrs["baselines"] == ["random_init", "control"]
     assert "note" not in select_run(ds, "b").attrs
+
+
+def test_runs_at_fsspec_urls_open_by_glob_and_by_list():
+    """Stores at URLs (here the in-memory filesystem): a URL glob finds them, named by their stores as locally."""
+    import uuid
+
+    import fsspec
+
+    folder = f"/probekit-many-{uuid.uuid4().hex[:8]}"
+    try:
+        for seed in (0, 1):
+            with RunWriter(f"memory://{folder}/s{seed}.zarr", layout_of(ds := _seeded(seed))) as writer:
+                for row in rows_of(ds):
+                    writer.append(row)
+        ds = open_runs(f"memory://{folder}/*.zarr")
+        assert run_names(ds) == ["s0", "s1"] and list(ds.seed.values) == [0, 1]
+        assert list(ds.store.values) == [f"memory://{folder}/s{i}.zarr" for i in range(2)]
+        assert isinstance(ds.probe.data, dask.array.Array)
+        expected = pk.open_run(f"memory://{folder}/s1.zarr").probe
+        np.testing.assert_array_equal(ds.probe.sel(run="s1").compute().values, expected.values)
+        listed = open_runs([f"memory://{folder}/s1.zarr", f"memory://{folder}/s0.zarr"])
+        assert run_names(listed) == ["s1", "s0"]
+        with pytest.raises(FileNotFoundError, match="no run store matches"):
+            open_runs(f"memory://{folder}/none-*.zarr")
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)

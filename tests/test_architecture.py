@@ -31,6 +31,7 @@ ALLOWED = {
     "experiments": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "accessor"},
     "integrations": {"probekit", "engine", "run"},
     "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor"},
+    "__main__": {"cli"},
     "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).

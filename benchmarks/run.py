@@ -27,6 +27,7 @@ FIGURES = {
     "5": "benchmarks.monitoring",
     "6": "benchmarks.scaling",
     "8": "benchmarks.notebooks",
+    "10": "benchmarks.distributed",
 }
 
 

@@ -188,13 +188,20 @@ class Collective:
         if failure is not None:
             raise failure
         if message is not None:
-            kind, text = message
-            try:
-                error = kind(text)
-            except Exception:  # noqa: BLE001 - an exception type without a one-argument constructor
-                error = RuntimeError(text)
-            raise error from None
+            raise _rebuilt(*message) from None
         return result
+
+    def settle(self, failure: Exception | None) -> None:
+        """Raise on every rank when any rank failed: each failing rank its own error, the others the first one's
+        line, naming its rank (without this, the others would wait for it at their next collective)."""
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, None if failure is None else (type(failure), str(failure)))
+        if failure is not None:
+            raise failure
+        failed = [(rank, found) for rank, found in enumerate(everyone) if found is not None]
+        if failed:
+            rank, (kind, text) = failed[0]
+            raise _rebuilt(kind, f"rank {rank} of {self.world_size} stopped: {text}") from None
 
     def copy_module(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers into ``module`` on every rank (in place)."""
@@ -224,6 +231,14 @@ class Collective:
                     f"the {self.world_size} ranks of the process group disagree on the {key} ({seen}); give every "
                     "rank the same model, data and arguments (each rank takes its own shard of the same splits)"
                 )
+
+
+def _rebuilt(kind: type, text: str) -> Exception:
+    """An error of type ``kind`` with the line ``text`` (a ``RuntimeError`` for a type that takes other arguments)."""
+    try:
+        return kind(text)
+    except Exception:  # noqa: BLE001 - an exception type without a one-argument constructor
+        return RuntimeError(text)
 
 
 def _short(value: object) -> str:
@@ -286,8 +301,11 @@ def _shard_loader(loader: DataLoader, rank: int, world: int, name: str) -> Shard
     sampler = loader.sampler
     plain = isinstance(sampler, SequentialSampler) or (
         isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset))
-    if loader.batch_size is None or not plain or type(loader.batch_sampler) is not BatchSampler:
-        kind = type(loader.batch_sampler if loader.batch_size is None or plain else sampler).__name__
+    if loader.batch_size is None:
+        raise ValueError(f"the {name} split's DataLoader has batch_size=None (its dataset yields whole batches), "
+                         "which cannot be divided between ranks by example; give it a batch_size=")
+    if not plain or type(loader.batch_sampler) is not BatchSampler:
+        kind = type(loader.batch_sampler if plain else sampler).__name__
         raise ValueError(
             f"the {name} split's DataLoader draws its examples with a {kind}, which cannot be divided between ranks "
             "without counting an example twice or missing one; pass its Dataset, or a DataLoader with batch_size= "

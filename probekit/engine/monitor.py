@@ -434,44 +434,51 @@ class ProbeMonitor:
                 "torch.distributed (one process), or drop them"
             )
         self.channels_last = channels_last
-        self.splits = as_splits(data)
-        info = getattr(data, "info", None)
-        # What the caller says wins over what the data implies.
-        if dataset_name is None:
-            dataset_name = getattr(info, "name", None)
-        if num_classes is None:
-            num_classes = getattr(info, "num_classes", None)
-        labels = _Labels(self.splits, self.batch_size, label_key)
-        self.num_classes = _infer_classes(self.splits, num_classes, labels)
-        #: What a probe's examples are: ``"examples"``, or ``"tokens"`` (per-token labels).
-        self.examples = labels.kind
-        if self.examples == "tokens" and mode == "online":
-            raise ValueError("per-token labels need mode='snapshot' (online probes read whole training batches)")
-        self.device = model_device(model)
-        example = _first_batch(self.splits["train"], 2, label_key)
-        check_inputs(model, example)
-        example = to_device(example, self.device)
-        self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
-        self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
-                                max_flatten=max_flatten, token_level=self.examples == "tokens",
-                                examples=split_size(self.splits["train"]))
-        for reducer in self.plan.reducers.values():
-            reducer.to(self.device)
-        self.layers = self.plan.layers
-        self.metrics = metric_names(list(self.splits), self.num_classes, control="control" in self.baselines,
-                                    mdl="mdl" in self.extra_metrics)
-        self.groups = controls.check_groups(groups, {k: split_size(v) for k, v in self.splits.items()})
-        if self.groups is not None and (self.examples == "tokens" or "control" not in self.baselines):
-            raise ValueError("groups= are the control task's example types: pass them with baselines=['control'] "
-                             "in a run of per-example labels (token-level runs take each token's id as its type)")
-        chance = _chance_error(self.splits, self.num_classes, labels)
-        attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
-                            device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
-                            dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
-                            label_key=label_key, autocast=autocast_name(self.autocast))
-        attrs.update(self._control_attrs(labels["train"].labels))
-        attrs["world_size"] = 1 if self.comm is None else self.comm.world_size
+        failure = None  # data-parallel: a refusal on one rank stops every rank (see Collective.settle)
+        try:
+            self.splits = as_splits(data)
+            info = getattr(data, "info", None)
+            # What the caller says wins over what the data implies.
+            if dataset_name is None:
+                dataset_name = getattr(info, "name", None)
+            if num_classes is None:
+                num_classes = getattr(info, "num_classes", None)
+            labels = _Labels(self.splits, self.batch_size, label_key)
+            self.num_classes = _infer_classes(self.splits, num_classes, labels)
+            #: What a probe's examples are: ``"examples"``, or ``"tokens"`` (per-token labels).
+            self.examples = labels.kind
+            if self.examples == "tokens" and mode == "online":
+                raise ValueError("per-token labels need mode='snapshot' (online probes read whole training batches)")
+            self.device = model_device(model)
+            example = _first_batch(self.splits["train"], 2, label_key)
+            check_inputs(model, example)
+            example = to_device(example, self.device)
+            self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
+            self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
+                                    max_flatten=max_flatten, token_level=self.examples == "tokens",
+                                    examples=split_size(self.splits["train"]))
+            for reducer in self.plan.reducers.values():
+                reducer.to(self.device)
+            self.layers = self.plan.layers
+            self.metrics = metric_names(list(self.splits), self.num_classes, control="control" in self.baselines,
+                                        mdl="mdl" in self.extra_metrics)
+            self.groups = controls.check_groups(groups, {k: split_size(v) for k, v in self.splits.items()})
+            if self.groups is not None and (self.examples == "tokens" or "control" not in self.baselines):
+                raise ValueError("groups= are the control task's example types: pass them with baselines=['control'] "
+                                 "in a run of per-example labels (token-level runs take each token's id as its type)")
+            chance = _chance_error(self.splits, self.num_classes, labels)
+            attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
+                                device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
+                                dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
+                                label_key=label_key, autocast=autocast_name(self.autocast))
+            attrs.update(self._control_attrs(labels["train"].labels))
+            attrs["world_size"] = 1 if self.comm is None else self.comm.world_size
+        except Exception as error:
+            if self.comm is None:
+                raise
+            failure = error
         if self.comm is not None:
+            self.comm.settle(failure)
             self.comm.agree({
                 "number of classes": self.num_classes, "kind of labels": self.examples,
                 "split sizes": {k: split_size(v) for k, v in self.splits.items()}, "layers": list(self.layers),

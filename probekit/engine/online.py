@@ -181,7 +181,7 @@ class OnlineProbes(nn.Module):
                 decay = self._decay if heads > 1 else None
                 for row, (lin, x) in enumerate(zip(linears, standard)):
                     weight_grad = torch.mm(grad[row].t(), x)
-                    if decay is not None:
+                    if decay is not None and self.comm is None:
                         weight_grad.addcmul_(decay, lin.weight)
                     lin.weight.grad = weight_grad
                 for lin, bias_grad in zip(linears, grad.sum(1).unbind(0)):
@@ -191,6 +191,9 @@ class OnlineProbes(nn.Module):
                     flat = self.comm.sum_(torch.cat([g.reshape(-1) for g in grads]))
                     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                         g.copy_(part.view_as(g))
+                    if decay is not None:  # the L2 term once, after the sum
+                        for lin in linears:
+                            lin.weight.grad.addcmul_(decay, lin.weight)
                 self.optimizer.step()
                 stacked = self._measures(logits, losses, labels)
                 if len(kept) == len(self.names):

@@ -112,7 +112,9 @@ class Problem:
 
     def __init__(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, whitening: Whitening,
                  blocks: int = 1, *, rows: int | None = None, reduce: Callable[[torch.Tensor], object] | None = None):
-        dtype = torch.float64 if z.numel() <= FLOAT64_ELEMENTS else torch.float32
+        # The whole problem's size decides, so that every rank computes in the dtype one process would.
+        elements = z.numel() if rows is None else int(rows) * z.shape[1]
+        dtype = torch.float64 if elements <= FLOAT64_ELEMENTS else torch.float32
         self.z = z.to(dtype)
         self.labels, self.k, self.l2 = labels, num_classes, float(l2)
         self.n, self.d = z.shape

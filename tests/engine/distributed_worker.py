@@ -86,6 +86,18 @@ def probe_forms(out: Path, rank: int) -> dict:
     return found
 
 
+def tokens_and_checkpoints(out: Path, rank: int) -> dict:
+    """A token-level run (whole sequences on each rank, the fold by sequence) and a series of saved snapshots."""
+    from tests.engine.test_tokens import Tagger, tagged
+
+    token_splits = {"train": tagged(200, 0), "valid": tagged(100, 1), "test": tagged(60, 2)}
+    tokens = pk.probe(Tagger(), token_splits, layers=["embed", "encoder"], quiet=True, device="cpu",
+                      store=out / "tokens.zarr")
+    series = pk.probe_checkpoints(model, [out / "c0.pt", out / "c1.pt"], digits(), quiet=True, device="cpu",
+                                  store=out / "series.zarr")
+    return {**{f"tokens_{k}": v for k, v in result(tokens).items()}, **{f"series_{k}": v for k, v in result(series).items()}}
+
+
 def mismatch(out: Path, rank: int) -> dict:
     """Rank 1 holds other data: 5 classes where rank 0 has 10."""
     d = digits()
@@ -152,7 +164,7 @@ def online_ddp(out: Path, rank: int) -> dict:
     return {**result(mon.dataset), "weights": weights}
 
 
-SCENARIOS = {"forms": probe_forms, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
+SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))

@@ -142,6 +142,37 @@ def test_two_ranks_equal_one_process_on_every_split_form(tmp_path):
         np.testing.assert_allclose(stored.probe.values, both[f"{which}_probe"])
 
 
+def _within_one_example(mine: np.ndarray, theirs: np.ndarray, metrics, counts: dict) -> None:
+    for m, metric in enumerate(metrics):
+        split, measure = str(metric).split("_", 1)
+        if measure == "error":
+            gap = np.abs(mine[..., m] - theirs[..., m])
+            assert np.all(gap <= 1 / counts[split] + 1e-9), (metric, mine[..., m], theirs[..., m])
+
+
+def test_token_level_runs_and_checkpoint_series_on_two_ranks(tmp_path):
+    from tests.engine.distributed_worker import digits, model
+    from tests.engine.test_tokens import Tagger, tagged
+
+    for i in range(2):  # two snapshots: the untrained model, and one with its last layer zeroed
+        net = model()
+        if i:
+            torch.nn.init.zeros_(net[-1].weight)
+        torch.save(net.state_dict(), tmp_path / f"c{i}.pt")
+    ranks = _worker("more", tmp_path)
+    token_splits = {"train": tagged(200, 0), "valid": tagged(100, 1), "test": tagged(60, 2)}
+    one = pk.probe(Tagger(), token_splits, layers=["embed", "encoder"], quiet=True, device="cpu")
+    two = ranks[0]
+    np.testing.assert_array_equal(two["tokens_probe"], ranks[1]["tokens_probe"])
+    counts = {k: int(one.attrs[f"n_{k}_tokens"]) for k in ("train", "valid", "test")}
+    _within_one_example(two["tokens_probe"], one.probe.values, two["tokens_metrics"], counts)
+    series = pk.probe_checkpoints(model, [tmp_path / "c0.pt", tmp_path / "c1.pt"], digits(), quiet=True, device="cpu")
+    assert two["series_probe"].shape == series.probe.shape == (len(series.layer), 2, len(series.metric))
+    _within_one_example(two["series_probe"], series.probe.values, two["series_metrics"],
+                        {"train": 1079, "valid": 359, "test": 359})
+    assert open_run(tmp_path / "series.zarr").attrs["world_size"] == 2
+
+
 def test_ranks_that_disagree_on_the_data_stop_with_one_line(tmp_path):
     done = _torchrun([str(WORKER), "mismatch", str(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -39,7 +39,9 @@ padding; a labelled token on padding is refused.
 This module owns the ``data=`` forms, the collation of rows, label checks and
 the feature cache (in memory, or files on disk above ``cache_bytes``). It runs
 an :class:`~probekit.engine.extract.Extractor` it is given, imports
-:mod:`~probekit.engine.batch` for the batch forms and nothing after it on the
+:mod:`~probekit.engine.batch` for the batch forms,
+:mod:`~probekit.engine.distributed` for one rank's shard of a split
+(:func:`shard_batches`, ``extract(comm=...)``) and nothing after it on the
 engine's path (no probes, plan or monitor); never the run store, the
 diagnosis, the charts or the explorers.
 """

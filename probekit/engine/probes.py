@@ -99,8 +99,9 @@ products stall on a shared machine.
 optimiser step per model training step).
 
 This module owns the probes; it works on feature tensors only, so it imports
-no model-side part of the engine (only :mod:`~probekit.engine.solver`, and
-:mod:`~probekit.engine.devices` for thread counts) and
+no model-side part of the engine (only :mod:`~probekit.engine.solver`,
+:mod:`~probekit.engine.devices` for thread counts and
+:mod:`~probekit.engine.distributed` for the sums over ranks) and
 :mod:`probekit.params` for its argument checks, and never the run store,
 the diagnosis, the charts or the explorers.
 """

@@ -82,6 +82,9 @@ def probe_forms(out: Path, rank: int) -> dict:
     found = {}
     for which in ("a", "b"):
         ds = pk.probe(model(), forms(which), store=out / f"{which}.zarr", quiet=True, device="cpu")
+        again = pk.probe(model(), forms(which), store=out / f"{which}.zarr", quiet=True, device="cpu", resume=True)
+        if not np.array_equal(again.probe.values, ds.probe.values, equal_nan=True):  # resumed from rank 0's store, not refitted
+            raise RuntimeError(f"rank {rank} resumed other values than it wrote")
         found.update({f"{which}_{k}": v for k, v in result(ds).items()})
     return found
 

@@ -224,7 +224,12 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
     one = subprocess.run([sys.executable, "-m", *args, "--out", "one.zarr"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=LIMIT)
     assert one.returncode == 0, one.stderr[-3000:]
+    # Resumed for a second epoch: rank 0 reads the training checkpoint and sends it to rank 1.
+    resumed = _torchrun([*args[:6], "--epochs", "2", *args[8:], "--out", "two.zarr", "--resume"], tmp_path, module=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     two, one = open_run(tmp_path / "two.zarr"), open_run(tmp_path / "one.zarr")
+    assert list(two.epoch.values) == [0, 1, 2]
+    two = two.isel(epoch=[0, 1])
     assert two.attrs["world_size"] == 2 and one.attrs["world_size"] == 1
     for split, n in (("train", 1079), ("valid", 359), ("test", 359)):
         gap = np.abs(two.probe.sel(metric=f"{split}_error").values - one.probe.sel(metric=f"{split}_error").values)

@@ -101,6 +101,18 @@ def tokens_and_checkpoints(out: Path, rank: int) -> dict:
     return {**{f"tokens_{k}": v for k, v in result(tokens).items()}, **{f"series_{k}": v for k, v in result(series).items()}}
 
 
+def tiny(out: Path, rank: int) -> dict:
+    """A valid split of one example (rank 1's shard of it is empty) and the random-init baseline."""
+    ds = pk.probe(model(), tiny_splits(), quiet=True, device="cpu", baselines=["random_init"])
+    return {**result(ds), "baseline": ds.baselines.values}
+
+
+def tiny_splits() -> dict:
+    d = digits()
+    (xv, yv), (xs, ys) = d["valid"], d["test"]
+    return {"train": d["train"], "valid": (xv[:1], yv[:1]), "test": Stream(xs[:3], ys[:3])}
+
+
 def mismatch(out: Path, rank: int) -> dict:
     """Rank 1 holds other data: 5 classes where rank 0 has 10."""
     d = digits()
@@ -167,7 +179,7 @@ def online_ddp(out: Path, rank: int) -> dict:
     return {**result(mon.dataset), "weights": weights}
 
 
-SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
+SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))

@@ -173,6 +173,17 @@ def test_token_level_runs_and_checkpoint_series_on_two_ranks(tmp_path):
     assert open_run(tmp_path / "series.zarr").attrs["world_size"] == 2
 
 
+def test_a_rank_with_an_empty_shard_and_the_random_init_baseline(tmp_path):
+    from tests.engine.distributed_worker import model, tiny_splits
+
+    two = _worker("tiny", tmp_path)[0]
+    one = pk.probe(model(), tiny_splits(), quiet=True, device="cpu", baselines=["random_init"])
+    counts = {"train": 1079, "valid": 1, "test": 3}
+    _within_one_example(two["probe"], one.probe.values, two["metrics"], counts)
+    _within_one_example(two["baseline"], one.baselines.values, two["metrics"], counts)
+    np.testing.assert_allclose(two["probe"], one.probe.values, atol=0.02)  # losses and errors alike
+
+
 def test_ranks_that_disagree_on_the_data_stop_with_one_line(tmp_path):
     done = _torchrun([str(WORKER), "mismatch", str(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

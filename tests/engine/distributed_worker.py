@@ -113,6 +113,12 @@ def tiny_splits() -> dict:
     return {"train": d["train"], "valid": (xv[:1], yv[:1]), "test": Stream(xs[:3], ys[:3])}
 
 
+def one_process_controls(out: Path, rank: int) -> dict:
+    """repeats= (also metrics=['mdl'] and the control baseline) need one process."""
+    pk.probe(model(), digits(), quiet=True, device="cpu", repeats=2)
+    return {}
+
+
 def mismatch(out: Path, rank: int) -> dict:
     """Rank 1 holds other data: 5 classes where rank 0 has 10."""
     d = digits()
@@ -179,7 +185,7 @@ def online_ddp(out: Path, rank: int) -> dict:
     return {**result(mon.dataset), "weights": weights}
 
 
-SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
+SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "controls": one_process_controls, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))

@@ -203,6 +203,15 @@ def test_a_refusal_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert text.startswith("ValueError: rank 1 of 2 stopped: the train split holds 5 of the 10") and "\n" not in text
 
 
+def test_controls_that_need_one_process_are_refused_in_one_line(tmp_path):
+    done = _torchrun([str(WORKER), "controls", str(tmp_path)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        text = (tmp_path / f"error{rank}.txt").read_text()
+        assert "\n" not in text and text.startswith("ValueError: repeats=, metrics=['mdl'] and the 'control' baseline")
+        assert f"this one is rank {rank} of 2" in text and "run them without torch.distributed" in text
+
+
 def test_online_probes_sum_their_gradients_over_the_ranks(tmp_path):
     ranks = _worker("online_step", tmp_path)
     for rank in ranks:

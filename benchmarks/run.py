@@ -28,6 +28,7 @@ FIGURES = {
     "6": "benchmarks.scaling",
     "8": "benchmarks.notebooks",
     "10": "benchmarks.many_runs",
+    "11": "benchmarks.distributed",
 }
 
 

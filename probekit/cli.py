@@ -213,7 +213,10 @@ def cmd_run(args) -> int:
         ds = train_and_probe(model, splits, epochs=args.epochs, mode=args.mode, probe_lr=args.probe_lr, lr=args.lr,
                              momentum=args.momentum, optimizer=args.optimizer,
                              train_batch_size=args.train_batch_size, **shared)
-    _print_summary(ds, "valid_error" if "valid_error" in ds["metric"].values else "train_error", f"run in {args.out}")
+    from probekit.engine.distributed import is_root
+
+    if is_root():  # under torchrun, rank 0 speaks for every rank
+        _print_summary(ds, "valid_error" if "valid_error" in ds["metric"].values else "train_error", f"run in {args.out}")
     return 0
 
 
@@ -455,8 +458,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"probekit: interrupted; completed epochs are in the store ({again})", file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, OSError, RuntimeError, ImportError) as error:
-        print(f"probekit: error: {error}", file=sys.stderr)
+        print(f"probekit: error{_rank_note()}: {error}", file=sys.stderr)
         return 2
+
+
+def _rank_note() -> str:
+    """`` (rank N)`` on a rank other than 0 of a torchrun group (where each rank may have its own error), else nothing."""
+    if "torch" not in sys.modules:
+        return ""
+    from probekit.engine.distributed import is_root
+
+    if is_root():
+        return ""
+    import torch.distributed as dist
+
+    return f" (rank {dist.get_rank()})"
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ ALLOWED = {
     "dashboard": {"run", "explorers"},
     "cli": {"probekit", "engine", "run", "data", "zoo", "diagnosis", "plots", "experiments", "accessor", "sweep",
             "dashboard"},
+    "__main__": {"cli"},
     "probekit": {"accessor", "engine", "run", "diagnosis", "explorers", "plots", "data", "zoo", "experiments"},
 }
 #: Third-party packages a part must never import (it must work without them loaded).

@@ -21,15 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_quick_benchmark_run_writes_every_figure(tmp_path):
+    """Every figure of one process at --quick size (figures 10 and 11, which start many processes, have tests of their
+    own below)."""
     out = tmp_path / "quick.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "1,2,3,4,5,6,8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
         timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     figures = {row["figure"].split()[0] for row in result["rows"]}
-    assert figures == {"1", "2", "3", "4", "5", "6", "8", "10"}
+    assert figures == {"1", "2", "3", "4", "5", "6", "8"}
     for row in result["rows"]:
         assert row["baseline_value"] > 0 and row["probekit_value"] > 0, row
         assert math.isfinite(row["ratio"]), row
@@ -81,6 +83,23 @@ def test_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(math.isfinite(e2e[side]) for side in ("bare_s", "probekit_s", "bare_fp32_s"))
     assert [row["target"] for row in rows if row["kind"] == "extraction"] == [1.10, 1.10]
     assert "ratio" in proc.stdout and f"wrote {out}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_distributed_figure_runs_at_toy_size(tmp_path):
+    """benchmarks.distributed at quick size: 1 process against 2 under torchrun (gloo), its rows and their cost."""
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "11", "--out", str(out)], cwd=ROOT, capture_output=True,
+        text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["baseline"] for row in rows] == ["1 process x 1 thread", "1 process x 2 threads", "2-process call"]
+    for row in rows:
+        assert row["baseline_value"] > 0 and row["probekit_value"] > 0 and math.isfinite(row["ratio"]), row
+    assert rows[0]["two"]["world_size"] == 2 and rows[0]["one"]["world_size"] == 1
+    assert rows[0]["error_gap_examples"] >= 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ Data flows one way through its modules:
 - :mod:`~probekit.engine.monitor`: :class:`ProbeMonitor`, one epoch row at a time;
 - :mod:`~probekit.engine.fixed`: :func:`probe` and :func:`probe_checkpoints` for fixed models;
 - :mod:`~probekit.engine.training`: :func:`train_and_probe`, the one training loop;
-- beside them, :mod:`~probekit.engine.devices` (device, threads, channels-last) and
+- beside them, :mod:`~probekit.engine.devices` (device, threads, channels-last),
+  :mod:`~probekit.engine.distributed` (data-parallel runs on ``torch.distributed``) and
   :mod:`~probekit.engine.checkpoints` (the one checkpoint loader).
 
 The engine writes runs through :mod:`probekit.run` and never imports the

@@ -39,7 +39,9 @@ padding; a labelled token on padding is refused.
 This module owns the ``data=`` forms, the collation of rows, label checks and
 the feature cache (in memory, or files on disk above ``cache_bytes``). It runs
 an :class:`~probekit.engine.extract.Extractor` it is given, imports
-:mod:`~probekit.engine.batch` for the batch forms and nothing after it on the
+:mod:`~probekit.engine.batch` for the batch forms,
+:mod:`~probekit.engine.distributed` for one rank's shard of a split
+(:func:`shard_batches`, ``extract(comm=...)``) and nothing after it on the
 engine's path (no probes, plan or monitor); never the run store, the
 diagnosis, the charts or the explorers.
 """
@@ -60,13 +62,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from probekit.engine.batch import MASK_KEY, attention_mask, to_device
 from probekit.engine.devices import torch_threads
+from probekit.engine.distributed import Collective, shard
 from probekit.engine.extract import Extractor
 from probekit.params import Options, check_params, choices
 
 __all__ = [
     "AUTOCAST_CONSTRAINTS", "AUTOCAST_DTYPES", "DEFAULT_CACHE_BYTES", "IGNORE_INDEX", "LabelSummary", "SplitFeatures",
     "as_splits", "autocast_dtype", "autocast_name", "batches", "cache_budget", "check_inputs", "check_labels", "collate",
-    "example_kind", "extract", "label_summary", "labels_of", "split_size",
+    "example_kind", "extract", "label_summary", "labels_of", "shard_batches", "split_size",
 ]
 
 _ALIASES = {"train": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test"}
@@ -290,6 +293,34 @@ def batches(split: object, batch_size: int, *, label_key: str | None = None,
         yield _unpack(item, label_key, name)
 
 
+def shard_batches(split: object, batch_size: int, comm: Collective, *, label_key: str | None = None,
+                  name: str = "train") -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
+    """This rank's ``(inputs, labels, positions)`` batches of one split (see :func:`probekit.engine.distributed.shard`).
+
+    ``positions`` holds each example's position in the whole split, so that
+    the ranks' rows together are the split's, each once.
+    """
+    part = shard(split, comm, name=name)
+    if part.by_batch:
+        for inputs, y, offset in part.split.batches(lambda item: _unpack(item, label_key, name), _length):
+            yield inputs, y, offset + torch.arange(_length(y))
+        return
+    seen = 0
+    for inputs, y in batches(part.split, batch_size, label_key=label_key, name=name):
+        count = _length(y)
+        if part.positions is not None:
+            positions = part.positions[seen:seen + count]
+        else:  # strided over an iterable dataset: local example j is example j * W + rank
+            positions = torch.arange(seen, seen + count) * part.world_size + part.rank
+        seen += count
+        yield inputs, y, positions
+
+
+def _length(labels: object) -> int:
+    labels = _tensor(labels)
+    return int(labels.shape[0]) if labels.dim() else 1
+
+
 def _rows(inputs: object, start: int, stop: int, positional: bool) -> object:
     """Examples ``start:stop`` of a whole split's inputs, as tensors (non-array mapping values untouched)."""
     if isinstance(inputs, Mapping):
@@ -449,11 +480,17 @@ def labels_of(split: object, batch_size: int, *, label_key: str | None = None, n
     return label_summary(split, batch_size, label_key=label_key, name=name).labels
 
 
-def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
-    """Refuse labels a probe cannot use, naming the split and what to do."""
+def check_labels(name: str, labels: torch.Tensor, num_classes: int, *, part: bool = False) -> None:
+    """Refuse labels a probe cannot use, naming the split and what to do.
+
+    ``part``: the labels of one rank's shard, which may be empty or lack a
+    class (the whole split's classes are checked before it is divided).
+    """
     if labels.dim() > 1:
         example_kind(labels, name)  # one-hot rows and wrong ranks get their own message
         labels = labels[labels != IGNORE_INDEX] if labels.shape[1] > 1 else labels.reshape(-1)
+    if part and labels.numel() == 0:
+        return
     if labels.numel() == 0:
         raise ValueError(f"the {name} split is empty; give it at least one example per class")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -468,7 +505,7 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int) -> None:
             f"the {name} split has labels in [{low}, {high}], outside [0, {num_classes - 1}] for num_classes={num_classes}; "
             f"relabel them as 0..K-1 (per-token labels: {IGNORE_INDEX} for no label) or pass the right num_classes"
         )
-    if name == "train":
+    if name == "train" and not part:
         present = int(torch.unique(labels).numel())
         if present < 2:
             raise ValueError(f"the train split holds a single class ({low}); a probe needs at least two classes to separate")
@@ -584,6 +621,7 @@ def extract(
     autocast: str | torch.dtype | None = None,
     label_key: str | None = None,
     mask_key: str = MASK_KEY,
+    comm: Collective | None = None,
 ) -> SplitFeatures:
     """Run ``extractor`` over one split and cache every layer's reduced features.
 
@@ -599,15 +637,26 @@ def extract(
     ``mask=``; with per-token labels, the labelled tokens reach it as
     ``tokens=`` and each layer returns one row per labelled token. ``progress``
     is updated with the number of examples (sequences) of each batch.
+
+    With ``comm`` (several ranks), only this rank's shard is extracted (see
+    :func:`shard_batches`): ``groups`` then holds each row's position in the
+    whole split (its sequence's, in a token-level run), and ``nonfinite``
+    is true on every rank for a layer that is not finite on any.
     """
     n = split_size(split)
+    if comm is not None and n is not None:
+        n = len(range(comm.rank, n, comm.world_size))
     cache = _Cache(dims, cache_budget(cache_bytes, device), n)
     labels, groups, kind, sequences = [], [], None, 0
     totals: dict[str, torch.Tensor] = {}  # each layer's sum of every value, on the device
     autocast = autocast_dtype(autocast)
     mixed = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    if comm is None:
+        source = ((inputs, y, None) for inputs, y in batches(split, batch_size, label_key=label_key, name=name))
+    else:
+        source = shard_batches(split, batch_size, comm, label_key=label_key, name=name)
     with torch.no_grad():
-        for inputs, y in batches(split, batch_size, label_key=label_key, name=name):
+        for inputs, y, positions in source:
             y, tokens, kind = _flat(y, name, kind)
             inputs = to_device(inputs, device, channels_last=channels_last)
             mask = attention_mask(inputs, mask_key)
@@ -636,17 +685,21 @@ def extract(
                     values[layer] = value
                 cache.add(values, count)
             labels.append(y)
-            groups.append(sequences + (tokens.nonzero()[:, 0] if tokens is not None else torch.arange(count)))
+            rows = tokens.nonzero()[:, 0] if tokens is not None else torch.arange(count)
+            groups.append(sequences + rows if positions is None else positions[rows])
             sequences += examples
             if progress is not None:
                 progress.update(examples)
     finite = torch.stack(list(totals.values())).isfinite().tolist() if totals else []
     nonfinite = dict.fromkeys(dims, False) | {layer: not ok for layer, ok in zip(totals, finite)}
+    if comm is not None:  # every rank keeps the same layers
+        nonfinite = dict(zip(nonfinite, comm.any(list(nonfinite.values()))))
     labels_all = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-    check_labels(name, labels_all, num_classes)
+    check_labels(name, labels_all, num_classes, part=comm is not None)
     features = cache.finish(device)
     return SplitFeatures(features=features, labels=labels_all.to(device).long(), nonfinite=nonfinite, _tmp=cache.tmp,
-                         kind=kind or "examples", groups=torch.cat(groups), sequences=sequences)
+                         kind=kind or "examples", groups=torch.cat(groups) if groups else torch.empty(0, dtype=torch.long),
+                         sequences=sequences)
 
 
 def _check_tokens(tokens: torch.Tensor, mask: torch.Tensor | None, name: str, mask_key: str) -> None:

@@ -17,6 +17,7 @@ import xarray as xr
 from torch import nn
 
 from probekit.engine.batch import MASK_KEY
+from probekit.engine import distributed
 from probekit.engine.checkpoints import load_checkpoint
 from probekit.engine.devices import placed, resolve_device, wants_channels_last
 from probekit.engine.features import DEFAULT_CACHE_BYTES
@@ -117,6 +118,11 @@ def probe(
         epoch: the row's epoch number (0 or more).
         step: the row's training step; ``None`` when unknown.
 
+    Under ``torch.distributed`` (an initialised group, or ``torchrun``'s
+    environment) every rank calls ``probe`` with the same model and data and
+    probes its own shard; every rank returns the run, which only rank 0 writes
+    (see :class:`ProbeMonitor`).
+
     Returns:
         The run: an ``xarray.Dataset`` with one epoch.
 
@@ -132,6 +138,7 @@ def probe(
         dataset_name=dataset_name, device=device, channels_last=channels_last, epoch=epoch, step=step,
         label_key=label_key, mask_key=mask_key, autocast=autocast,
     )
+    distributed.current()  # under torchrun: the group (and each rank's GPU) before the model is placed
     device = resolve_device(device)
     use_cl = wants_channels_last(model, device, channels_last)
     with placed(model, device, use_cl):
@@ -221,6 +228,7 @@ def probe_checkpoints(
     if missing:
         raise FileNotFoundError(f"checkpoint files not found: {missing[:3]}; check the paths")
     epochs = list(range(len(checkpoints))) if epochs is None else list(epochs)
+    distributed.current()  # under torchrun: the group (and each rank's GPU) before the model is placed
     steps = [None] * len(checkpoints) if steps is None else list(steps)
     if len(epochs) != len(checkpoints) or len(steps) != len(checkpoints):
         raise ValueError(

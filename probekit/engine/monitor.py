@@ -34,14 +34,14 @@ from probekit.engine.devices import model_device
 from probekit.engine.extract import HookExtractor, build_extractor
 from probekit.engine.features import (
     AUTOCAST_CONSTRAINTS, DEFAULT_CACHE_BYTES, LabelSummary, as_splits, autocast_dtype, autocast_name, batches,
-    check_inputs, check_labels, extract, label_summary, split_size,
+    check_inputs, check_labels, extract, label_summary, shard_batches, split_size,
 )
 from probekit.engine.plan import PLAN_CONSTRAINTS, build_plan
 from contextlib import nullcontext
 
 from probekit.engine.batch import MASK_KEY, attention_mask, call_model, to_device
 from probekit.engine.points import INPUT, TRACE_CONSTRAINTS, LayerGraph, preserved_state
-from probekit.engine import controls
+from probekit.engine import controls, distributed
 from probekit.engine.features import IGNORE_INDEX
 from probekit.engine.online import OnlineProbes
 from probekit.engine.probes import FALLBACK_L2, MIN_PER_CLASS, fit_probes, score
@@ -348,6 +348,19 @@ class ProbeMonitor:
     Progress goes to stderr: a widget bar in Jupyter, a bar on a terminal, and
     one line per extraction stage when stderr is not a terminal (a log file).
 
+    Data-parallel (``torch.distributed``, e.g. under ``torchrun``; see
+    :mod:`probekit.engine.distributed`): every rank builds the same monitor
+    with the same model and data, and each extracts its own shard of every
+    split; the probes are fitted with sums over every rank, so every rank gets
+    the same rows, which equal one process's to within one example of error.
+    Only rank 0 writes ``store`` and prints; the run records ``world_size``.
+    A model wrapped in ``DistributedDataParallel`` is probed through the module
+    it wraps. In online mode every rank calls :meth:`step` after each of its
+    training steps (the probes' gradients are summed over the ranks, so every
+    rank must step the same number of times) and :meth:`update` at the same
+    epochs. ``repeats=``, ``metrics=["mdl"]`` and the ``control`` baseline need
+    one process.
+
     Example:
         >>> mon = pk.ProbeMonitor(model, (train, valid), store="runs/b.zarr")
         >>> for epoch in range(1, 6):
@@ -399,6 +412,11 @@ class ProbeMonitor:
             model_name=model_name, dataset_name=dataset_name, channels_last=channels_last, label_key=label_key,
             mask_key=mask_key, autocast=autocast,
         )
+        #: The ranks of a data-parallel run; None in one process (then no collective call is ever made).
+        self.comm = distributed.current()
+        model = distributed.unwrap(model)
+        if self.comm is not None and not self.comm.root:
+            quiet = True  # rank 0 prints
         self.model, self.mode, self.quiet = model, mode, quiet
         #: The dtype the probes' forward passes autocast to; ``None``: off (full precision).
         self.autocast = autocast_dtype(autocast)
@@ -413,43 +431,64 @@ class ProbeMonitor:
                 "baselines=, repeats= and metrics=['mdl'] refit probes to their optimum, which online mode never does; "
                 "use mode='snapshot' (or pk.probe_checkpoints on saved snapshots)"
             )
+        if self.comm is not None and (self.repeats > 1 or self.extra_metrics or "control" in self.baselines):
+            raise ValueError(
+                "repeats=, metrics=['mdl'] and the 'control' baseline resample or relabel the whole training split "
+                f"in one process, and this one is rank {self.comm.rank} of {self.comm.world_size}; run them without "
+                "torch.distributed (one process), or drop them"
+            )
         self.channels_last = channels_last
-        self.splits = as_splits(data)
-        info = getattr(data, "info", None)
-        # What the caller says wins over what the data implies.
-        if dataset_name is None:
-            dataset_name = getattr(info, "name", None)
-        if num_classes is None:
-            num_classes = getattr(info, "num_classes", None)
-        labels = _Labels(self.splits, self.batch_size, label_key)
-        self.num_classes = _infer_classes(self.splits, num_classes, labels)
-        #: What a probe's examples are: ``"examples"``, or ``"tokens"`` (per-token labels).
-        self.examples = labels.kind
-        if self.examples == "tokens" and mode == "online":
-            raise ValueError("per-token labels need mode='snapshot' (online probes read whole training batches)")
-        self.device = model_device(model)
-        example = _first_batch(self.splits["train"], 2, label_key)
-        check_inputs(model, example)
-        example = to_device(example, self.device)
-        self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
-        self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
-                                max_flatten=max_flatten, token_level=self.examples == "tokens",
-                                examples=split_size(self.splits["train"]))
-        for reducer in self.plan.reducers.values():
-            reducer.to(self.device)
-        self.layers = self.plan.layers
-        self.metrics = metric_names(list(self.splits), self.num_classes, control="control" in self.baselines,
-                                    mdl="mdl" in self.extra_metrics)
-        self.groups = controls.check_groups(groups, {k: split_size(v) for k, v in self.splits.items()})
-        if self.groups is not None and (self.examples == "tokens" or "control" not in self.baselines):
-            raise ValueError("groups= are the control task's example types: pass them with baselines=['control'] "
-                             "in a run of per-example labels (token-level runs take each token's id as its type)")
-        chance = _chance_error(self.splits, self.num_classes, labels)
-        attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
-                            device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
-                            dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
-                            label_key=label_key, autocast=autocast_name(self.autocast))
-        attrs.update(self._control_attrs(labels["train"].labels))
+        failure = None  # data-parallel: a refusal on one rank stops every rank (see Collective.settle)
+        try:
+            self.splits = as_splits(data)
+            info = getattr(data, "info", None)
+            # What the caller says wins over what the data implies.
+            if dataset_name is None:
+                dataset_name = getattr(info, "name", None)
+            if num_classes is None:
+                num_classes = getattr(info, "num_classes", None)
+            labels = _Labels(self.splits, self.batch_size, label_key)
+            self.num_classes = _infer_classes(self.splits, num_classes, labels)
+            #: What a probe's examples are: ``"examples"``, or ``"tokens"`` (per-token labels).
+            self.examples = labels.kind
+            if self.examples == "tokens" and mode == "online":
+                raise ValueError("per-token labels need mode='snapshot' (online probes read whole training batches)")
+            self.device = model_device(model)
+            example = _first_batch(self.splits["train"], 2, label_key)
+            check_inputs(model, example)
+            example = to_device(example, self.device)
+            self.graph = LayerGraph(model, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
+            self.plan = build_plan(self.graph, layers, reduce, num_classes=self.num_classes, seed=seed, budget=budget,
+                                    max_flatten=max_flatten, token_level=self.examples == "tokens",
+                                    examples=split_size(self.splits["train"]))
+            for reducer in self.plan.reducers.values():
+                reducer.to(self.device)
+            self.layers = self.plan.layers
+            self.metrics = metric_names(list(self.splits), self.num_classes, control="control" in self.baselines,
+                                        mdl="mdl" in self.extra_metrics)
+            self.groups = controls.check_groups(groups, {k: split_size(v) for k, v in self.splits.items()})
+            if self.groups is not None and (self.examples == "tokens" or "control" not in self.baselines):
+                raise ValueError("groups= are the control task's example types: pass them with baselines=['control'] "
+                                 "in a run of per-example labels (token-level runs take each token's id as its type)")
+            chance = _chance_error(self.splits, self.num_classes, labels)
+            attrs = _provenance(model, self.splits, num_classes=self.num_classes, mode=mode, l2=l2, seed=seed,
+                                device=self.device, batch_size=self.batch_size, budget=budget, model_name=model_name,
+                                dataset_name=dataset_name, chance=chance, labels=labels, mask_key=mask_key,
+                                label_key=label_key, autocast=autocast_name(self.autocast))
+            attrs.update(self._control_attrs(labels["train"].labels))
+            attrs["world_size"] = 1 if self.comm is None else self.comm.world_size
+        except Exception as error:
+            if self.comm is None:
+                raise
+            failure = error
+        if self.comm is not None:
+            self.comm.settle(failure)
+            self.comm.agree({
+                "number of classes": self.num_classes, "kind of labels": self.examples,
+                "split sizes": {k: split_size(v) for k, v in self.splits.items()}, "layers": list(self.layers),
+                "features per layer": [self.plan.reducers[n].out_features for n in self.layers],
+                "mode": mode, "l2": self.l2, "seed": self.seed,
+            })
         self.layout = self.plan.layout(self.metrics, attrs)
         self.layout.baselines, self.layout.repeats = self.baselines, self.repeats
         self._random_init: tuple | None = None  # the random-init baseline, computed once
@@ -463,11 +502,12 @@ class ProbeMonitor:
             self._fresh_graph = LayerGraph(self._fresh, example, tracer_kwargs=tracer_kwargs, layouts=layouts)
             if permuted:
                 self.layout.attrs["random_init_permuted"] = ", ".join(permuted)[:1000]
-        self._writer = (RunWriter(store, self.layout, resume=resume, overwrite=overwrite, storage_options=storage_options)
-                        if store is not None else None)
+        self._writer = self._open_writer(store, resume=resume, overwrite=overwrite, storage_options=storage_options)
         #: The store: a local ``Path``, or the URL of an object store.
         self.store = store_location(store) if store is not None else None
         self.rows: list[EpochRow] = list(self._writer.rows) if self._writer else []
+        if self.comm is not None and store is not None:  # the rows rank 0 found when resuming
+            self.rows = self.comm.broadcast(self.rows)
         self._clock = time.monotonic() - (self.rows[-1].wall_time if self.rows and math.isfinite(self.rows[-1].wall_time) else 0.0)
         if not quiet:
             print(self.plan)
@@ -476,6 +516,17 @@ class ProbeMonitor:
         self._observed: dict[str, dict] = {}
         if mode == "online":
             self._start_online(probe_lr)
+
+    def _open_writer(self, store, *, resume: bool, overwrite: bool,
+                     storage_options: Mapping[str, object] | None) -> RunWriter | None:
+        """The run's writer: on rank 0 only when data-parallel (its refusal stops every rank)."""
+        if store is None:
+            return None
+
+        def open_writer() -> RunWriter:
+            return RunWriter(store, self.layout, resume=resume, overwrite=overwrite, storage_options=storage_options)
+
+        return open_writer() if self.comm is None else self.comm.on_root(open_writer)
 
     def _start_online(self, probe_lr: float) -> None:
         modules = {}
@@ -494,7 +545,7 @@ class ProbeMonitor:
         self._hooks = HookExtractor(self.model, self.plan.reducers, modules)
         self._hooks.attach()
         dims = {n: self.plan.reducers[n].out_features for n in self.layers}
-        self._online = OnlineProbes(dims, self.num_classes, lr=probe_lr, l2=self.l2).to(self.device)
+        self._online = OnlineProbes(dims, self.num_classes, lr=probe_lr, l2=self.l2, comm=self.comm).to(self.device)
 
     def _control_attrs(self, train_labels: torch.Tensor) -> dict:
         """The run attributes of its controls: baselines, repeats, metrics, and the ``l2="auto"`` fallback."""
@@ -649,7 +700,7 @@ class ProbeMonitor:
                 out[split] = extract(
                     run, data, name=split, dims=dims, num_classes=self.num_classes, batch_size=self.batch_size,
                     device=self.device, channels_last=self.channels_last, cache_bytes=self.cache_bytes, progress=bar,
-                    autocast=self.autocast, label_key=self.label_key, mask_key=self.mask_key,
+                    autocast=self.autocast, label_key=self.label_key, mask_key=self.mask_key, comm=self.comm,
                 )
         return out
 
@@ -660,7 +711,8 @@ class ProbeMonitor:
         kept = [layer for layer, bad in zip(self.layers, nonfinite) if not bad]
         views = {split: c.features for split, c in cached.items()}
         labels = {split: c.labels for split, c in cached.items()}
-        fits = self._fit(views["train"], labels["train"], kept, self.l2, groups=self._sequences(cached))
+        fits = self._fit(views["train"], labels["train"], kept, self.l2, groups=self._sequences(cached),
+                         positions=self._positions(cached))
         probe = self._scores(fits, views, labels)
         parts = {
             "nonfinite": nonfinite,
@@ -693,18 +745,23 @@ class ProbeMonitor:
 
     def _fit(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor, layers: Sequence[str],
              l2: float | str | Mapping[str, float], candidates: Mapping[str, Mapping[str, slice]] | None = None,
-             groups: torch.Tensor | None = None) -> dict:
+             groups: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> dict:
         """One probe per layer of ``layers``; by default each reducer's candidates (a ``reduce="auto"`` pyramid) compete.
 
-        ``groups`` (each row's sequence, in a token-level run) keeps sequences whole in the held-out fold.
+        ``groups`` (each row's sequence, in a token-level run) keeps sequences whole in the held-out fold;
+        ``positions`` (data-parallel) places each row of this rank's shard in the whole split.
         """
         if candidates is None:
             candidates = {n: dict(getattr(self.plan.reducers[n], "candidates", None) or {}) for n in layers}
         return fit_probes(
             {n: features[n].to(self.device) for n in layers}, labels, self.num_classes, l2=l2,
             candidates={n: c for n, c in candidates.items() if n in layers and c}, seed=self.seed, max_iter=self.max_iter,
-            groups=groups,
+            groups=groups, comm=self.comm, positions=positions,
         )
+
+    def _positions(self, cached: Mapping) -> torch.Tensor | None:
+        """Data-parallel: each training row's position in the whole split (its sequence's); None in one process."""
+        return cached["train"].groups if self.comm is not None else None
 
     def _sequences(self, cached: Mapping) -> torch.Tensor | None:
         """The training rows' sequences in a token-level run (for folds and resamples), else None."""
@@ -719,7 +776,7 @@ class ProbeMonitor:
                 continue
             for split, by_layer in features.items():
                 scores = score(fits[layer].logits, by_layer[layer].to(self.device), labels[split].to(self.device),
-                               self.num_classes)
+                               self.num_classes, comm=self.comm)
                 for measure, value in scores.items():
                     probe[i, self.metrics.index(metric_name(split, measure))] = value
         return probe
@@ -814,7 +871,8 @@ class ProbeMonitor:
             kept = [n for n in self.layers if not any(c.nonfinite[n] for c in cached.values())]
             views = {split: c.features for split, c in cached.items()}
             labels = {split: c.labels for split, c in cached.items()}
-            fits = self._fit(views["train"], labels["train"], kept, self.l2, groups=self._sequences(cached))
+            fits = self._fit(views["train"], labels["train"], kept, self.l2, groups=self._sequences(cached),
+                             positions=self._positions(cached))
             self._random_init = self._scores(fits, views, labels)
             del self._fresh, self._fresh_graph  # the copy's memory goes back
         return self._random_init
@@ -859,10 +917,15 @@ class ProbeMonitor:
         data, seen = self.splits[split], {"totals": None, "n": 0, "finite": [True] * len(self.layers)}
         reducers = list(self._hooks.reducers.values())
         mixed = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
+        if self.comm is None:
+            source = batches(data, self.batch_size, label_key=self.label_key, name=split)
+        else:  # this rank's shard; the totals are summed over the ranks in _online_scores
+            source = ((inputs, y) for inputs, y, _ in shard_batches(data, self.batch_size, self.comm,
+                                                                     label_key=self.label_key, name=split))
         with _progress(split_size(data), f"{split} scores", self.quiet) as bar, torch.no_grad():
-            for inputs, y in batches(data, self.batch_size, label_key=self.label_key, name=split):
+            for inputs, y in source:
                 y = torch.as_tensor(y).reshape(-1)
-                check_labels(split, y, self.num_classes)
+                check_labels(split, y, self.num_classes, part=self.comm is not None)
                 inputs = to_device(inputs, self.device, channels_last=self.channels_last)
                 mask = attention_mask(inputs, self.mask_key)
                 for reducer in reducers:
@@ -880,9 +943,25 @@ class ProbeMonitor:
                 seen["n"] += int(y.shape[0])
                 seen["finite"] = [a and b for a, b in zip(seen["finite"], finite)]
                 bar.update(int(y.shape[0]))
-        if not seen["n"]:
+        if not seen["n"] and self.comm is None:
             raise ValueError(f"the {split} split is empty; give it at least one example per class")
         return seen
+
+    def _sum_observed(self, observed: dict) -> None:
+        """Data-parallel: every held-out split's totals, counts and finite flags summed over the ranks, in place."""
+        heads = len(self._online.l2_path)
+        for split in sorted(observed):
+            seen = observed[split]
+            totals = seen["totals"]
+            if totals is None:  # this rank's shard held no example
+                totals = torch.zeros(len(self.layers), 3, heads, dtype=torch.float64, device=self.device)
+            count = torch.full((1, 3, heads), float(seen["n"]), dtype=torch.float64, device=totals.device)
+            summed = self.comm.sum_(torch.cat([totals.nan_to_num(0.0), count]))
+            bad = self.comm.any([not ok for ok in seen["finite"]])
+            seen["totals"], seen["n"] = summed[:-1], int(summed[-1, 0, 0].item())
+            seen["finite"] = [not b for b in bad]
+            if not seen["n"]:
+                raise ValueError(f"the {split} split is empty; give it at least one example per class")
 
     def _online_scores(self) -> dict:
         """Online mode's row: the running training scores, and every held-out split's (observed, else one pass)."""
@@ -890,6 +969,9 @@ class ProbeMonitor:
         for split in self.splits:
             if split != "train" and split not in observed:
                 observed[split] = self._held_out_pass(split)
+        if self.comm is not None:
+            self._online.sum_running()
+            self._sum_observed(observed)
         n_layers, metrics = len(self.layers), self.metrics
         probe = np.full((n_layers, len(metrics)), np.nan)
         nonfinite = np.zeros(n_layers, bool)

@@ -9,8 +9,17 @@ held-out (prequential) score, and the head with the lowest running loss
 since the epoch began is the one whose scores and logits are reported
 (``OnlineProbes.l2_of``).
 
+Data-parallel (``comm=``, a model trained with ``DistributedDataParallel``):
+each rank's hooks feed the probes its own batches; every step standardises
+with the batch statistics of every rank's batch together and sums the probes'
+gradients over the ranks (two all-reduces per step), so the probes stay the
+same on every rank and take the step one process would take on the union of
+the ranks' batches. The running scores stay per rank until
+:meth:`OnlineProbes.sum_running` sums them.
+
 Like the probes module, it works on feature tensors only: it imports
 :mod:`~probekit.engine.probes` (the L2 defaults and checks),
+:mod:`~probekit.engine.distributed` (the sums over ranks),
 :mod:`~probekit.engine.devices` and :mod:`probekit.params`, and never the
 model side, the run store, the diagnosis, the charts or the explorers.
 """
@@ -24,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from probekit.engine.devices import torch_threads
+from probekit.engine.distributed import Collective
 from probekit.engine.probes import _L2_CONSTRAINTS, DEFAULT_L2, FALLBACK_L2
 from probekit.params import check_params
 
@@ -53,8 +63,10 @@ class OnlineProbes(nn.Module):
     (read when a score is asked for).
     """
 
-    def __init__(self, dims: dict[str, int], num_classes: int, *, lr: float = 1e-3, l2: float | str = DEFAULT_L2):
+    def __init__(self, dims: dict[str, int], num_classes: int, *, lr: float = 1e-3, l2: float | str = DEFAULT_L2,
+                 comm: Collective | None = None):
         super().__init__()
+        self.comm = comm
         check_params(_L2_CONSTRAINTS, l2=l2)
         self.names = list(dims)
         self.num_classes = num_classes
@@ -98,6 +110,14 @@ class OnlineProbes(nn.Module):
         self._totals.zero_()
         self._seen = [0] * len(self.names)
 
+    def sum_running(self) -> None:
+        """Data-parallel: the running metrics summed over every rank, in place (call once, before reading them)."""
+        if self.comm is None:
+            return
+        seen = torch.tensor(self._seen, dtype=torch.float64)
+        self.comm.sum_(self._totals)
+        self._seen = [int(v) for v in self.comm.sum_(seen).tolist()]
+
     @property
     def running(self) -> dict[str, dict[str, object]]:
         """The running train metrics since :meth:`reset_running`: per layer, per-head sums and the examples seen."""
@@ -123,10 +143,13 @@ class OnlineProbes(nn.Module):
         heads, k = len(self.l2_path), self.num_classes
         with torch_threads(1), torch.no_grad():
             inputs = [features[name].detach().float() for name in self.names]
-            # NaN and Inf propagate to a sum; one sync for every probe
-            finite = torch.stack([x.sum() for x in inputs]).isfinite().tolist()
-            # A float32 sum can overflow on large finite values: those get an exact check.
-            finite = [ok or math.isfinite(x.sum(dtype=torch.float64)) for ok, x in zip(finite, inputs)]
+            if self.comm is not None:
+                stats, finite = self._batch_stats(inputs)
+            else:
+                # NaN and Inf propagate to a sum; one sync for every probe
+                finite = torch.stack([x.sum() for x in inputs]).isfinite().tolist()
+                # A float32 sum can overflow on large finite values: those get an exact check.
+                finite = [ok or math.isfinite(x.sum(dtype=torch.float64)) for ok, x in zip(finite, inputs)]
             kept = [i for i, ok in enumerate(finite) if ok]
             for i, probe in enumerate(self.probes):
                 probe[1].weight.grad = probe[1].bias.grad = None  # a skipped probe takes no optimiser step
@@ -139,9 +162,13 @@ class OnlineProbes(nn.Module):
                 linears = [self.probes[i][1] for i in kept]
                 standard = []
                 for i, norm in zip(kept, norms):
+                    if self.comm is not None:
+                        standard.append(_standardise_with(inputs[i], norm, *stats[i]))
+                        continue
                     standard.append(F.batch_norm(inputs[i], norm.running_mean, norm.running_var, training=True,
                                                  momentum=norm.momentum, eps=norm.eps))
                 torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
+                total = batch if self.comm is None else stats[kept[0]][2]
                 logits = torch.stack([torch.addmm(lin.bias, x, lin.weight.t()) for lin, x in zip(linears, standard)])
                 logits = logits.view(len(kept), batch, heads, k)  # (probes, batch, heads, classes)
                 logp = logits.log_softmax(3)
@@ -150,15 +177,23 @@ class OnlineProbes(nn.Module):
                 # d(mean loss)/d(logits), every head's loss summed: (softmax - onehot) / batch
                 grad = logp.exp_()
                 grad.scatter_add_(3, target, torch.full_like(target, -1, dtype=grad.dtype))
-                grad = grad.div_(batch).view(len(kept), batch, heads * k)
+                grad = grad.div_(total).view(len(kept), batch, heads * k)
                 decay = self._decay if heads > 1 else None
                 for row, (lin, x) in enumerate(zip(linears, standard)):
                     weight_grad = torch.mm(grad[row].t(), x)
-                    if decay is not None:
+                    if decay is not None and self.comm is None:
                         weight_grad.addcmul_(decay, lin.weight)
                     lin.weight.grad = weight_grad
                 for lin, bias_grad in zip(linears, grad.sum(1).unbind(0)):
                     lin.bias.grad = bias_grad
+                if self.comm is not None:  # every rank's share of the mean gradient, summed: one all-reduce
+                    grads = [g for lin in linears for g in (lin.weight.grad, lin.bias.grad)]
+                    flat = self.comm.sum_(torch.cat([g.reshape(-1) for g in grads]))
+                    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                        g.copy_(part.view_as(g))
+                    if decay is not None:  # the L2 term once, after the sum
+                        for lin in linears:
+                            lin.weight.grad.addcmul_(decay, lin.weight)
                 self.optimizer.step()
                 stacked = self._measures(logits, losses, labels)
                 if len(kept) == len(self.names):
@@ -168,6 +203,25 @@ class OnlineProbes(nn.Module):
                 for i in kept:
                     self._seen[i] += batch
         self.steps += 1
+
+    def _batch_stats(self, inputs: list[torch.Tensor]) -> tuple[list[tuple[torch.Tensor, torch.Tensor, int]], list[bool]]:
+        """Every layer's ``(mean, biased variance, rows)`` over every rank's batch, and which layers are finite on all.
+
+        One all-reduce of each layer's float64 sums and sums of squares (a NaN or an infinity on any rank makes
+        that layer's sums non-finite everywhere, so every rank skips the same layers).
+        """
+        sums = [torch.stack([x.sum(0, dtype=torch.float64), x.double().pow(2).sum(0)]) for x in inputs]
+        count = torch.tensor([float(inputs[0].shape[0])], dtype=torch.float64, device=sums[0].device)
+        flat = self.comm.sum_(torch.cat([count] + [s.reshape(-1) for s in sums]))
+        rows, at, stats, finite = int(flat[0].item()), 1, [], []
+        for s in sums:
+            total = flat[at:at + s.numel()].view_as(s)
+            at += s.numel()
+            mean = total[0] / max(rows, 1)
+            variance = (total[1] / max(rows, 1) - mean.pow(2)).clamp_min(0)
+            stats.append((mean, variance, rows))
+            finite.append(bool(torch.isfinite(total).all()))
+        return stats, finite
 
     def _measures(self, logits: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``(probes, measure, head)`` sums over a batch: loss, errors, top-5 errors (zeros with 5 classes or fewer)."""
@@ -243,3 +297,14 @@ class OnlineProbes(nn.Module):
             with torch.no_grad():
                 return probe(x)[:, head * k:(head + 1) * k]
         return logits
+
+
+def _standardise_with(x: torch.Tensor, norm: nn.BatchNorm1d, mean: torch.Tensor, variance: torch.Tensor,
+                      rows: int) -> torch.Tensor:
+    """``norm``'s training-mode standardisation of ``x`` with statistics of a larger batch (every rank's), its
+    running statistics updated as ``BatchNorm1d`` updates them (unbiased variance)."""
+    momentum = norm.momentum
+    norm.running_mean.mul_(1 - momentum).add_(mean.to(norm.running_mean.dtype), alpha=momentum)
+    unbiased = variance * rows / max(rows - 1, 1)
+    norm.running_var.mul_(1 - momentum).add_(unbiased.to(norm.running_var.dtype), alpha=momentum)
+    return (x - mean.to(x.dtype)) / torch.sqrt(variance.to(x.dtype) + norm.eps)

@@ -65,6 +65,17 @@ path existed: on the whole training split, from the class priors, no fold.
 ``l2`` may also map layers to values (floats or ``"auto"``), e.g. to refit a
 stored run with the values it chose.
 
+Data-parallel fits (``comm=``, see :mod:`probekit.engine.distributed`): each
+rank holds its shard of every split's features, and every sum over rows is
+summed over the ranks, never gathered: the standardisation's sums, the
+solver's loss and gradient (:mod:`probekit.engine.solver`), the
+preconditioner's products, the held-out losses and every score's counts.
+The held-out fold is drawn from the whole training split's labels (gathered
+with each row's position in the split, two integers per example), so it is
+the fold one process draws. Every layer is fitted in the features' own
+coordinates there (the span of the examples needs every rank's rows in one
+Gram matrix); the optimum is the same.
+
 How the solver stays cheap (see ``benchmarks/`` and
 :mod:`probekit.engine.solver`): the fits of every layer (and, on the path,
 of every candidate) advance together, one evaluation each per round, and no
@@ -88,8 +99,9 @@ products stall on a shared machine.
 optimiser step per model training step).
 
 This module owns the probes; it works on feature tensors only, so it imports
-no model-side part of the engine (only :mod:`~probekit.engine.solver`, and
-:mod:`~probekit.engine.devices` for thread counts) and
+no model-side part of the engine (only :mod:`~probekit.engine.solver`,
+:mod:`~probekit.engine.devices` for thread counts and
+:mod:`~probekit.engine.distributed` for the sums over ranks) and
 :mod:`probekit.params` for its argument checks, and never the run store,
 the diagnosis, the charts or the explorers.
 """
@@ -106,6 +118,7 @@ import torch
 from torch.nn import functional as F
 
 from probekit.engine.devices import torch_threads
+from probekit.engine.distributed import Collective
 from probekit.engine.solver import FLOAT64_ELEMENTS, Problem, Whitening, minimize
 from probekit.params import Interval, Options, check_params
 
@@ -188,7 +201,7 @@ def standardiser(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _standardise(
-    features: torch.Tensor, *, pool: Executor | None, keep: bool = True,
+    features: torch.Tensor, *, pool: Executor | None, keep: bool = True, comm: Collective | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Mean, scale and (with ``keep``) the standardised features, in fixed row blocks.
 
@@ -196,10 +209,12 @@ def _standardise(
     result does not depend on ``pool``; with one, its workers take every
     block but those this thread takes. Squared deviations are summed block by
     block: torch's column-wise std is ~10x slower on a tall matrix, and no
-    step allocates a second full-size temporary.
+    step allocates a second full-size temporary. With ``comm`` both sums are
+    summed over every rank's rows.
     """
     n = features.shape[0]
     starts = range(0, n, _STATS_ROWS)
+    total = n if comm is None else comm.count(n)
 
     def each(fn) -> list:
         if pool is None:
@@ -208,7 +223,10 @@ def _standardise(
         mine = {a: fn(a) for a in starts[::2]}
         return [mine[a] if a in mine else futures[a].result() for a in starts]
 
-    mean = sum(each(lambda a: features[a:a + _STATS_ROWS].sum(0)), torch.zeros_like(features[0])) / n
+    mean = sum(each(lambda a: features[a:a + _STATS_ROWS].sum(0)), features.new_zeros(features.shape[1]))
+    if comm is not None:
+        comm.sum_(mean)
+    mean = mean / total
     z = torch.empty_like(features) if keep else None
 
     def deviations(a: int) -> torch.Tensor:
@@ -216,7 +234,9 @@ def _standardise(
         return block.pow(2).sum(0)
 
     squares = sum(each(deviations), torch.zeros_like(mean))
-    scale = (squares / n).sqrt_()
+    if comm is not None:
+        comm.sum_(squares)
+    scale = (squares / total).sqrt_()
     scale = torch.where(scale > 1e-6 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
     if keep:
         each(lambda a: z[a:a + _STATS_ROWS].div_(scale))
@@ -278,6 +298,8 @@ def fit_probes(
     max_iter: int = 1000,
     tol: float = DEFAULT_TOL,
     groups: torch.Tensor | None = None,
+    comm: Collective | None = None,
+    positions: torch.Tensor | None = None,
 ) -> dict[str, ProbeFit]:
     """Fit one probe per layer, each as :func:`fit_probe` does, all on one held-out fold.
 
@@ -302,6 +324,10 @@ def fit_probes(
         groups: ``(n,)`` integer group of each row (the sequence a token came
             from, in a token-level run): the held-out fold then takes whole
             groups, so that no group is on both sides of it.
+        comm: the ranks of a data-parallel fit (see the module's docstring); ``features`` and
+            ``labels`` are then this rank's shard, and every rank gets the same fits.
+        positions: with ``comm``, each row's position in the whole training split (its
+            sequence's, in a token-level run), from which the held-out fold is drawn.
 
     Returns:
         ``{layer: ProbeFit}``, in the order of ``features``.
@@ -325,8 +351,12 @@ def fit_probes(
     choosing = [name for name in features if strengths[name] == "auto" or len(slices[name]) > 1]
     if groups is not None and tuple(groups.shape) != tuple(labels.shape):
         raise ValueError(f"groups= needs one group per row: shape {tuple(labels.shape)}; got {tuple(groups.shape)}")
+    if comm is not None and (positions is None or tuple(positions.shape) != tuple(labels.shape)):
+        raise ValueError("a data-parallel fit needs positions=: each row's position in the whole training split")
     if not choosing:
         fold = None
+    elif comm is not None:
+        fold = _shard_fold(labels, positions, groups is not None, num_classes, seed, comm)
     elif groups is None:
         fold = _heldout_fold(labels, num_classes, seed)
     else:
@@ -335,7 +365,7 @@ def fit_probes(
     threads = torch.get_num_threads() if on_cpu else 1
     with _single_threaded_torch(threads) as pool:
         return _fit_all(features, labels, num_classes, strengths, slices, choosing, fold, pool=pool,
-                        max_iter=max_iter, tol=tol)
+                        max_iter=max_iter, tol=tol, comm=comm)
 
 
 def _strengths(l2, features: Mapping[str, torch.Tensor]) -> dict[str, float | str]:
@@ -395,6 +425,37 @@ def _heldout_fold(labels: torch.Tensor, num_classes: int, seed: int) -> tuple[to
         fit.append(rows[cut:])
     fit_rows, held_rows = torch.cat(fit).sort().values, torch.cat(held).sort().values
     return torch.cat([fit_rows, held_rows]), fit_rows.shape[0]
+
+
+def _shard_fold(labels: torch.Tensor, positions: torch.Tensor, by_group: bool, num_classes: int, seed: int,
+                comm: Collective) -> tuple[torch.Tensor, int, int, int] | str:
+    """This rank's part of the fold one process would draw: ``(order, n_fit, fit rows, held rows)`` or why none.
+
+    ``order`` lists this rank's fitting rows, then its held-out rows;
+    ``n_fit`` counts its fitting rows, and the last two count every rank's.
+    Every rank gathers the split's labels and positions, sorts them into the
+    split's order (a sequence's tokens keep theirs: a sequence lives on one
+    rank) and draws the one fold from them.
+    """
+    every_label = comm.gather_rows(labels.long())
+    every_position = comm.gather_rows(positions.long())
+    mine = sum(part.numel() for part in every_label[:comm.rank])
+    by_position = torch.sort(torch.cat(every_position), stable=True).indices
+    split_labels = torch.cat(every_label)[by_position]
+    if by_group:
+        fold = _heldout_groups(split_labels, torch.cat(every_position)[by_position], num_classes, seed)
+    else:
+        fold = _heldout_fold(split_labels, num_classes, seed)
+    if isinstance(fold, str):
+        return fold
+    order, n_fit = fold
+    held = torch.zeros(split_labels.numel(), dtype=torch.bool)
+    held[order[n_fit:]] = True
+    held_here = torch.empty_like(held)
+    held_here[by_position] = held
+    held_here = held_here[mine:mine + labels.numel()]
+    fit_rows, held_rows = (~held_here).nonzero().flatten(), held_here.nonzero().flatten()
+    return torch.cat([fit_rows, held_rows]), fit_rows.numel(), n_fit, split_labels.numel() - n_fit
 
 
 #: Seeds :func:`_heldout_groups` tries before it gives up on a fold of whole groups with every class on both sides.
@@ -486,6 +547,8 @@ class _Space:
 
     def __init__(self, z: torch.Tensor, rows: int, whitening: Whitening | None, gram: torch.Tensor | None = None):
         self.z, self.rows, self.dual = z, rows, gram is not None
+        #: Rows of the fitting part and of the held-out rows over every rank (a data-parallel fit: see :func:`_spaces`).
+        self.count, self.held_count = rows, z.shape[0] - rows
         if gram is None:
             self.train, self.held = z[:rows], z[rows:]
             self.whitening = whitening
@@ -512,8 +575,23 @@ class _Space:
         return (weight.float() @ self.z[:self.rows].T).double() @ self.factor
 
 
-def _spaces(z: torch.Tensor, rows: int, num_classes: int) -> tuple[_Space, _Space | None]:
-    """The whole training split's space and, when ``rows < n``, the fitting part's (the rest held out)."""
+def _spaces(z: torch.Tensor, rows: int, num_classes: int, comm: Collective | None = None,
+            totals: tuple[int, int] | None = None) -> tuple[_Space, _Space | None]:
+    """The whole training split's space and, when ``rows < n``, the fitting part's (the rest held out).
+
+    With ``comm``, ``z`` is this rank's shard and ``totals`` the rows (fitting part, held out) of
+    every rank: the features' own coordinates, whitened from every rank's rows.
+    """
+    if comm is not None:
+        fit_total, held_total = totals
+        whitening = Whitening.of(z, rows=fit_total + held_total, reduce=comm.sum_)
+        whole = _Space(z, z.shape[0], whitening)
+        whole.count, whole.held_count = fit_total + held_total, 0
+        if not held_total:
+            return whole, None
+        part = _Space(z, rows, whitening)
+        part.count, part.held_count = fit_total, held_total
+        return whole, part
     n, d = z.shape
     fits = 3 if rows < n else 1  # a path and its refit cost about three fits, all on one Gram matrix
     if d >= 2 * n and n <= _DUAL_ROWS_PER_CLASS * num_classes * fits:
@@ -541,6 +619,8 @@ class _Layer:
     about: dict  # ProbeFit fields known before the fit (spec, fallback)
     #: {spec: (whole split's _Space, fitting part's _Space or None)}, from :func:`_find_spaces`.
     spaces: dict = field(default_factory=dict)
+    #: A data-parallel fit's rows over every rank: (fitting part, held out); None in one process.
+    totals: tuple[int, int] | None = None
 
     def columns(self, spec) -> torch.Tensor:
         cols = self.candidates[spec]
@@ -548,36 +628,45 @@ class _Layer:
 
 
 def _prepare(x: torch.Tensor, labels: torch.Tensor, candidates: dict, l2, *, order: torch.Tensor | None,
-             rows: int | None, pool: Executor | None, **about) -> _Layer:
+             rows: int | None, pool: Executor | None, comm: Collective | None = None,
+             totals: tuple[int, int] | None = None, **about) -> _Layer:
     if order is not None:
         x, labels = x[order.to(x.device)], labels[order.to(labels.device)]
-    mean, scale, z = _standardise(x.float(), pool=pool)
-    return _Layer(mean, scale, z, z.shape[0] if rows is None else rows, labels.to(z.device), candidates, l2, about)
+    mean, scale, z = _standardise(x.float(), pool=pool, comm=comm)
+    if comm is not None and totals is None:  # no fold: every row fits
+        totals = (comm.count(z.shape[0]), 0)
+    return _Layer(mean, scale, z, z.shape[0] if rows is None else rows, labels.to(z.device), candidates, l2, about,
+                  totals=totals)
 
 
-def _find_spaces(layers: Mapping[str, _Layer], num_classes: int, pool: Executor | None) -> None:
+def _find_spaces(layers: Mapping[str, _Layer], num_classes: int, pool: Executor | None,
+                 comm: Collective | None = None) -> None:
     """Every candidate's spaces (its preconditioner's sketch, or its Gram matrix), on the workers side by side:
-    each is computed single-threaded, so the result never depends on who computes it."""
+    each is computed single-threaded, so the result never depends on who computes it. A data-parallel fit
+    finds them one after another, every rank in the same order (each sums products over the ranks)."""
     work = [(layer, spec) for layer in layers.values() for spec in layer.candidates]
 
     def find(item) -> tuple:
         layer, spec = item
-        return _spaces(layer.columns(spec), layer.rows, num_classes)
+        return _spaces(layer.columns(spec), layer.rows, num_classes, comm, layer.totals)
 
-    for (layer, spec), spaces in zip(work, map(find, work) if pool is None else pool.map(find, work)):
+    parallel = pool is not None and comm is None
+    for (layer, spec), spaces in zip(work, pool.map(find, work) if parallel else map(find, work)):
         layer.spaces[spec] = spaces
 
 
 def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_classes: int, strengths: dict,
-             slices: dict, choosing: list, fold, *, pool: Executor | None, max_iter: int, tol: float) -> dict:
+             slices: dict, choosing: list, fold, *, pool: Executor | None, max_iter: int, tol: float,
+             comm: Collective | None = None) -> dict:
     """Every layer's fit: the L2 paths of the choosing layers advance together, then every final fit at once."""
     layers: dict[str, _Layer] = {}
+    common = {"pool": pool, "comm": comm}
     for name, x in features.items():
         if name not in choosing:
             spec, columns = next(iter(slices[name].items()))
             x = x if columns == slice(0, x.shape[1]) else x[:, columns]
             layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, strengths[name],
-                                    order=None, rows=None, pool=pool, columns=columns)
+                                    order=None, rows=None, columns=columns, **common)
         elif isinstance(fold, str):  # no fold: the fixed fallback, on the smallest candidate
             l2, candidates = strengths[name], slices[name]
             spec, columns = min(candidates.items(), key=lambda item: item[1].stop - item[1].start)
@@ -588,27 +677,29 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
                 then += f" on the candidate with the fewest columns, {spec!r}"
             why = f"{what} {fold}: {then} (give more examples{', or a fixed l2' if l2 == 'auto' else ''})"
             layers[name] = _prepare(x, labels, {spec: slice(0, x.shape[1])}, FALLBACK_L2 if l2 == "auto" else l2,
-                                    order=None, rows=None, pool=pool, columns=columns, spec=spec,
-                                    fallback=why)
+                                    order=None, rows=None, columns=columns, spec=spec, fallback=why, **common)
         else:
             layers[name] = _prepare(x, labels, slices[name], strengths[name], order=fold[0],
-                                    rows=fold[1], pool=pool)
-    _find_spaces(layers, num_classes, pool)
+                                    rows=fold[1], totals=tuple(fold[2:]) if comm is not None else None, **common)
+    _find_spaces(layers, num_classes, pool, comm)
     chosen = _paths({name: layers[name] for name in choosing if not isinstance(fold, str)}, num_classes,
-                    pool=pool, max_iter=max_iter, tol=tol)
+                    pool=pool, max_iter=max_iter, tol=tol, comm=comm)
+    reduce = None if comm is None else comm.sum_
     problems, starts, about, spaces = [], [], [], []
     for name, layer in layers.items():
         if name in chosen:
             loss, value, weight, bias, spec, points, spent = chosen[name]
             whole, part = layer.spaces[spec]
-            problem = Problem(whole.train, layer.labels, num_classes, value, whole.whitening, _blocks(whole.train))
+            problem = Problem(whole.train, layer.labels, num_classes, value, whole.whitening, _blocks(whole.train),
+                              rows=whole.count, reduce=reduce)
             start = problem.warm(whole.coords(part.primal(weight)), bias)
             columns = layer.candidates[spec]
             extra = dict(spec=spec, columns=columns, heldout=loss, path=tuple(points), path_iterations=spent,
                          mean=layer.mean[columns].clone(), scale=layer.scale[columns].clone())
         else:
             whole, _ = next(iter(layer.spaces.values()))
-            problem = Problem(whole.train, layer.labels, num_classes, layer.l2, whole.whitening, _blocks(whole.train))
+            problem = Problem(whole.train, layer.labels, num_classes, layer.l2, whole.whitening, _blocks(whole.train),
+                              rows=whole.count, reduce=reduce)
             start = problem.start()
             extra = dict(layer.about, mean=layer.mean, scale=layer.scale)
         problems.append(problem)
@@ -625,7 +716,7 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
 
 
 def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | None, max_iter: int,
-           tol: float) -> dict:
+           tol: float, comm: Collective | None = None) -> dict:
     """Each choosing layer's best ``(held-out loss, l2, W, b, spec, points, path iterations)`` along its path.
 
     Every (layer, candidate) still on its path takes its next value in the
@@ -647,7 +738,8 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
         if not live:
             break
         problems = [Problem(t["space"].train, t["y"], num_classes, t["grid"][step], t["space"].whitening,
-                            _blocks(t["space"].train)) for t in live]
+                            _blocks(t["space"].train), rows=t["space"].count,
+                            reduce=None if comm is None else comm.sum_) for t in live]
         starts = [p.start() if t["weights"] is None else p.warm(*t["weights"]) for p, t in zip(problems, live)]
         tols = [path_tol if len(t["grid"]) > 1 else tol for t in live]  # a path's points, or a single value's fit
         results = minimize(problems, starts, tol=tols, max_iter=max_iter, pool=pool)
@@ -658,8 +750,14 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
             t["iterations"] += iterations
             held = t["space"].held
             logits = torch.addmm(bias.to(held.dtype), held, weight.to(held.dtype).T)
-            losses.append(F.cross_entropy(logits.double(), t["held_y"]))
-        for p, t, loss, (_, iterations, _) in zip(problems, live, torch.stack(losses).tolist(), results):
+            if comm is None:
+                losses.append(F.cross_entropy(logits.double(), t["held_y"]))
+            else:  # summed here, divided by every rank's held-out rows below
+                losses.append(F.cross_entropy(logits.double(), t["held_y"], reduction="sum"))
+        losses = torch.stack(losses)
+        if comm is not None:
+            losses = comm.sum_(losses.cpu()) / torch.tensor([t["space"].held_count for t in live], dtype=torch.float64)
+        for p, t, loss, (_, iterations, _) in zip(problems, live, losses.tolist(), results):
             value = p.l2
             t["points"].append((t["spec"], value, loss, iterations))
             if t["best"] is None or loss < t["best"][0] * (1 - _TIE):
@@ -679,11 +777,14 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
     return chosen
 
 
-def score(logits_of, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+def score(logits_of, features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+          comm: Collective | None = None) -> dict[str, float]:
     """Error, cross-entropy and (with more than 5 classes) top-5 error of a probe on one split.
 
     A small split on the CPU is scored single-threaded: its products are too
-    small to share, and threads sharing them would wait for each other.
+    small to share, and threads sharing them would wait for each other. With
+    ``comm`` (``features`` one rank's shard), the counts are summed over every
+    rank: the scores are the whole split's.
     """
     n = labels.shape[0]
     small = features.device.type == "cpu" and features.numel() < _MIN_PARALLEL_ELEMENTS
@@ -696,7 +797,12 @@ def score(logits_of, features: torch.Tensor, labels: torch.Tensor, num_classes: 
             if num_classes > 5:
                 sums.append((~(chunk.topk(5, dim=1).indices == y[:, None]).any(1)).sum().double())
             totals.append(torch.stack(sums))
-        loss, errors, *top5 = torch.stack(totals).sum(0).tolist()  # one read of the device
+        if comm is None:
+            loss, errors, *top5 = torch.stack(totals).sum(0).tolist()  # one read of the device
+        else:
+            width = 3 if num_classes > 5 else 2
+            local = torch.stack(totals).sum(0).cpu() if totals else torch.zeros(width, dtype=torch.float64)
+            loss, errors, *top5, n = comm.sum_(torch.cat([local, torch.tensor([float(n)], dtype=torch.float64)])).tolist()
     result = {"error": errors / n, "loss": loss / n}
     if num_classes > 5:
         result["top5"] = top5[0] / n

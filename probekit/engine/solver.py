@@ -46,6 +46,14 @@ single-threaded workers on the CPU or on the device's stream on a GPU; the
 loss is summed in float64, and problems of at most :data:`FLOAT64_ELEMENTS`
 feature entries are evaluated in float64 throughout.
 
+Data-parallel fits (several ranks, each holding a shard of the rows): a
+problem made with ``reduce=`` (a function summing a tensor over every rank in
+place) and ``rows=`` (the rows of every rank) has the whole problem's loss
+and gradient on every rank: :func:`minimize` sums every live problem's row
+sums with one call of ``reduce`` per round, and runs the groups one after
+another, so that every rank makes the same calls in the same order and the
+same decisions from the same sums.
+
 This module works on feature tensors only; it imports nothing of probekit.
 """
 
@@ -98,16 +106,24 @@ class Problem:
         l2: the L2 strength on ``W``.
         whitening: the preconditioner's directions (:class:`Whitening`), used at ``l2``.
         blocks: how many row blocks the loss is summed over, in order (the same sums whoever computes them).
+        rows: the rows of the whole problem when ``z`` is one rank's shard of them (default: ``z``'s).
+        reduce: sums a tensor over every rank in place (with ``rows``); ``None`` in a single process.
     """
 
     def __init__(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, whitening: Whitening,
-                 blocks: int = 1):
-        dtype = torch.float64 if z.numel() <= FLOAT64_ELEMENTS else torch.float32
+                 blocks: int = 1, *, rows: int | None = None, reduce: Callable[[torch.Tensor], object] | None = None):
+        # The whole problem's size decides, so that every rank computes in the dtype one process would.
+        elements = z.numel() if rows is None else int(rows) * z.shape[1]
+        dtype = torch.float64 if elements <= FLOAT64_ELEMENTS else torch.float32
         self.z = z.to(dtype)
         self.labels, self.k, self.l2 = labels, num_classes, float(l2)
         self.n, self.d = z.shape
+        local = self.n
+        if rows is not None:
+            self.n = int(rows)
+        self.reduce = reduce
         self.precondition, self.undo = whitening.at(self.l2, num_classes)
-        bounds = np.linspace(0, self.n, max(1, blocks) + 1).astype(int)
+        bounds = np.linspace(0, local, max(1, blocks) + 1).astype(int)
         self.blocks = [(self.z[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     @property
@@ -117,7 +133,10 @@ class Problem:
 
     def start(self) -> torch.Tensor:
         """Zero weights and the class log-frequencies as biases: the optimum when features carry nothing."""
-        counts = torch.bincount(self.labels, minlength=self.k).double().clamp_min(0.5)
+        counts = torch.bincount(self.labels, minlength=self.k).double()
+        if self.reduce is not None:
+            self.reduce(counts)
+        counts = counts.clamp_min(0.5)
         theta = torch.zeros(self.size, dtype=torch.float64, device=self.z.device)
         theta[self.k * self.d:] = counts.log() - counts.log().mean()
         return theta
@@ -145,12 +164,24 @@ class Problem:
 
         Returns tensors only: nothing here waits for the device.
         """
+        return self.complete(*self.sums(started))
+
+    def sums(self, started) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, summed log-probability, weight gradient sum, bias gradient sum)`` over this process's rows."""
         weight, bias, run = started
+        if not self.blocks:  # a rank without rows of this problem adds nothing
+            return (weight, torch.zeros((), dtype=torch.float64, device=weight.device), torch.zeros_like(weight),
+                    torch.zeros_like(bias))
         terms = [_loss_terms(z, y, weight, bias) if future is None else future.result()
                  for future, (z, y) in zip(run, self.blocks)]
         picked, grad_w, grad_b = terms[0]
         for term in terms[1:]:  # in block order
             picked, grad_w, grad_b = picked + term[0], grad_w + term[1], grad_b + term[2]
+        return weight, picked, grad_w, grad_b
+
+    def complete(self, weight: torch.Tensor, picked: torch.Tensor, grad_w: torch.Tensor,
+                 grad_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`finish` from the sums over every row."""
         grad_w = grad_w / self.n + self.l2 * weight
         grad_b = grad_b / self.n
         loss = -picked / self.n + 0.5 * self.l2 * weight.double().pow(2).sum()
@@ -209,7 +240,8 @@ def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol
 
     # Several groups of similar weight run side by side, one per worker, each single-threaded; otherwise
     # one after another, with the row blocks of each on the workers. Either way the same arithmetic.
-    if pool is None or len(groups) == 1 or 2 * max(work) > sum(work):
+    # Data-parallel problems run their groups in order: every rank must reduce the same sums in the same order.
+    if pool is None or len(groups) == 1 or 2 * max(work) > sum(work) or problems[0].reduce is not None:
         answers = [run(j, pool) for j in range(len(groups))]
     else:
         futures = {j: pool.submit(run, j, None) for j in sorted(range(len(groups)), key=lambda j: -work[j])}
@@ -220,6 +252,23 @@ def minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, tol
             out[i] = result
         stats["rounds"] += counts["rounds"]
         stats["reads"] += counts["reads"]
+    return out
+
+
+def _reduced(problems: Sequence[Problem], live: Sequence[int], started: dict) -> dict:
+    """Every live problem's :meth:`Problem.finish` from the sums over every rank: one ``reduce`` call for all."""
+    sums = {i: problems[i].sums(started[i]) for i in live}
+    flat = torch.cat([torch.cat([picked.reshape(1).double(), grad_w.reshape(-1).double(), grad_b.reshape(-1).double()])
+                      for _, picked, grad_w, grad_b in sums.values()])
+    problems[live[0]].reduce(flat)
+    out, at = {}, 0
+    for i, (weight, _, grad_w, grad_b) in sums.items():
+        kd, k = grad_w.numel(), grad_b.numel()
+        picked = flat[at]
+        total_w = flat[at + 1:at + 1 + kd].view_as(grad_w).to(grad_w.dtype)
+        total_b = flat[at + 1 + kd:at + 1 + kd + k].to(grad_b.dtype)
+        at += 1 + kd + k
+        out[i] = problems[i].complete(weight, picked, total_w, total_b)
     return out
 
 
@@ -250,9 +299,10 @@ def _minimize(problems: Sequence[Problem], starts: Sequence[torch.Tensor], *, to
         """Every live problem's loss, gradient and true-gradient maximum at ``theta``; the others' as given."""
         losses, grads, maxima = list(f.unbind()), list(grad.unbind()), list(gmax.unbind())
         started = {i: problems[i].begin(theta[i, :problems[i].size], pool) for i in live}  # every block under way
+        done = _reduced(problems, live, started) if problems[0].reduce is not None else {}
         for i in live:
             p = problems[i]
-            loss, g, m = p.finish(started[i])
+            loss, g, m = done[i] if done else p.finish(started[i])
             losses[i], maxima[i] = loss, m
             grads[i] = torch.nn.functional.pad(g, (0, width - p.size)) if p.size < width else g
         return torch.stack(losses), torch.stack(grads), torch.stack(maxima)
@@ -369,21 +419,32 @@ class Whitening:
         self.directions, self.top, self.floor = directions, top, floor
 
     @classmethod
-    def of(cls, z: torch.Tensor) -> Whitening:
+    def of(cls, z: torch.Tensor, *, rows: int | None = None,
+           reduce: Callable[[torch.Tensor], object] | None = None) -> Whitening:
+        """The directions of ``z``; with ``reduce`` (``z`` one rank's rows of ``rows``), of every rank's rows,
+        from the products ``z^T z B`` summed over the ranks (no sample of rows)."""
         n, d = z.shape
+        if rows is not None:
+            n = int(rows)
         rank = min(_PRECONDITION_RANK, d // 8, n // 8)
         if rank < 8:
             return cls(None, None, 1.0)
         z = z.float()
         generator = torch.Generator(device=z.device).manual_seed(0)
-        if n > _SKETCH_ROWS:  # the top directions are well estimated from a few thousand rows
+        if reduce is None and n > _SKETCH_ROWS:  # the top directions are well estimated from a few thousand rows
             z = z[torch.randperm(n, generator=generator, device=z.device)[:_SKETCH_ROWS]]
             n = z.shape[0]
         basis = torch.randn(d, rank + 8, generator=generator, device=z.device)
         for _ in range(2):  # power iterations
-            basis = torch.linalg.qr((z @ basis).T.matmul(z).T).Q
+            product = (z @ basis).T.matmul(z).T
+            if reduce is not None:
+                reduce(product)
+            basis = torch.linalg.qr(product).Q
         sketch = z @ basis
-        values, vectors = torch.linalg.eigh(sketch.T @ sketch / n)
+        covariance = sketch.T @ sketch
+        if reduce is not None:
+            reduce(covariance)
+        values, vectors = torch.linalg.eigh(covariance / n)
         if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
             return cls(None, None, 1.0)
         floor = max(float(values[0]), 1.0)

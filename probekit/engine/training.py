@@ -13,7 +13,14 @@ store by :func:`probekit.run.store.write_atomic`, and only then with the
 monitor's epoch row. A run killed at any moment therefore resumes
 (``resume=True``) from its last checkpoint, and because shuffling and dropout
 are seeded per epoch, the resumed run writes the same values as one that was
-never interrupted. This module never imports the diagnosis, the charts, the
+never interrupted.
+
+Under ``torch.distributed`` (e.g. ``torchrun -m probekit run``) every rank
+trains the same replica of the model from the same seeds (the training loop
+itself is not data-parallel: wrap the model in ``DistributedDataParallel`` in
+your own loop for that) and rank 0's parameters are copied to every rank
+before each epoch's probes, which are data-parallel. Only rank 0 writes the
+checkpoint and reads it on resume; it sends its state to the other ranks. This module never imports the diagnosis, the charts, the
 explorers, the data or the zoo.
 """
 
@@ -33,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from probekit.engine import distributed
 from probekit.engine.batch import MASK_KEY
 from probekit.engine.checkpoints import safe_load
 from probekit.engine.devices import resolve_device
@@ -273,6 +281,7 @@ def train_and_probe(
     """
     check_params(_CONSTRAINTS, epochs=epochs, optimizer=optimizer, lr=lr, momentum=momentum,
                  train_batch_size=train_batch_size)
+    comm = distributed.current()  # under torchrun: the group (and each rank's GPU) before the model is placed
     device = resolve_device(device)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -281,8 +290,14 @@ def train_and_probe(
     train_set = _train_dataset(as_splits(data)["train"])
     checkpoint = resume_path(store) if store is not None else None
     files = {"storage_options": storage_options}
-    if checkpoint is not None and not resume and exists(checkpoint, **files) and not exists(store, **files):
+    writes = comm is None or comm.root  # rank 0 alone writes and reads the checkpoint
+    if writes and checkpoint is not None and not resume and exists(checkpoint, **files) and not exists(store, **files):
         remove(checkpoint, **files)
+    own_checkpoint = checkpoint if writes else None
+
+    def sync() -> None:
+        if comm is not None:
+            comm.copy_module(model)
 
     with ProbeMonitor(
         model, data, layers=layers, reduce=reduce, store=store, storage_options=storage_options, mode=mode,
@@ -295,12 +310,15 @@ def train_and_probe(
     ) as monitor:
         start, step = 0, 0
         if monitor.rows:
-            if checkpoint is None or not exists(checkpoint, **files):
-                raise ValueError(
-                    f"cannot resume training of {str(store)!r}: its checkpoint {str(checkpoint)!r} is missing; "
-                    "start again with overwrite=True (--overwrite)"
-                )
-            state = _load_resume(checkpoint, storage_options)
+            def read() -> dict:
+                if checkpoint is None or not exists(checkpoint, **files):
+                    raise ValueError(
+                        f"cannot resume training of {str(store)!r}: its checkpoint {str(checkpoint)!r} is missing; "
+                        "start again with overwrite=True (--overwrite)"
+                    )
+                return _load_resume(checkpoint, storage_options)
+
+            state = read() if comm is None else comm.broadcast(comm.on_root(read))
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start, step = int(state["epoch"]), int(state["step"])
@@ -312,7 +330,8 @@ def train_and_probe(
                 monitor.update(epoch=start, step=step, model_loss=state.get("model_loss"), model_error=state.get("model_error"))
                 start += 1
         else:
-            _checkpoint(checkpoint, storage_options, model, opt, epoch=0, step=0)
+            sync()
+            _checkpoint(own_checkpoint, storage_options, model, opt, epoch=0, step=0)
             monitor.update(epoch=0, step=0)
             start = 1
         on_step = (lambda batch: monitor.step(batch.labels)) if mode == "online" else None
@@ -323,7 +342,8 @@ def train_and_probe(
             torch.manual_seed(epoch_seed)  # dropout
             result = train_epoch(model, opt, loader, device=device, loss_fn=loss_fn, step=step, on_step=on_step)
             step = result.step
-            _checkpoint(checkpoint, storage_options, model, opt, epoch=epoch, step=step, model_loss=result.loss,
+            sync()
+            _checkpoint(own_checkpoint, storage_options, model, opt, epoch=epoch, step=step, model_loss=result.loss,
                         model_error=result.error)
             row = monitor.update(epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
             if not monitor.quiet:

@@ -89,7 +89,8 @@ EPOCH_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "
 #: Attributes that describe one process's session, not the run: they may differ on resume.
 SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
 #: Run attributes added after stores were first written, and the value a store without one was written with.
-ATTR_DEFAULTS = {"autocast": "none"}
+#: ``world_size``: the processes a run was probed by, data-parallel (1: one process).
+ATTR_DEFAULTS = {"autocast": "none", "world_size": 1}
 
 
 def metric_name(split: str, measure: str) -> str:

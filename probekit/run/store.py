@@ -400,6 +400,27 @@ def _upgrade(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+def _opened(path: str | os.PathLike, storage_options: Mapping[str, object] | None):
+    """A run store's files, checked to be a readable run store, its root attributes and completed-epoch count."""
+    files = _files_for(path, storage_options)
+    if files.remote:
+        _check_remote_store(files)
+    else:
+        _check_store_path(files.path)
+    attrs = _root_attrs(files)
+    return files, attrs, int(attrs.get("completed_epochs", 0))
+
+
+def _as_read(ds: xr.Dataset, attrs: Mapping[str, object]) -> xr.Dataset:
+    """A run as its readers get it: no bookkeeping attribute, no encoding, a schema-1 store upgraded in memory."""
+    ds.attrs.pop("completed_epochs", None)
+    for variable in ds.variables.values():
+        variable.encoding = {}
+    if attrs.get("probekit_schema") == 1:
+        ds = _upgrade(ds)
+    return ds
+
+
 def open_run(path: str | os.PathLike, *, storage_options: Mapping[str, object] | None = None) -> xr.Dataset:
     """Read a run store into memory, also while a run is still writing it.
 
@@ -415,14 +436,8 @@ def open_run(path: str | os.PathLike, *, storage_options: Mapping[str, object] |
         >>> ds.probe.sel(metric="valid_error").isel(epoch=-1).to_series()
         >>> pk.open_run("s3://bucket/demo.zarr", storage_options={"anon": True})
     """
-    files = _files_for(path, storage_options)
-    if files.remote:
-        _check_remote_store(files)
-    else:
-        _check_store_path(files.path)
+    files, attrs, completed = _opened(path, storage_options)
     path = files.name
-    attrs = _root_attrs(files)
-    completed = int(attrs.get("completed_epochs", 0))
     try:
         with xr.open_zarr(files.zarr_store(read_only=True), consolidated=True, zarr_format=2, chunks=None) as lazy:
             ds = lazy.isel(epoch=slice(0, completed))
@@ -447,12 +462,7 @@ def open_run(path: str | os.PathLike, *, storage_options: Mapping[str, object] |
             f"run store {path!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
             "its metadata may be damaged. Re-run into a new path"
         ) from error
-    ds.attrs.pop("completed_epochs", None)
-    for variable in ds.variables.values():
-        variable.encoding = {}
-    if attrs.get("probekit_schema") == 1:
-        ds = _upgrade(ds)
-    return ds
+    return _as_read(ds, attrs)
 
 
 def open_run_lazy(path: str | os.PathLike, *, storage_options: Mapping[str, object] | None = None) -> xr.Dataset:
@@ -474,14 +484,8 @@ def open_run_lazy(path: str | os.PathLike, *, storage_options: Mapping[str, obje
         >>> ds = open_run_lazy("runs/demo.zarr")
         >>> ds.probe.sel(metric="valid_error").isel(epoch=-1).compute()
     """
-    files = _files_for(path, storage_options)
-    if files.remote:
-        _check_remote_store(files)
-    else:
-        _check_store_path(files.path)
+    files, attrs, completed = _opened(path, storage_options)
     path = files.name
-    attrs = _root_attrs(files)
-    completed = int(attrs.get("completed_epochs", 0))
     try:
         lazy = xr.open_zarr(files.zarr_store(read_only=True), consolidated=True, zarr_format=2, chunks={})
         ds = lazy.isel(epoch=slice(0, completed))
@@ -492,12 +496,7 @@ def open_run_lazy(path: str | os.PathLike, *, storage_options: Mapping[str, obje
             f"run store {str(path)!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
             "its metadata may be damaged. Re-run into a new path"
         ) from error
-    ds.attrs.pop("completed_epochs", None)
-    for variable in ds.variables.values():
-        variable.encoding = {}
-    if attrs.get("probekit_schema") == 1:
-        ds = _upgrade(ds)
-    return ds
+    return _as_read(ds, attrs)
 
 
 # --------------------------------------------------------------------- writing

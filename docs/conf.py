@@ -3,7 +3,8 @@
 The site is the Markdown guides of ``docs/`` (MyST), the notebooks of
 ``notebooks/`` (rendered by myst-nb as stored, never executed: ``docs/notebooks``
 links to them) and an API reference generated from the docstrings of
-``probekit.__all__`` (``docs/_ext/apiref.py``). The build needs no network: no
+``probekit.__all__`` and of the trainer integrations (``docs/_ext/apiref.py``),
+which imports Lightning and transformers. The build needs no network: no
 intersphinx, no notebook execution, a theme whose assets ship with it.
 """
 

@@ -14,6 +14,13 @@ without editing them, and a name removed leaves nothing stale behind:
   ``__all__``, and of every module that ``__all__`` names. A class or function
   already described (at the top level, or in an earlier module) is not
   described twice (Sphinx would warn of a duplicate): the section links to it.
+- ``.. probekit-api:: integrations`` documents the optional modules, which
+  ``import probekit`` never imports (each callback module imports its training
+  framework): every module of the packages of ``OPTIONAL_PACKAGES``
+  (``probekit.integrations`` and its ``lightning``, ``hf`` and ``probing``),
+  found on disk, each as a module of the modules page is. Their classes keep
+  their module's name (``probekit.integrations.lightning.ProbeCallback`` and
+  ``probekit.integrations.hf.ProbeCallback`` are two descriptions, two anchors).
 - ``.. probekit-api:: internals`` shows the docstring of every other module
   (``probekit.engine.reduce`` holds the reduction grammar, ``probekit.run.schema``
   the names), so that the docstrings' ``:mod:`` references have a target.
@@ -43,6 +50,9 @@ PACKAGE = "probekit"
 GROUP_ORDER = ("probekit.engine", "probekit.run", "probekit.diagnosis", "probekit.plots", "probekit.explorers")
 #: A value whose literal is longer than this is shown by its description only: a long literal would bury it.
 MAX_VALUE_CHARS = 120
+#: Packages of optional modules: not in ``probekit.__all__`` and never imported by ``import probekit`` (a module
+#: there may import a framework of its own); the integrations page documents each of their modules.
+OPTIONAL_PACKAGES = ("probekit.integrations",)
 
 
 def package() -> types.ModuleType:
@@ -69,6 +79,21 @@ def public_modules() -> list[types.ModuleType]:
 
     add(package(), list(package().__all__))
     return found
+
+
+def optional_module_names() -> list[str]:
+    """The packages of ``OPTIONAL_PACKAGES``, each followed by its modules, by name, found without importing them."""
+    found: list[str] = []
+    for name in OPTIONAL_PACKAGES:
+        path = importlib.import_module(name).__path__
+        found += [name, *sorted((info.name for info in pkgutil.walk_packages(path, prefix=name + ".")),
+                                key=lambda module: module.split("."))]
+    return found
+
+
+def optional_modules() -> list[types.ModuleType]:
+    """The modules of ``optional_module_names``, imported (with the frameworks they import)."""
+    return [importlib.import_module(name) for name in optional_module_names()]
 
 
 def group_of(obj: object) -> str:
@@ -167,13 +192,31 @@ def described_once(obj: object) -> bool:
     return inspect.isclass(obj) or callable(obj)
 
 
-def modules_text() -> list[str]:
-    """The modules page's body: per module, its docstring, then each member of its ``__all__`` not described yet."""
+def top_level_described() -> dict[int, str]:
+    """``{id(obj): full name}`` of every class and function the top-level page describes, the accessor included."""
     described = {id(obj): f"probekit.{name}" for name, obj in top_level_objects().items() if described_once(obj)}
     accessor = accessor_class()
     described[id(accessor)] = f"{accessor.__module__}.{accessor.__qualname__}"
+    return described
+
+
+def modules_text() -> list[str]:
+    """The modules page's body: per module, its docstring, then each member of its ``__all__`` not described yet."""
+    return module_sections(public_modules(), top_level_described())
+
+
+def integrations_text() -> list[str]:
+    """The integrations page's body: the optional modules, as the modules page shows a module; what the
+    top-level or the modules page already describes is linked to, not described again."""
+    described = top_level_described()
+    module_sections(public_modules(), described)   # what the modules page describes, and under which name
+    return module_sections(optional_modules(), described)
+
+
+def module_sections(modules: list[types.ModuleType], described: dict[int, str]) -> list[str]:
+    """Per module, its docstring, then each member of its ``__all__`` not in ``described`` (which it adds them to)."""
     lines: list[str] = []
-    for module in public_modules():
+    for module in modules:
         members = {name: getattr(module, name) for name in getattr(module, "__all__", ())}
         elsewhere = sorted({described[id(obj)] for obj in members.values() if described_once(obj) and id(obj) in described},
                            key=str.lower)
@@ -199,8 +242,8 @@ def every_module() -> list[str]:
 
 
 def internals_text() -> list[str]:
-    """The internals page's body: the docstring of every module that the modules page does not document."""
-    public = {module.__name__ for module in public_modules()}
+    """The internals page's body: the docstring of every module that the modules and integrations pages do not document."""
+    public = {module.__name__ for module in public_modules()} | set(optional_module_names())
     lines: list[str] = []
     for name in every_module():
         if name not in public:
@@ -209,19 +252,23 @@ def internals_text() -> list[str]:
 
 
 class ProbekitAPI(SphinxDirective):
-    """``.. probekit-api:: PART``: the generated reference, PART one of ``top-level``, ``modules``, ``internals``."""
+    """``.. probekit-api:: PART``: the generated reference, PART one of ``top-level``, ``modules``,
+    ``integrations``, ``internals``."""
 
     required_arguments = 1
     has_content = False
-    PARTS = {"top-level": top_level_text, "modules": modules_text, "internals": internals_text}
+    PARTS = {"top-level": top_level_text, "modules": modules_text, "integrations": integrations_text,
+             "internals": internals_text}
 
     def run(self):
         part = directives.choice(self.arguments[0], tuple(self.PARTS))
         pages = getattr(self.env, "probekit_api_pages", set())
         pages.add(self.env.docname)
         self.env.probekit_api_pages = pages
-        # The page changes with the package's __all__ and each public module's, not only with its own source.
-        for module in [package(), *public_modules()]:
+        # The page changes with the package's __all__ and each public module's, not only with its own source
+        # (the integrations page, with each optional module's too).
+        optional = optional_modules() if part == "integrations" else []
+        for module in [package(), *public_modules(), *optional]:
             self.env.note_dependency(module.__file__)
         text = "\n".join(self.PARTS[part]())
         return nested_parse_to_nodes(self.state, text, source=f"<probekit-api {part}>", allow_section_headings=True)

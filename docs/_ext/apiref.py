@@ -119,7 +119,9 @@ def documenter(module: types.ModuleType, name: str) -> list[str]:
     if inspect.isclass(obj):
         kind = "autoexception" if issubclass(obj, BaseException) else "autoclass"
         bases = ["   :show-inheritance:"] if obj.__bases__ != (object,) else []   # "Bases: object" says nothing
-        return [f".. {kind}:: {full}", "   :members:", *bases, ""]
+        foreign = foreign_docstring_members(obj)
+        excluded = [f"   :exclude-members: {', '.join(foreign)}"] if foreign else []
+        return [f".. {kind}:: {full}", "   :members:", *bases, *excluded, ""]
     if callable(obj):
         return [f".. autofunction:: {full}", ""]
     # A value is described by hand, not by autodata: autodata falls back on the value's type's docstring
@@ -128,6 +130,26 @@ def documenter(module: types.ModuleType, name: str) -> list[str]:
     value = object_description(obj)
     lines += [f"   :value: {value}"] if len(value) <= MAX_VALUE_CHARS else []
     return lines + ["", *("   " + line for line in attribute_doc(module, name)), ""]
+
+
+def foreign_docstring_members(cls: type) -> list[str]:
+    """The members ``cls`` defines without a docstring whose nearest documented definition up its bases lies outside
+    probekit: autodoc would describe them with a framework's text (Lightning's ``on_fit_start``, ``nn.Module.forward``),
+    which says nothing of what probekit does there. They are left out; the class's own docstring covers them."""
+    def doc(member: object) -> str | None:
+        member = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+        return getattr(member, "__doc__", None)
+
+    found = []
+    for name, member in vars(cls).items():
+        if name.startswith("_") or not (callable(member) or isinstance(member, (property, staticmethod, classmethod))):
+            continue
+        if doc(member):
+            continue
+        home = next((base for base in cls.__mro__[1:] if name in vars(base) and doc(vars(base)[name])), None)
+        if home is not None and home.__module__.split(".")[0] != PACKAGE:
+            found.append(name)
+    return found
 
 
 def attribute_doc(module: types.ModuleType, name: str) -> list[str]:

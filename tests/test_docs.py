@@ -5,14 +5,16 @@ subprocess whose sockets refuse to connect, so that any warning (a docstring
 that does not parse, a broken cross-reference between pages, a notebook that
 does not render) fails the test, and so does any attempt to reach the network
 (an intersphinx fetch, a notebook run). The API reference is generated from
-``probekit.__all__`` by ``docs/_ext/apiref.py``; the unit tests below check
-that a name added there is picked up without editing the docs.
+``probekit.__all__``, and from the trainer integrations (``probekit.integrations``,
+which ``import probekit`` does not import), by ``docs/_ext/apiref.py``; the unit
+tests below check that a name added there is picked up without editing the docs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import html
+import importlib
 import json
 import re
 import subprocess
@@ -28,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 GUIDES = ("methodology", "store", "reliability", "architecture")
+#: The optional modules the integrations page documents (each callback module imports its framework).
+INTEGRATIONS = ("probekit.integrations.lightning", "probekit.integrations.hf", "probekit.integrations.probing")
 
 # Run in the build's process before Sphinx starts: every outgoing connection raises.
 OFFLINE_SPHINX = """
@@ -78,6 +82,19 @@ def anchors(path: Path) -> set[str]:
     return set(re.findall(r'id="([^"]+)"', path.read_text(encoding="utf-8")))
 
 
+def links(html_text: str, role: str = "class") -> set[str]:
+    """The targets of the resolved cross-references of one role (``:class:``) in a piece of a page."""
+    pattern = rf'<a class="reference internal" href="([^"]*)"[^>]*><code class="xref py py-{role}\b'
+    return set(re.findall(pattern, html_text))
+
+
+def module_sections(path: Path) -> dict[str, str]:
+    """The HTML of each module's section of a reference page (its article only), by module name."""
+    page = path.read_text(encoding="utf-8")
+    parts = re.split(r'<section id="module-([\w.]+)">', page[:page.index("</article>")])
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
 @pytest.mark.slow
 def test_every_public_name_and_module_member_is_documented(site: Path):
     top, modules, internals = (anchors(site / "api" / f"{page}.html") for page in ("index", "modules", "internals"))
@@ -96,6 +113,41 @@ def test_every_public_name_and_module_member_is_documented(site: Path):
     assert not missing, f"not in the API reference: {missing}"
     assert "probekit.accessor.ProbekitAccessor.diagnose" in top   # ds.probekit, found on xarray.Dataset
     assert "module-probekit.engine.reduce" in internals and "module-probekit.run.schema" in internals
+
+
+@pytest.mark.slow
+def test_the_trainer_integrations_are_documented_once_each_callback_under_its_module(site: Path):
+    page = site / "api" / "integrations.html"
+    found = anchors(page)
+    missing = [f"module-{name}" for name in ("probekit.integrations", *INTEGRATIONS) if f"module-{name}" not in found]
+    for name in INTEGRATIONS:
+        missing += [f"{name}.{member}" for member in importlib.import_module(name).__all__
+                    if f"{name}.{member}" not in found]
+    assert not missing, f"not on the integrations page: {missing}"
+    assert {"probekit.integrations.lightning.ProbeCallback", "probekit.integrations.hf.ProbeCallback"} <= found
+    for other in ("index", "modules", "internals"):   # described once: no second target for Sphinx to choose from
+        assert not {a for a in anchors(site / "api" / f"{other}.html") if "probekit.integrations" in a}, other
+    text = page_text(page)
+    assert "Probe a LightningModule's layers while a Lightning" in text.replace("\u2019", "'")
+    assert "Event called at" not in text and "Called when fit begins" not in text   # no framework hook docstrings
+
+
+@pytest.mark.slow
+def test_cross_references_to_the_two_probe_callbacks_resolve_each_to_its_own_class(site: Path):
+    lightning, hf = "probekit.integrations.lightning.ProbeCallback", "probekit.integrations.hf.ProbeCallback"
+    sections = module_sections(site / "api" / "integrations.html")
+    for module, own, other in (("lightning", lightning, hf), ("hf", hf, lightning)):
+        # The module docstring's :class:`ProbeCallback` and :class:`~probekit.integrations.probing.TrainerProbes`.
+        docstring = sections[f"probekit.integrations.{module}"].split('<dl class="py ')[0]
+        assert {f"#{own}", "#probekit.integrations.probing.TrainerProbes"} <= links(docstring), module
+        assert f"#{other}" not in links(docstring), module
+    shared = sections["probekit.integrations.probing"].split('<dl class="py ')[0]
+    assert "#probekit.integrations.probing.TrainerProbes" in links(shared)
+    assert {"#module-probekit.integrations.lightning", "#module-probekit.integrations.hf"} <= links(shared, "mod")
+    usage = (site / "usage.html").read_text(encoding="utf-8")   # the guide's links, next to the README's tour
+    assert {f"api/integrations.html#{lightning}", f"api/integrations.html#{hf}"} <= links(usage)
+    for page in ("index", "internals"):
+        assert 'href="integrations.html"' in (site / "api" / f"{page}.html").read_text(encoding="utf-8"), page
 
 
 @pytest.mark.slow
@@ -183,3 +235,26 @@ def test_a_module_that_exports_a_submodule_gets_its_section_and_each_class_is_de
     assert ".. autoclass:: probekit.zoo.paper.BypassMLP" not in modules
     assert ".. automodule:: probekit.zoo.paper" in section and ":py:obj:`probekit.zoo.BypassMLP`" in section
     assert "probekit.zoo.paper" not in "\n".join(apiref.internals_text())
+
+
+@pytest.mark.slow   # imports Lightning and transformers, as the build does
+def test_a_name_added_to_an_integration_modules_all_is_documented_on_the_integrations_page(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    apiref = load_apiref()
+    import probekit.integrations.lightning
+    import probekit.integrations.probing
+
+    names = apiref.optional_module_names()
+    assert names[0] == "probekit.integrations" and set(INTEGRATIONS) <= set(names)
+    monkeypatch.setattr(probekit.integrations.probing, "__all__", [*probekit.integrations.probing.__all__, "_number"])
+    text = "\n".join(apiref.integrations_text())
+    assert all(f".. automodule:: {name}" in text for name in ("probekit.integrations", *INTEGRATIONS))
+    assert ".. autoclass:: probekit.integrations.lightning.ProbeCallback" in text
+    assert ".. autoclass:: probekit.integrations.hf.ProbeCallback" in text
+    assert ".. autofunction:: probekit.integrations.probing._number" in text
+    assert "probekit.integrations" not in "\n".join(apiref.internals_text() + apiref.modules_text())
+    # The framework's hooks it overrides without a docstring are left out; its own members are not.
+    lines = apiref.documenter(probekit.integrations.lightning, "ProbeCallback")
+    excluded = next(line for line in lines if ":exclude-members:" in line).split(":exclude-members:")[1]
+    assert "on_fit_start" in excluded and "dataset" not in excluded and "model_losses" not in excluded

@@ -21,13 +21,16 @@ What each rank does:
   row keeps its position in the whole split, from which the held-out fold
   of ``l2="auto"`` is drawn exactly as in one process.
 - **Sums** (:class:`Collective`): the probes are fitted with all-reduced
-  sums, never on gathered features, so that each rank holds only its own
+  sums, not on gathered features, so that each rank holds only its own
   shard's features: the standardisation's sums, the solver's loss and
   gradient sums (one all-reduce per solver round for every problem at
   once), the preconditioner's products, the held-out losses of the L2 path
   and every score's counts. Metrics are therefore exact over the whole
   split. Only the labels and positions of the training split (two integers
-  per example) are gathered, to draw the fold.
+  per example) are gathered, to draw the fold, and the one kind of layer
+  that one process fits in the span of its examples (at least twice as
+  many features as examples, few examples per class: few rows by that
+  rule), which every rank gathers and fits as one process does.
 - **Agreement** (:meth:`Collective.agree`): before any work, one small
   all-gather compares what every rank sees (classes, split sizes, layers,
   feature sizes); a difference stops every rank with one line naming it.

@@ -30,9 +30,13 @@ informative features on 2,000 examples almost none. Per layer:
   each value the **mean cross-entropy on the held-out fold** (nats) is
   computed; the path stops early once it has failed to improve on the best
   value for :data:`PATIENCE` (2) consecutive values.
-- **Choice.** The value with the lowest held-out cross-entropy wins; a weaker
-  value must beat a stronger one by more than a relative ``1e-6`` (float
-  noise), so ties go to the stronger L2.
+- **Choice.** The value with the lowest held-out cross-entropy wins, where
+  losses within a relative ``1e-3`` of the lowest tie (the path's precision:
+  three digits) and a tie goes to the stronger L2. A weak end of the path
+  where the warm start already meets the looser tolerance moves the loss in
+  its last digits only: such a value was never really fitted, and never
+  wins (nor does a data-parallel fit, whose sums run in another order,
+  choose differently on such digits).
 - **Refit.** The probe is then refitted on the whole training split at the
   chosen value (warm-started from the path's weights, to ``tol``). That fit is
   the one returned: ``ProbeFit.l2`` is the value, ``ProbeFit.heldout`` the
@@ -41,7 +45,8 @@ informative features on 2,000 examples almost none. Per layer:
   features (``candidates``: the several pooling sizes of a ``reduce="auto"``
   reducer, see :mod:`probekit.engine.reduce`). Each candidate runs its own
   path on the same fold, and the best (candidate, l2) pair by the same
-  held-out score wins (ties: the stronger L2, then the earlier candidate);
+  held-out score wins (a tie, within the same ``1e-3``: the earlier
+  candidate, the one with the fewest columns first, at its strongest L2);
   ``ProbeFit.spec`` and ``ProbeFit.columns`` record it and
   :meth:`ProbeFit.logits` reads only those columns. With a fixed ``l2`` and
   several candidates, the path is that one value: the fold then chooses the
@@ -73,8 +78,14 @@ preconditioner's products, the held-out losses and every score's counts.
 The held-out fold is drawn from the whole training split's labels (gathered
 with each row's position in the split, two integers per example), so it is
 the fold one process draws. Every layer is fitted in the features' own
-coordinates there (the span of the examples needs every rank's rows in one
-Gram matrix); the optimum is the same.
+coordinates there, except a layer that one process fits in the span of its
+examples (at least twice as many features as examples, few examples per
+class): that needs every rank's rows in one Gram matrix, and such a layer has
+few rows by that rule, so every rank gathers them (at most
+:data:`_GATHER_ELEMENTS` values) and fits it exactly as one process does
+(``_few_rows``). The optimum is the same either way, and so is the L2 choice:
+on the digits with the paper's convnet (8 and 28 px, three seeds), 2 ranks
+chose every layer's value as 1 process did.
 
 How the solver stays cheap (see ``benchmarks/`` and
 :mod:`probekit.engine.solver`): the fits of every layer (and, on the path,
@@ -145,8 +156,9 @@ PATIENCE = 2
 DEFAULT_TOL = 3e-6
 #: The path's points stop at this multiple of ``tol``, at most 1e-3 (the refit at ``tol`` itself).
 _PATH_TOL = 300
-#: A weaker L2 must lower the held-out loss by more than this (relative) to be chosen.
-_TIE = 1e-6
+#: Held-out losses of the L2 path within this relative difference tie (the path's points stop at a looser
+#: tolerance: their losses are known to about three digits); a tie goes to the stronger L2, the earlier candidate.
+_TIE = 1e-3
 _EVAL_CHUNK = 8192
 #: Fewest elements (examples x features) of each row block of a fit on the CPU.
 _MIN_PARALLEL_ELEMENTS = 2**21
@@ -157,6 +169,8 @@ _MIN_PARALLEL_ELEMENTS = 2**21
 _DUAL_ROWS_PER_CLASS = 50
 #: Most row blocks of one fit (their number never depends on the threads).
 _MAX_BLOCKS = 16
+#: Most values (rows x features) of a layer that a data-parallel fit gathers onto every rank (:func:`_few_rows`).
+_GATHER_ELEMENTS = 2**28
 _STATS_ROWS = 1024
 
 _L2_CONSTRAINTS = {"l2": [Interval(float, 0, None), Options("auto")], "seed": [Interval(int, 0, None)],
@@ -353,6 +367,22 @@ def fit_probes(
         raise ValueError(f"groups= needs one group per row: shape {tuple(labels.shape)}; got {tuple(groups.shape)}")
     if comm is not None and (positions is None or tuple(positions.shape) != tuple(labels.shape)):
         raise ValueError("a data-parallel fit needs positions=: each row's position in the whole training split")
+    if comm is not None:
+        few = _few_rows(features, slices, choosing, num_classes, comm)
+        if few:  # gathered, then fitted on every rank as one process fits them; the rest with sums over the ranks
+            order = torch.sort(torch.cat(comm.gather_rows(positions.long())), stable=True).indices
+            every_label = torch.cat(comm.gather_rows(labels))[order].to(labels.device)
+            ordered_groups = None if groups is None else torch.cat(comm.gather_rows(positions.long()))[order]
+            gathered = {name: torch.cat(comm.gather_rows(features[name].float())).reshape(-1, features[name].shape[1])
+                        [order].to(features[name].device) for name in few}
+            alone = fit_probes(gathered, every_label, num_classes, l2={n: strengths[n] for n in few},
+                               candidates={n: slices[n] for n in few}, seed=seed, max_iter=max_iter, tol=tol,
+                               groups=ordered_groups)
+            rest = {name: x for name, x in features.items() if name not in alone}
+            shared = fit_probes(rest, labels, num_classes, l2={n: strengths[n] for n in rest},
+                                candidates={n: slices[n] for n in rest}, seed=seed, max_iter=max_iter, tol=tol,
+                                groups=groups, comm=comm, positions=positions) if rest else {}
+            return {name: alone[name] if name in alone else shared[name] for name in features}
     if not choosing:
         fold = None
     elif comm is not None:
@@ -366,6 +396,32 @@ def fit_probes(
     with _single_threaded_torch(threads) as pool:
         return _fit_all(features, labels, num_classes, strengths, slices, choosing, fold, pool=pool,
                         max_iter=max_iter, tol=tol, comm=comm)
+
+
+def _few_rows(features: Mapping[str, torch.Tensor], slices: dict, choosing: list, num_classes: int,
+              comm: Collective) -> list[str]:
+    """The layers a data-parallel fit gathers onto every rank: those one process fits in the span of its examples.
+
+    One process fits a candidate of at least twice as many features as the
+    split's examples, and few examples per class, in that span (the dual, see
+    :func:`_spaces`), which needs every row in one Gram matrix. Such a layer
+    has few rows by that rule, so every rank gathers them (in the split's
+    order, from each row's position) and fits the layer exactly as one
+    process does; the ranks then hold the same fit without another
+    collective. Above :data:`_GATHER_ELEMENTS` values a layer stays sharded,
+    fitted in its features' own coordinates (the same optimum, reached
+    along another path: an L2 choice on it may differ from one process's
+    where two values tie to the path's tolerance).
+    """
+    rows = comm.count(next(iter(features.values())).shape[0])
+    few = []
+    for name, x in features.items():
+        widest = max(columns.stop - columns.start for columns in slices[name].values())
+        fits = 3 if name in choosing else 1
+        if widest >= 2 * rows and rows <= _DUAL_ROWS_PER_CLASS * num_classes * fits \
+                and rows * x.shape[1] <= _GATHER_ELEMENTS:
+            few.append(name)
+    return few
 
 
 def _strengths(l2, features: Mapping[str, torch.Tensor]) -> dict[str, float | str]:
@@ -717,11 +773,12 @@ def _fit_all(features: Mapping[str, torch.Tensor], labels: torch.Tensor, num_cla
 
 def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | None, max_iter: int,
            tol: float, comm: Collective | None = None) -> dict:
-    """Each choosing layer's best ``(held-out loss, l2, W, b, spec, points, path iterations)`` along its path.
+    """Each choosing layer's chosen ``(held-out loss, l2, W, b, spec, points, path iterations)`` along its path.
 
     Every (layer, candidate) still on its path takes its next value in the
     same call of the solver, warm-started from its previous weights; the
-    held-out losses are read back once per value.
+    held-out losses are read back once per value. The choice is made once
+    every path has stopped (:func:`_choose`).
     """
     if not layers:
         return {}
@@ -730,8 +787,8 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
         grid = L2_PATH if layer.l2 == "auto" else (layer.l2,)
         for spec, (_, part) in layer.spaces.items():
             tracks.append({"name": name, "spec": spec, "grid": grid, "space": part, "y": layer.labels[:part.rows],
-                           "held_y": layer.labels[part.rows:], "weights": None, "best": None, "since_best": 0,
-                           "done": False, "points": [], "iterations": 0})
+                           "held_y": layer.labels[part.rows:], "weights": None, "best": math.inf, "since_best": 0,
+                           "done": False, "points": [], "kept": {}, "iterations": 0})
     path_tol = max(tol, min(_PATH_TOL * tol, 1e-3))
     for step in range(len(L2_PATH)):
         live = [t for t in tracks if not t["done"] and step < len(t["grid"])]
@@ -758,22 +815,43 @@ def _paths(layers: Mapping[str, _Layer], num_classes: int, *, pool: Executor | N
         if comm is not None:
             losses = comm.sum_(losses.cpu()) / torch.tensor([t["space"].held_count for t in live], dtype=torch.float64)
         for p, t, loss, (_, iterations, _) in zip(problems, live, losses.tolist(), results):
-            value = p.l2
-            t["points"].append((t["spec"], value, loss, iterations))
-            if t["best"] is None or loss < t["best"][0] * (1 - _TIE):
-                t["best"], t["since_best"] = (loss, value, *t["weights"]), 0
+            loss = loss if math.isfinite(loss) else math.inf  # a diverged point never sets the bar
+            t["points"].append((t["spec"], p.l2, loss, iterations))
+            t["kept"][len(t["points"]) - 1] = t["weights"]
+            if loss < t["best"] / (1 + _TIE):
+                t["best"], t["since_best"] = loss, 0
             else:
                 t["since_best"] += 1
                 t["done"] = t["since_best"] >= PATIENCE
+            # A point above this track's bar is above its layer's bar (never lower than the track's) at the end.
+            t["kept"] = {i: w for i, w in t["kept"].items() if t["points"][i][2] <= t["best"] * (1 + _TIE)}
+    return _choose(tracks)
+
+
+def _choose(tracks: list[dict]) -> dict:
+    """Each layer's point over all its candidates' paths: the simplest one that ties with the lowest held-out loss.
+
+    The lowest held-out loss of the layer sets the bar, ``(1 + 1e-3)`` times
+    it: the path's points stop at a looser tolerance, so their losses are
+    known to about three digits, and a smaller difference is a tie. The
+    chosen point is the earliest candidate (the one with the fewest columns
+    first) with a point under the bar, at that candidate's strongest L2
+    under it. So a weaker value that the path's tolerance cannot tell apart
+    (a point whose warm start already met the tolerance, and whose loss
+    moved only in its last digits) never wins, and a data-parallel fit,
+    whose sums are taken in another order, chooses as one process does.
+    Returns ``{layer: (held-out loss, l2, W, b, spec, points, path iterations)}``.
+    """
+    by_layer: dict[str, list[dict]] = {}
+    for t in tracks:
+        by_layer.setdefault(t["name"], []).append(t)
     chosen = {}
-    for t in tracks:  # candidates in order: a later one must beat an earlier one by more than the tie
-        name = t["name"]
-        points = (chosen[name][5] if name in chosen else []) + t["points"]
-        spent = (chosen[name][6] if name in chosen else 0) + t["iterations"]
-        if name not in chosen or t["best"][0] < chosen[name][0] * (1 - _TIE):
-            chosen[name] = (*t["best"], t["spec"], points, spent)
-        else:
-            chosen[name] = (*chosen[name][:5], points, spent)
+    for name, group in by_layer.items():
+        bar = min(q[2] for t in group for q in t["points"]) * (1 + _TIE)
+        t, i = next((t, i) for t in group for i, q in enumerate(t["points"]) if q[2] <= bar)
+        _, value, loss, _ = t["points"][i]
+        chosen[name] = (loss, value, *t["kept"][i], t["spec"], [q for u in group for q in u["points"]],
+                        sum(u["iterations"] for u in group))
     return chosen
 
 

@@ -189,8 +189,34 @@ def online_ddp(out: Path, rank: int) -> dict:
 
 
 #: Scenarios whose process group the script initialises itself (the others let probekit initialise it).
+def wide_and_narrow() -> tuple[dict, torch.Tensor, dict]:
+    """A wide layer on few examples (one process fits it in the span of its examples) and a narrow one."""
+    generator = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 4
+    wide = torch.randn(300, 1000, generator=generator)
+    wide[:, :10] += 1.5 * torch.randn(4, 10, generator=generator)[y]
+    narrow = torch.randn(300, 20, generator=generator) + 0.6 * torch.randn(4, 20, generator=generator)[y]
+    return {"wide": wide, "narrow": narrow}, y, {"wide": {"half": slice(0, 500), "all": slice(0, 1000)}}
+
+
+def gathered_fit(out: Path, rank: int) -> dict:
+    """fit_probes on each rank's shard (rows r, r + 2, ...): the wide layer is gathered, the narrow one summed."""
+    from probekit.engine.probes import fit_probes
+
+    features, y, candidates = wide_and_narrow()
+    comm = pk.engine.distributed.current()
+    rows = torch.arange(300)[rank::2]
+    fits = fit_probes({k: v[rows] for k, v in features.items()}, y[rows], 4, candidates=candidates, comm=comm,
+                      positions=rows)
+    found = {}
+    for name, fit in fits.items():
+        found.update({f"{name}_weight": fit.weight.numpy(), f"{name}_bias": fit.bias.numpy(), f"{name}_l2": fit.l2,
+                      f"{name}_spec": str(fit.spec), f"{name}_path": np.array([p[2] for p in fit.path])})
+    return found
+
+
 USER_GROUP = ("tiny",)
-SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "controls": one_process_controls, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp}
+SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "controls": one_process_controls, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp, "gathered": gathered_fit}
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))

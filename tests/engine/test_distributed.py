@@ -184,6 +184,25 @@ def test_a_rank_with_an_empty_shard_and_the_random_init_baseline(tmp_path):
     np.testing.assert_allclose(two["probe"], one.probe.values, atol=0.02)  # losses and errors alike
 
 
+def test_a_wide_layer_on_few_examples_is_gathered_and_fitted_as_one_process_fits_it(tmp_path):
+    from probekit.engine.probes import fit_probes
+    from tests.engine.distributed_worker import wide_and_narrow
+
+    ranks = _worker("gathered", tmp_path)
+    features, y, candidates = wide_and_narrow()
+    one = fit_probes(features, y, 4, candidates=candidates)
+    for key in ranks[0]:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)  # every rank holds one fit
+    wide, narrow = one["wide"], one["narrow"]
+    # The wide layer (fitted in the span of its 300 examples by one process): the same fit, to the last bit.
+    np.testing.assert_array_equal(ranks[0]["wide_path"], [p[2] for p in wide.path])
+    np.testing.assert_array_equal(ranks[0]["wide_weight"], wide.weight.numpy())
+    assert ranks[0]["wide_spec"] == str(wide.spec) and ranks[0]["wide_l2"] == wide.l2
+    # The narrow one, summed over the ranks: the same choice, and the same optimum to the solver's tolerance.
+    assert ranks[0]["narrow_l2"] == narrow.l2
+    np.testing.assert_allclose(ranks[0]["narrow_weight"], narrow.weight.numpy(), atol=2e-3)
+
+
 def test_ranks_that_disagree_on_the_data_stop_with_one_line(tmp_path):
     done = _torchrun([str(WORKER), "mismatch", str(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -234,10 +253,8 @@ def test_online_monitor_under_distributed_data_parallel(tmp_path):
 
 
 def test_cli_under_torchrun_equals_one_process(tmp_path):
-    # A fixed L2: with l2='auto' a layer whose held-out losses at two L2 values tie to the path's tolerance
-    # may choose either, whatever the number of processes (the sums' order differs).
-    args = ["probekit", "run", "--model", "paper_convnet", "--dataset", "digits", "--epochs", "1", "--quiet",
-            "--l2", "1e-3"]
+    # l2='auto' (the default) chooses each layer's value on the held-out fold as one process does.
+    args = ["probekit", "run", "--model", "paper_convnet", "--dataset", "digits", "--epochs", "1", "--quiet"]
     done = _torchrun([*args, "--out", "two.zarr"], tmp_path, module=True)
     assert done.returncode == 0, done.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -245,12 +262,13 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
                          capture_output=True, text=True, timeout=LIMIT)
     assert one.returncode == 0, one.stderr[-3000:]
     # Resumed for a second epoch: rank 0 reads the training checkpoint and sends it to rank 1.
-    resumed = _torchrun([*args[:6], "--epochs", "2", *args[8:], "--out", "two.zarr", "--resume"], tmp_path, module=True)
+    resumed = _torchrun([*args[:6], "--epochs", "2", "--quiet", "--out", "two.zarr", "--resume"], tmp_path, module=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     two, one = open_run(tmp_path / "two.zarr"), open_run(tmp_path / "one.zarr")
     assert list(two.epoch.values) == [0, 1, 2]
     two = two.isel(epoch=[0, 1])
     assert two.attrs["world_size"] == 2 and one.attrs["world_size"] == 1
+    np.testing.assert_array_equal(two.l2.values, one.l2.values)  # every layer chose the same value
     for split, n in (("train", 1079), ("valid", 359), ("test", 359)):
         gap = np.abs(two.probe.sel(metric=f"{split}_error").values - one.probe.sel(metric=f"{split}_error").values)
         assert np.all(gap <= 1 / n + 1e-9), (split, gap)

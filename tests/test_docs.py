@@ -160,6 +160,17 @@ def test_top_level_functions_show_their_docstrings_arguments_and_examples(site: 
 
 
 @pytest.mark.slow
+def test_no_property_summary_is_read_as_its_type(site: Path):
+    # napoleon reads a property's first line "X: y" as type X and description y; a summary must not take that form.
+    for page in sorted((site / "api").glob("*.html")):
+        fields = re.findall(r'<dt class="field-\w+">Type<span class="colon">:</span></dt>\s*<dd[^>]*>(.*?)</dd>',
+                            page.read_text(encoding="utf-8"), flags=re.S)
+        types = [" ".join(html.unescape(re.sub(r"<[^>]+>", "", f)).split()) for f in fields]
+        prose = [t for t in types if re.search(r"\s", re.sub(r"\s*[|,]\s*", "", t))]  # "tuple[str, ...] | None" is a type
+        assert not prose, (page.name, prose)
+
+
+@pytest.mark.slow
 def test_guides_are_included_from_docs_and_the_landing_page_has_the_set_up_commands(site: Path):
     for guide in GUIDES:
         title = (DOCS / f"{guide}.md").read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip()

@@ -129,7 +129,7 @@ class Collective:
 
     @property
     def root(self) -> bool:
-        """Rank 0: the one that writes the run store and prints."""
+        """Whether this is rank 0, the one that writes the run store and prints."""
         return self.rank == 0
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:

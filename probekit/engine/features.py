@@ -450,7 +450,7 @@ class LabelSummary:
 
     @property
     def count(self) -> int:
-        """Probe examples: examples, or labelled tokens in a token-level run."""
+        """The number of probe examples (examples, or labelled tokens in a token-level run)."""
         return int(self.labels.numel())
 
 

@@ -418,7 +418,7 @@ class ProbeMonitor:
         if self.comm is not None and not self.comm.root:
             quiet = True  # rank 0 prints
         self.model, self.mode, self.quiet = model, mode, quiet
-        #: The dtype the probes' forward passes autocast to; ``None``: off (full precision).
+        #: The dtype the probes' forward passes autocast to (``None`` when off, in full precision).
         self.autocast = autocast_dtype(autocast)
         self.label_key, self.mask_key = label_key, mask_key
         self.l2 = l2 if l2 == "auto" else float(l2)
@@ -449,7 +449,7 @@ class ProbeMonitor:
                 num_classes = getattr(info, "num_classes", None)
             labels = _Labels(self.splits, self.batch_size, label_key)
             self.num_classes = _infer_classes(self.splits, num_classes, labels)
-            #: What a probe's examples are: ``"examples"``, or ``"tokens"`` (per-token labels).
+            #: What a probe's examples are, ``"examples"`` or ``"tokens"`` (per-token labels).
             self.examples = labels.kind
             if self.examples == "tokens" and mode == "online":
                 raise ValueError("per-token labels need mode='snapshot' (online probes read whole training batches)")
@@ -503,7 +503,7 @@ class ProbeMonitor:
             if permuted:
                 self.layout.attrs["random_init_permuted"] = ", ".join(permuted)[:1000]
         self._writer = self._open_writer(store, resume=resume, overwrite=overwrite, storage_options=storage_options)
-        #: The store: a local ``Path``, or the URL of an object store.
+        #: The store, a local ``Path`` or the URL of an object store.
         self.store = store_location(store) if store is not None else None
         self.rows: list[EpochRow] = list(self._writer.rows) if self._writer else []
         if self.comm is not None and store is not None:  # the rows rank 0 found when resuming

@@ -120,7 +120,7 @@ class OnlineProbes(nn.Module):
 
     @property
     def running(self) -> dict[str, dict[str, object]]:
-        """The running train metrics since :meth:`reset_running`: per layer, per-head sums and the examples seen."""
+        """The running train metrics since :meth:`reset_running`, per layer (per-head sums and the examples seen)."""
         totals = self._totals.tolist()
         out = {}
         for i, name in enumerate(self.names):

@@ -73,7 +73,7 @@ class Plan:
 
     @property
     def candidates(self) -> dict[str, dict[str, slice]]:
-        """``{layer: {spec: column slice}}``: the reductions each layer's features hold (several for ``auto`` on a map)."""
+        """The reductions each layer's features hold, ``{layer: {spec: column slice}}`` (several for ``auto`` on a map)."""
         return {name: self.reducers[name].candidates for name in self.layers}
 
     def __str__(self) -> str:

@@ -172,7 +172,7 @@ class ProbePoint:
 
     @property
     def reads(self) -> str:
-        """What of the output is probed: ``""`` (the output), ``"output[0]"``, ``"last_hidden_state"``, ..."""
+        """What of the output is probed, ``""`` (the output), ``"output[0]"``, ``"last_hidden_state"``, ..."""
         return _reads_text(self.field)
 
     def read(self, output: object) -> torch.Tensor:

@@ -102,7 +102,7 @@ class Reducer(nn.Module):
 
     @property
     def candidates(self) -> dict[str, slice]:
-        """``{spec: column slice}`` of the output: one entry (a :class:`Pyramid` has several)."""
+        """``{spec: column slice}`` of the output, one entry (a :class:`Pyramid` has several)."""
         return {self.describe(): slice(0, self.out_features)}
 
     def forward(self, output: object) -> torch.Tensor:

@@ -128,7 +128,7 @@ class Problem:
 
     @property
     def size(self) -> int:
-        """Parameters: ``K * d`` weights and ``K`` biases."""
+        """The number of parameters, ``K * d`` weights and ``K`` biases."""
         return self.k * self.d + self.k
 
     def start(self) -> torch.Tensor:

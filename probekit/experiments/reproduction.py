@@ -49,7 +49,7 @@ class Reproduction:
     findings: dict[str, Findings]
     """:func:`probekit.diagnosis.diagnose` of each store, by label."""
     settings: dict[str, object]
-    """What was run: data, sizes, optimiser, probe points."""
+    """What was run (data, sizes, optimiser, probe points)."""
     command: str
     """The ``probekit reproduce`` command that does the same."""
     wall_time: float = float("nan")
@@ -98,7 +98,7 @@ class Options:
 
     @property
     def real_limit(self) -> int | None:
-        """Examples per split: all of the embedded digits; at most 10,000 of a real dataset unless ``full``."""
+        """Examples per split (all of the embedded digits; at most 10,000 of a real dataset unless ``full``)."""
         return None if self.full or self.dataset == "digits" else 10_000
 
     def splits(self, *, limit: int | None, size: int | None = None, channels: int | None = None, model=None):

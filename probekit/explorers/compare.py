@@ -105,7 +105,7 @@ class CompareState:
 
     @property
     def baselines_shown(self) -> tuple[str, ...]:
-        """The baselines drawn: those of the runs that are selected."""
+        """The baselines drawn, those of the runs that are selected."""
         known = self.known_baselines
         return tuple(known) if self.baselines is None else tuple(b for b in known if b in self.baselines)
 

@@ -267,7 +267,7 @@ class Explorer(LiveApp):
 
     @property
     def findings(self) -> pd.DataFrame | None:
-        """The diagnosis shown: ``pk.diagnose(run, split=split, epoch=epoch).to_frame()``."""
+        """The diagnosis shown, ``pk.diagnose(run, split=split, epoch=epoch).to_frame()``."""
         key = self._findings_key()
         return None if key is None else self._findings_for(key)[0]
 

@@ -55,9 +55,9 @@ class ProbeCallback(TrainerCallback):
     model unchanged since the epoch ended: the next epoch's (or step's) start,
     or the end-of-training summary log (before ``load_best_model_at_end`` swaps
     the model). Each row records the last ``loss`` the Trainer logged since the
-    previous row in the run's ``model_loss``, and the last ``eval_loss`` in
-    :attr:`model_losses`; NaN where none was logged (raise the logging
-    frequency: ``logging_strategy="epoch"``). The best layer's error
+    previous row in the run's ``model_loss``, and the last ``eval_loss`` in its
+    ``model_valid_loss`` (both side by side in :attr:`model_losses`); NaN where
+    none was logged (raise the logging frequency: ``logging_strategy="epoch"``). The best layer's error
     (``probe_best_valid_error``; ``_test_`` or ``_train_`` without a valid
     split) is appended to ``state.log_history`` with the row's epoch and step.
 

@@ -61,9 +61,10 @@ class ProbeCallback(_pl.Callback):
     was logged with ``on_epoch=True``), in the run's ``model_loss``; a step row
     (``every_n_steps``), whose step may fall mid-epoch where the logged value
     can still be the previous epoch's mean, records instead the mean of the
-    losses ``training_step`` returned since the previous row; the validation
+    losses ``training_step`` returned since the previous row. The validation
     loss (``val_loss_key``), when a validation pass ran since the previous row,
-    is kept beside it in :attr:`model_losses`. The best layer's error
+    goes to the run's ``model_valid_loss`` (NaN otherwise); :attr:`model_losses`
+    holds both side by side. The best layer's error
     (``probe_best_valid_error``; ``_test_`` or ``_train_`` without a valid
     split) goes to every logger of the Trainer at the row's global step, and to
     ``trainer.callback_metrics``.

@@ -4,7 +4,7 @@
 (:mod:`probekit.integrations.lightning`, :mod:`probekit.integrations.hf`): it
 checks before training that the callback's data fits the model, writes epoch 0,
 decides which epochs (or steps) get a row, writes each row with the model's
-loss as the trainer logged it, and gives the best layer's error for the
+training and validation losses as the trainer logged them, and gives the best layer's error for the
 trainer's logs. Every probing call runs inside :func:`left_as_found`, so that
 the trainer's model and random streams are exactly as they were before it.
 
@@ -126,8 +126,6 @@ class TrainerProbes:
         self.options = dict(monitor_options)
         self.monitor: ProbeMonitor | None = None
         self.model: nn.Module | None = None
-        #: The model's own losses per row, as the trainer logged them: ``(epoch, step, train, valid)``.
-        self._losses: list[tuple[int, int, float, float]] = []
 
     # ---------------------------------------------------------------- lifetime
     def start(self, model: nn.Module) -> None:
@@ -162,7 +160,6 @@ class TrainerProbes:
                 f"{where} holds rows up to step {last.step} (epoch {last.epoch}), after the trainer's step {step}; "
                 "resume from the last checkpoint of that run, or write to a new store"
             )
-        self._losses = [(row.epoch, row.step, row.model_loss, math.nan) for row in rows]
         return self.write(epoch=0, step=0) if not rows else {}
 
     def close(self) -> None:
@@ -198,23 +195,27 @@ class TrainerProbes:
         """Probe the model now and write one row; returns ``{name: value}`` of the best layer's error to log."""
         if self.by_steps:
             epoch = self.monitor.next_epoch
-        train, valid = _number(model_loss), _number(valid_loss)
         with left_as_found(self.model):
-            row = self.monitor.update(epoch=epoch, step=step, model_loss=train)
-        self._losses.append((epoch, step, train, valid))
+            row = self.monitor.update(epoch=epoch, step=step, model_loss=_number(model_loss),
+                                      model_valid_loss=_number(valid_loss))
         return best_error(row)
 
     @property
     def model_losses(self) -> xr.DataArray:
         """The model's own losses at each row, as logged: dims ``(epoch, split)``, split ``train`` and ``valid``.
 
-        The run store holds the training loss (``model_loss``); the validation
-        loss is kept here, beside it, with the same epoch numbers.
+        Read from the run: its ``model_loss`` (training) and
+        ``model_valid_loss`` (validation), so that a resumed run's earlier rows
+        hold what was logged then; empty before the callback has probed.
         """
-        epochs = [e for e, _, _, _ in self._losses]
-        values = np.array([[train, valid] for _, _, train, valid in self._losses], dtype=np.float64).reshape(-1, 2)
+        if self.monitor is None:
+            return xr.DataArray(np.zeros((0, 2)), dims=("epoch", "split"), name="model_loss",
+                                coords={"epoch": np.zeros(0, np.int64), "step": ("epoch", np.zeros(0, np.int64)),
+                                        "split": ["train", "valid"]})
+        ds = self.monitor.dataset
+        values = np.stack([ds["model_loss"].values, ds["model_valid_loss"].values], axis=1).astype(np.float64)
         return xr.DataArray(values, dims=("epoch", "split"), name="model_loss",
-                            coords={"epoch": epochs, "step": ("epoch", [s for _, s, _, _ in self._losses]),
+                            coords={"epoch": ds["epoch"].values, "step": ("epoch", ds["step"].values),
                                     "split": ["train", "valid"]})
 
 

@@ -77,6 +77,8 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
     assert len(logged_train) == len(logged_valid) == 2
     assert np.isnan(ds.model_loss.values[0])
     np.testing.assert_allclose(ds.model_loss.values[1:], logged_train, rtol=1e-6)
+    assert np.isnan(ds.model_valid_loss.values[0])
+    np.testing.assert_allclose(ds.model_valid_loss.values[1:], logged_valid, rtol=1e-6)
     losses = callback.model_losses
     np.testing.assert_allclose(losses.sel(split="valid").values[1:], logged_valid, rtol=1e-6)
     best = [entry for entry in history if "probe_best_valid_error" in entry]

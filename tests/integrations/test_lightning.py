@@ -85,6 +85,8 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
     logged_valid = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
     assert np.isnan(ds.model_loss.values[0])  # the untrained model has no training loss yet
     np.testing.assert_allclose(ds.model_loss.values[1:], logged_train, rtol=1e-6)
+    assert np.isnan(ds.model_valid_loss.values[0])  # the sanity check's val_loss is no epoch's
+    np.testing.assert_allclose(ds.model_valid_loss.values[1:], logged_valid[-2:], rtol=1e-6)
     losses = callback.model_losses
     assert losses.epoch.values.tolist() == [0, 1, 2] and np.isnan(losses.sel(split="valid").values[0])
     np.testing.assert_allclose(losses.sel(split="valid").values[1:], logged_valid[-2:], rtol=1e-6)

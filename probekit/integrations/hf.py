@@ -73,9 +73,20 @@ class ProbeCallback(TrainerCallback):
     training forward pass every probe takes one step on the batch's labels
     (the ``batch_label_key`` keyword argument the Trainer passes the model).
 
-    Distributed: the world's process zero (``state.is_world_process_zero``)
-    probes and writes the store with the whole ``data`` it was given; the other
-    processes do nothing. Probing is not sharded across processes.
+    Distributed (DDP, the Trainer under ``torchrun``): every process takes
+    part, with the same ``data``. Each builds its monitor in the Trainer's
+    process group, extracts its own shard of every split (examples ``rank,
+    rank + W, ...``) and fits the probes with sums all-reduced over the
+    processes (see :mod:`probekit.engine.distributed`), so every process holds
+    the same rows, equal to one process's to within one example of error; the
+    world's process zero alone writes the store (the others never touch it),
+    and the run records ``world_size``. In online mode each process's probes
+    step on its own training batches, their gradients all-reduced. The best
+    layer's error is logged the same on every process, as the Trainer logs its
+    own figures (its ``report_to`` loggers write process zero's); the losses a
+    row records are those the Trainer logged, gathered over the processes and
+    alike on every one. Data that does not fit the model on one process stops
+    every process with one line.
 
     Args:
         data: the probes' train/valid(/test) splits (see :class:`~probekit.ProbeMonitor`), e.g.
@@ -152,8 +163,7 @@ class ProbeCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        # Every process: under torchrun the monitor's sums are collectives of the Trainer's process group.
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin; give Trainer(model=...) a model")
         self._handler = _calling_handler(self)

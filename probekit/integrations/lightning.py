@@ -80,9 +80,19 @@ class ProbeCallback(_pl.Callback):
     package is installed, else from ``pytorch_lightning.Callback``; either
     package's ``Trainer`` runs it.
 
-    Distributed (DDP): rank 0 probes and writes the store with the whole
-    ``data`` it was given; the other ranks do nothing. Probing is not sharded
-    across ranks.
+    Distributed (DDP): every rank takes part, with the same ``data``. Each
+    builds its monitor in the Trainer's process group, extracts its own shard
+    of every split (examples ``rank, rank + W, ...``) and fits the probes with
+    sums all-reduced over the ranks (see :mod:`probekit.engine.distributed`),
+    so every rank holds the same rows, equal to one process's to within one
+    example of error; rank 0 alone writes the store (the others never touch
+    it), and the run records ``world_size``. In online mode each rank's probes
+    step on its own training batches, their gradients all-reduced. The best
+    layer's error is the same on every rank, in every rank's
+    ``callback_metrics``; Lightning's loggers write rank 0's. The losses a row
+    records are rank 0's as the module logged them (``self.log(...,
+    sync_dist=True)`` logs their mean over the ranks). Data that does not fit
+    the model on one rank stops every rank with one line.
 
     Args:
         data: the probes' train/valid(/test) splits (see :class:`~probekit.ProbeMonitor`), as the module's
@@ -165,8 +175,7 @@ class ProbeCallback(_pl.Callback):
 
     # ---------------------------------------------------------------- events
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank: under DDP the monitor's sums are collectives of the Trainer's process group.
         self.probes.start(self._target(pl_module))
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -8,6 +8,13 @@ training and validation losses as the trainer logged them, and gives the best la
 trainer's logs. Every probing call runs inside :func:`left_as_found`, so that
 the trainer's model and random streams are exactly as they were before it.
 
+Under a trainer's data parallelism (Lightning's DDP, transformers' Trainer
+under ``torchrun``) every rank drives its own monitor in the trainer's process
+group, as :mod:`probekit.engine.distributed` describes for ``ProbeMonitor``:
+each extracts its shard, the sums are all-reduced, rank 0 alone writes the
+store, and every rank gets the same rows. A refusal on one rank before the
+monitor exists (data that does not fit the model) stops every rank.
+
 This module imports the engine and the run schema; it never imports Lightning
 or transformers (each callback module does, alone), the diagnosis, the charts
 or the explorers.
@@ -26,6 +33,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from probekit.engine import distributed
 from probekit.engine.batch import batch_size, call_model, first_tensor, take, to_device
 from probekit.engine.devices import model_device
 from probekit.engine.features import as_splits, batches, check_inputs
@@ -129,11 +137,25 @@ class TrainerProbes:
 
     # ---------------------------------------------------------------- lifetime
     def start(self, model: nn.Module) -> None:
-        """Check the data against ``model`` and build the monitor (a one-line error, before training, if they do not fit)."""
+        """Check the data against ``model`` and build the monitor (a one-line error, before training, if they do not fit).
+
+        Data-parallel, every rank calls it: data that does not fit on one rank
+        raises there, and every other rank raises "rank R of W stopped: ..."
+        instead of waiting for it in the monitor's first collective.
+        """
         self.close()  # a callback reused by a second fit starts a new monitor
         self.model = model
+        comm = distributed.current()
         with left_as_found(model):
-            check_data_fits(model, self.data, label_key=self.options.get("label_key"))
+            failure = None
+            try:
+                check_data_fits(model, self.data, label_key=self.options.get("label_key"))
+            except Exception as error:
+                if comm is None:
+                    raise
+                failure = error
+            if comm is not None:
+                comm.settle(failure)
             self.monitor = ProbeMonitor(model, self.data, layers=self.layers, reduce=self.reduce, store=self.store,
                                         mode=self.mode, **self.options)
 

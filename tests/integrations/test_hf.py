@@ -174,18 +174,6 @@ def test_an_epoch_cut_short_by_max_steps_gets_no_row(splits, tmp_path):
     assert callback.dataset.epoch.values.tolist() == [0, 1]
 
 
-def test_on_a_process_other_than_zero_the_callback_does_nothing(splits):
-    """Distributed, the world's process zero probes and writes; another process's events leave no monitor and no hooks."""
-    from transformers import TrainerControl, TrainerState
-
-    callback, model = ProbeCallback(splits, mode="online", quiet=True), _model()
-    state, control = TrainerState(is_world_process_zero=False), TrainerControl()
-    state.epoch = 1.0
-    for event in ("on_train_begin", "on_epoch_begin", "on_step_begin", "on_step_end", "on_epoch_end", "on_train_end"):
-        getattr(callback, event)(None, state, control, model=model)
-    assert callback.probes.monitor is None and not any(m._forward_hooks for m in model.modules())
-
-
 def test_without_transformers_the_import_names_the_extra_in_one_line():
     result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['transformers'] = None\n"
                              "import probekit.integrations.hf"], capture_output=True, text=True, cwd=ROOT)

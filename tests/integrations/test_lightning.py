@@ -219,20 +219,6 @@ def test_a_module_that_logs_no_training_loss_under_that_name_is_named_in_a_warni
     assert np.isnan(callback.dataset.model_loss.values).all()
 
 
-def test_on_a_rank_other_than_0_the_callback_does_nothing(digits):
-    """Under DDP rank 0 probes and writes; another rank's events leave no monitor, no store and no hooks."""
-    from types import SimpleNamespace
-
-    callback, module = ProbeCallback(digits, module="net", mode="online", quiet=True), DigitsModule()
-    trainer = SimpleNamespace(is_global_zero=False, global_step=0, current_epoch=0)
-    callback.on_fit_start(trainer, module)
-    callback.on_train_start(trainer, module)
-    callback.on_train_batch_end(trainer, module, None, digits.train, 0)
-    callback.on_train_epoch_end(trainer, module)
-    callback.on_fit_end(trainer, module)
-    assert callback.probes.monitor is None and not any(m._forward_hooks for m in module.modules())
-
-
 def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
 

@@ -90,6 +90,21 @@ def lightning_fit(out: Path, devices: int = 2) -> dict:
             "best": best, "global_rank": trainer.global_rank}
 
 
+def lightning_bad(out: Path, ranks: tuple[int, ...]) -> dict:
+    """On ``ranks``, the probe data does not fit the model (3 channels for a 1-channel convnet); elsewhere it does."""
+    from probekit.integrations.lightning import ProbeCallback
+
+    data = pk.data.digits(limit=200)
+    x, y = data.train
+    splits = {"train": (x.repeat(1, 3, 1, 1), y) if _rank() in ranks else (x, y), "valid": data.valid}
+    trainer = lightning_trainer([ProbeCallback(splits, module="net", quiet=True)], out, devices=2)
+    try:
+        trainer.fit(frozen_module(), *lightning_loaders(data))
+    finally:
+        (out / f"steps{_rank()}.txt").write_text(str(trainer.global_step))
+    return {}
+
+
 # ----------------------------------------------------------------------------- transformers
 def hf_splits() -> dict:
     from tests.integrations.test_hf import _tokens
@@ -130,7 +145,11 @@ def hf_fit(out: Path, processes: int = 2) -> dict:
             "best": np.array(recorder.best), "logged_valid": np.array(valid)}
 
 
-SCENARIOS = {("lightning", "fit"): lightning_fit, ("hf", "fit"): hf_fit}
+SCENARIOS = {
+    ("lightning", "fit"): lightning_fit, ("hf", "fit"): hf_fit,
+    ("lightning", "bad_on_rank_1"): lambda out: lightning_bad(out, (1,)),
+    ("lightning", "bad_on_every_rank"): lambda out: lightning_bad(out, (0, 1)),
+}
 
 
 def main(framework: str, scenario: str, out: Path) -> None:

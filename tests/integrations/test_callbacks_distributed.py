@@ -1,5 +1,5 @@
 """The trainer callbacks under data parallelism: Lightning's DDP and transformers' Trainer under torchrun, 2 CPU
-processes on gloo, against one process.
+processes on gloo, against one process; data that does not fit the model, on one rank or on every rank.
 
 Each test starts ``ddp_worker.py`` in a subprocess of its own session, bounded by a timeout that kills every
 process of it, so that a hung rank cannot hang the suite. The model trains with a learning rate of 0: two
@@ -141,3 +141,20 @@ def test_hf_trainer_under_torchrun_on_two_processes_writes_the_run_of_one(tmp_pa
     np.testing.assert_allclose(ranks[0]["best"][0::2], stored.probe.sel(metric="valid_error").min("layer").values)
     _check_online(ranks)
     assert ranks[0]["online_iterations"][:, -1].tolist() == [6] * ranks[0]["online_iterations"].shape[0]
+
+
+@pytest.mark.parametrize("scenario", ["bad_on_rank_1", "bad_on_every_rank"])
+def test_data_that_does_not_fit_the_model_under_ddp_stops_every_rank_with_one_line(scenario, tmp_path):
+    done = _lightning(scenario, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    own = ("ValueError: the callback's train split does not fit Sequential: its inputs (per-example shape 3x8x8) make "
+           "the model raise RuntimeError: ")
+    for rank in range(2):
+        text = (tmp_path / f"error{rank}.txt").read_text()
+        assert "\n" not in text, text
+        if rank == 1 or scenario == "bad_on_every_rank":
+            assert text.startswith(own), text
+        else:  # stopped by rank 1's refusal instead of waiting for it in the monitor's first collective
+            assert text.startswith("ValueError: rank 1 of 2 stopped: " + own.removeprefix("ValueError: ")), text
+        assert (tmp_path / f"steps{rank}.txt").read_text() == "0"  # before any training step
+    assert not (tmp_path / "rank0.npz").exists() and not (tmp_path / "rank1.npz").exists()

@@ -644,14 +644,16 @@ class ProbeMonitor:
 
     # ---------------------------------------------------------------- update
     def update(self, *, epoch: int | None = None, step: int | None = None, model_loss: float | None = None,
-               model_error: float | None = None) -> xr.Dataset:
+               model_error: float | None = None, model_valid_loss: float | None = None) -> xr.Dataset:
         """Probe the model as it is now and write one epoch row.
 
         Args:
             epoch: the row's epoch number, 0 or more (default: one more than the last).
             step: the global training step (minibatches seen); ``None`` when unknown
                 (the store records an unknown step as -1).
-            model_loss, model_error: the model's own figures for this epoch.
+            model_loss, model_error: the model's own figures for this epoch (its training loss and error).
+            model_valid_loss: the model's own loss on its validation data, as your loop measured it
+                (the run's ``model_valid_loss``; NaN when not given).
 
         Returns:
             The new row as a one-epoch dataset.
@@ -671,6 +673,7 @@ class ProbeMonitor:
             epoch=epoch, step=_UNKNOWN_STEP if step is None else int(step), **parts,
             model_loss=float("nan") if model_loss is None else float(model_loss),
             model_error=float("nan") if model_error is None else float(model_error),
+            model_valid_loss=float("nan") if model_valid_loss is None else float(model_valid_loss),
             wall_time=time.monotonic() - self._clock,
         )
         bad = [n for n, flag in zip(self.layers, nonfinite) if flag]

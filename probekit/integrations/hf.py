@@ -11,12 +11,14 @@ module; this module is the only one of the package that imports transformers.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler
 except ImportError:
     raise ImportError(
         'probekit.integrations.hf needs transformers (and accelerate, for its Trainer), which are not installed; '
@@ -55,11 +57,14 @@ class ProbeCallback(TrainerCallback):
     model unchanged since the epoch ended: the next epoch's (or step's) start,
     or the end-of-training summary log (before ``load_best_model_at_end`` swaps
     the model). Each row records the last ``loss`` the Trainer logged since the
-    previous row in the run's ``model_loss``, and the last ``eval_loss`` in
-    :attr:`model_losses`; NaN where none was logged (raise the logging
-    frequency: ``logging_strategy="epoch"``). The best layer's error
+    previous row in the run's ``model_loss``, and the last ``eval_loss`` in its
+    ``model_valid_loss`` (both side by side in :attr:`model_losses`); NaN where
+    none was logged (raise the logging frequency: ``logging_strategy="epoch"``). The best layer's error
     (``probe_best_valid_error``; ``_test_`` or ``_train_`` without a valid
-    split) is appended to ``state.log_history`` with the row's epoch and step.
+    split) is logged as the Trainer logs its own figures: appended to
+    ``state.log_history`` with the row's epoch and step, then passed to every
+    callback's ``on_log`` (the ``report_to`` loggers, TensorBoard, W&B, ...,
+    among them), through the Trainer's callback handler.
 
     Every probing call leaves the model as it found it: train/eval flags,
     ``requires_grad``, parameters, buffers and device, and the random streams
@@ -68,9 +73,20 @@ class ProbeCallback(TrainerCallback):
     training forward pass every probe takes one step on the batch's labels
     (the ``batch_label_key`` keyword argument the Trainer passes the model).
 
-    Distributed: the world's process zero (``state.is_world_process_zero``)
-    probes and writes the store with the whole ``data`` it was given; the other
-    processes do nothing. Probing is not sharded across processes.
+    Distributed (DDP, the Trainer under ``torchrun``): every process takes
+    part, with the same ``data``. Each builds its monitor in the Trainer's
+    process group, extracts its own shard of every split (examples ``rank,
+    rank + W, ...``) and fits the probes with sums all-reduced over the
+    processes (see :mod:`probekit.engine.distributed`), so every process holds
+    the same rows, equal to one process's to within one example of error; the
+    world's process zero alone writes the store (the others never touch it),
+    and the run records ``world_size``. In online mode each process's probes
+    step on its own training batches, their gradients all-reduced. The best
+    layer's error is logged the same on every process, as the Trainer logs its
+    own figures (its ``report_to`` loggers write process zero's); the losses a
+    row records are those the Trainer logged, gathered over the processes and
+    alike on every one. Data that does not fit the model on one process stops
+    every process with one line.
 
     Args:
         data: the probes' train/valid(/test) splits (see :class:`~probekit.ProbeMonitor`), e.g.
@@ -130,6 +146,7 @@ class ProbeCallback(TrainerCallback):
         self._pending: tuple[int | None, int] | None = None  # (epoch or None for a step row, global step) to write
         self._logged_upto = 0  # entries of state.log_history already read by a row
         self._hook = None
+        self._handler: CallbackHandler | None = None  # the Trainer's, which calls every callback's on_log
 
     # ---------------------------------------------------------------- what it made
     @property
@@ -146,29 +163,29 @@ class ProbeCallback(TrainerCallback):
 
     # ---------------------------------------------------------------- events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        # Every process: under torchrun the monitor's sums are collectives of the Trainer's process group.
         if model is None:
             raise ValueError("the Trainer passed no model to on_train_begin; give Trainer(model=...) a model")
+        self._handler = _calling_handler(self)
         self.probes.start(model)
         figures = self.probes.begin(step=state.global_step)
         self._logged_upto = len(state.log_history)
-        self._record(state, figures)
+        self._record(args, state, control, figures)
         if self.probes.mode == "online":
             self._hook = model.register_forward_hook(self._after_forward, with_kwargs=True)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self._flush(state)
+        self._flush(args, state, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._flush(state)
+        self._flush(args, state, control)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.probes.step_due(state.global_step):
             self._pending = (None, state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._flush(state)
+        self._flush(args, state, control)
         epoch = round(state.epoch)
         if abs(state.epoch - epoch) > 1e-6:
             return  # cut short (max_steps): not a whole epoch, so no row is numbered as one
@@ -177,11 +194,11 @@ class ProbeCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and _SUMMARY_KEY in logs:
-            self._flush(state)
+            self._flush(args, state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
         try:
-            self._flush(state)
+            self._flush(args, state, control)
         finally:
             self._close()
 
@@ -197,7 +214,7 @@ class ProbeCallback(TrainerCallback):
                              "batch_label_key= naming them, or use mode='snapshot'")
         self.probes.step(labels)
 
-    def _flush(self, state) -> None:
+    def _flush(self, args, state, control) -> None:
         """Write the row that is due, with the losses logged since the previous row."""
         if self._pending is None or self.probes.monitor is None:
             return
@@ -207,17 +224,54 @@ class ProbeCallback(TrainerCallback):
         train = next((entry["loss"] for entry in reversed(new) if "loss" in entry), None)
         valid = next((entry["eval_loss"] for entry in reversed(new) if "eval_loss" in entry), None)
         figures = self.probes.write(epoch=epoch, step=step, model_loss=train, valid_loss=valid)
-        self._record(state, figures)
+        self._record(args, state, control, figures)
 
-    def _record(self, state, figures: Mapping[str, float]) -> None:
-        """The best layer's figures into the log history, at the training epoch and step of the row just written."""
+    def _record(self, args, state, control, figures: Mapping[str, float]) -> None:
+        """Log the best layer's figures as ``Trainer.log`` logs the Trainer's own, at the epoch and step of the row
+        just written: one entry of the log history, then every callback's ``on_log``.
+
+        Without the Trainer's callback handler (the callback driven by something
+        else), the entry of the log history alone. The handler's ``on_log``
+        clears ``control.should_log``; it is set back, so that a row written at
+        ``on_epoch_end`` does not cancel the Trainer's own log of that epoch.
+        """
         if figures:
             step = int(self.probes.monitor.rows[-1].step)
-            state.log_history.append({**figures, "epoch": float(state.epoch or 0.0), "step": step})
+            logs = {**figures, "epoch": float(state.epoch or 0.0)}
+            state.log_history.append({**logs, "step": step})
+            if self._handler is not None:
+                should_log = control.should_log
+                self._handler.on_log(args, state, control, logs)
+                control.should_log = should_log
         self._logged_upto = len(state.log_history)
 
     def _close(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self._handler = None
         self.probes.close()
+
+
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose event is calling ``callback`` now (the Trainer's), or ``None``.
+
+    A TrainerCallback is given neither the Trainer nor its handler, and the
+    handler alone reaches every callback's ``on_log`` (the ``report_to``
+    loggers come before the user's callbacks, so changing the ``logs`` a
+    later event passes would miss them). The handler calls each callback from
+    its ``call_event``: it is the caller a few frames up that holds this very
+    callback.
+    """
+    frame = inspect.currentframe()
+    try:
+        for _ in range(6):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            holder = frame.f_locals.get("self")
+            if isinstance(holder, CallbackHandler) and any(c is callback for c in holder.callbacks):
+                return holder
+        return None
+    finally:
+        del frame

@@ -61,9 +61,10 @@ class ProbeCallback(_pl.Callback):
     was logged with ``on_epoch=True``), in the run's ``model_loss``; a step row
     (``every_n_steps``), whose step may fall mid-epoch where the logged value
     can still be the previous epoch's mean, records instead the mean of the
-    losses ``training_step`` returned since the previous row; the validation
+    losses ``training_step`` returned since the previous row. The validation
     loss (``val_loss_key``), when a validation pass ran since the previous row,
-    is kept beside it in :attr:`model_losses`. The best layer's error
+    goes to the run's ``model_valid_loss`` (NaN otherwise); :attr:`model_losses`
+    holds both side by side. The best layer's error
     (``probe_best_valid_error``; ``_test_`` or ``_train_`` without a valid
     split) goes to every logger of the Trainer at the row's global step, and to
     ``trainer.callback_metrics``.
@@ -79,9 +80,19 @@ class ProbeCallback(_pl.Callback):
     package is installed, else from ``pytorch_lightning.Callback``; either
     package's ``Trainer`` runs it.
 
-    Distributed (DDP): rank 0 probes and writes the store with the whole
-    ``data`` it was given; the other ranks do nothing. Probing is not sharded
-    across ranks.
+    Distributed (DDP): every rank takes part, with the same ``data``. Each
+    builds its monitor in the Trainer's process group, extracts its own shard
+    of every split (examples ``rank, rank + W, ...``) and fits the probes with
+    sums all-reduced over the ranks (see :mod:`probekit.engine.distributed`),
+    so every rank holds the same rows, equal to one process's to within one
+    example of error; rank 0 alone writes the store (the others never touch
+    it), and the run records ``world_size``. In online mode each rank's probes
+    step on its own training batches, their gradients all-reduced. The best
+    layer's error is the same on every rank, in every rank's
+    ``callback_metrics``; Lightning's loggers write rank 0's. The losses a row
+    records are rank 0's as the module logged them (``self.log(...,
+    sync_dist=True)`` logs their mean over the ranks). Data that does not fit
+    the model on one rank stops every rank with one line.
 
     Args:
         data: the probes' train/valid(/test) splits (see :class:`~probekit.ProbeMonitor`), as the module's
@@ -164,8 +175,7 @@ class ProbeCallback(_pl.Callback):
 
     # ---------------------------------------------------------------- events
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+        # Every rank: under DDP the monitor's sums are collectives of the Trainer's process group.
         self.probes.start(self._target(pl_module))
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -4,9 +4,16 @@
 (:mod:`probekit.integrations.lightning`, :mod:`probekit.integrations.hf`): it
 checks before training that the callback's data fits the model, writes epoch 0,
 decides which epochs (or steps) get a row, writes each row with the model's
-loss as the trainer logged it, and gives the best layer's error for the
+training and validation losses as the trainer logged them, and gives the best layer's error for the
 trainer's logs. Every probing call runs inside :func:`left_as_found`, so that
 the trainer's model and random streams are exactly as they were before it.
+
+Under a trainer's data parallelism (Lightning's DDP, transformers' Trainer
+under ``torchrun``) every rank drives its own monitor in the trainer's process
+group, as :mod:`probekit.engine.distributed` describes for ``ProbeMonitor``:
+each extracts its shard, the sums are all-reduced, rank 0 alone writes the
+store, and every rank gets the same rows. A refusal on one rank before the
+monitor exists (data that does not fit the model) stops every rank.
 
 This module imports the engine and the run schema; it never imports Lightning
 or transformers (each callback module does, alone), the diagnosis, the charts
@@ -26,6 +33,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from probekit.engine import distributed
 from probekit.engine.batch import batch_size, call_model, first_tensor, take, to_device
 from probekit.engine.devices import model_device
 from probekit.engine.features import as_splits, batches, check_inputs
@@ -126,16 +134,28 @@ class TrainerProbes:
         self.options = dict(monitor_options)
         self.monitor: ProbeMonitor | None = None
         self.model: nn.Module | None = None
-        #: The model's own losses per row, as the trainer logged them: ``(epoch, step, train, valid)``.
-        self._losses: list[tuple[int, int, float, float]] = []
 
     # ---------------------------------------------------------------- lifetime
     def start(self, model: nn.Module) -> None:
-        """Check the data against ``model`` and build the monitor (a one-line error, before training, if they do not fit)."""
+        """Check the data against ``model`` and build the monitor (a one-line error, before training, if they do not fit).
+
+        Data-parallel, every rank calls it: data that does not fit on one rank
+        raises there, and every other rank raises "rank R of W stopped: ..."
+        instead of waiting for it in the monitor's first collective.
+        """
         self.close()  # a callback reused by a second fit starts a new monitor
         self.model = model
+        comm = distributed.current()
         with left_as_found(model):
-            check_data_fits(model, self.data, label_key=self.options.get("label_key"))
+            failure = None
+            try:
+                check_data_fits(model, self.data, label_key=self.options.get("label_key"))
+            except Exception as error:
+                if comm is None:
+                    raise
+                failure = error
+            if comm is not None:
+                comm.settle(failure)
             self.monitor = ProbeMonitor(model, self.data, layers=self.layers, reduce=self.reduce, store=self.store,
                                         mode=self.mode, **self.options)
 
@@ -162,7 +182,6 @@ class TrainerProbes:
                 f"{where} holds rows up to step {last.step} (epoch {last.epoch}), after the trainer's step {step}; "
                 "resume from the last checkpoint of that run, or write to a new store"
             )
-        self._losses = [(row.epoch, row.step, row.model_loss, math.nan) for row in rows]
         return self.write(epoch=0, step=0) if not rows else {}
 
     def close(self) -> None:
@@ -198,23 +217,27 @@ class TrainerProbes:
         """Probe the model now and write one row; returns ``{name: value}`` of the best layer's error to log."""
         if self.by_steps:
             epoch = self.monitor.next_epoch
-        train, valid = _number(model_loss), _number(valid_loss)
         with left_as_found(self.model):
-            row = self.monitor.update(epoch=epoch, step=step, model_loss=train)
-        self._losses.append((epoch, step, train, valid))
+            row = self.monitor.update(epoch=epoch, step=step, model_loss=_number(model_loss),
+                                      model_valid_loss=_number(valid_loss))
         return best_error(row)
 
     @property
     def model_losses(self) -> xr.DataArray:
         """The model's own losses at each row, as logged: dims ``(epoch, split)``, split ``train`` and ``valid``.
 
-        The run store holds the training loss (``model_loss``); the validation
-        loss is kept here, beside it, with the same epoch numbers.
+        Read from the run: its ``model_loss`` (training) and
+        ``model_valid_loss`` (validation), so that a resumed run's earlier rows
+        hold what was logged then; empty before the callback has probed.
         """
-        epochs = [e for e, _, _, _ in self._losses]
-        values = np.array([[train, valid] for _, _, train, valid in self._losses], dtype=np.float64).reshape(-1, 2)
+        if self.monitor is None:
+            return xr.DataArray(np.zeros((0, 2)), dims=("epoch", "split"), name="model_loss",
+                                coords={"epoch": np.zeros(0, np.int64), "step": ("epoch", np.zeros(0, np.int64)),
+                                        "split": ["train", "valid"]})
+        ds = self.monitor.dataset
+        values = np.stack([ds["model_loss"].values, ds["model_valid_loss"].values], axis=1).astype(np.float64)
         return xr.DataArray(values, dims=("epoch", "split"), name="model_loss",
-                            coords={"epoch": epochs, "step": ("epoch", [s for _, s, _, _ in self._losses]),
+                            coords={"epoch": ds["epoch"].values, "step": ("epoch", ds["step"].values),
                                     "split": ["train", "valid"]})
 
 

@@ -28,10 +28,10 @@ from probekit.params import choices
 
 __all__ = [
     "ATTR_DEFAULTS", "BASELINES", "EPOCH_VARIABLES", "REDUCTION_WIDTH", "EXAMPLE_KINDS", "LAYOUTS", "MDL_SPLIT", "MEASURES", "MEASURE_LABELS", "RUN_COORDS",
-    "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS", "SPLITS", "SPLITS_SHOWN_FIRST", "SPLIT_MEASURES", "VARIABLE_DIMS",
-    "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run", "epoch_arrays", "epoch_index", "epoch_position",
-    "forward_order", "layout_for_shape", "layout_of", "measures_of", "metric_name", "metric_names", "row_values", "rows_of",
-    "splits_of",
+    "RUN_VARIABLES", "SCHEMA_VERSION", "SESSION_ATTRS", "SPLITS", "SPLITS_SHOWN_FIRST", "SPLIT_MEASURES", "VARIABLE_DEFAULTS",
+    "VARIABLE_DIMS", "EpochRow", "RunLayout", "build_dataset", "check_in_run", "check_run", "epoch_arrays", "epoch_index",
+    "epoch_position", "forward_order", "layout_for_shape", "layout_of", "measures_of", "metric_name", "metric_names",
+    "row_values", "rows_of", "splits_of", "with_added_variables",
 ]
 
 SCHEMA_VERSION = 2
@@ -59,7 +59,8 @@ LAYOUTS = ("map", "tokens", "vector")
 #: The baselines a run can carry (see docs/methodology.md).
 BASELINES = ("random_init", "control")
 #: Data variables every run has.
-RUN_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time")
+RUN_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_valid_loss",
+                 "model_error", "wall_time")
 #: Coordinates every run has.
 RUN_COORDS = (
     "layer", "depth", "relative_depth", "op", "shape", "layout", "feature_dim", "reduction",
@@ -75,6 +76,7 @@ VARIABLE_DIMS = {
     "iterations": ("layer", "epoch"),
     "converged": ("layer", "epoch"),
     "model_loss": ("epoch",),
+    "model_valid_loss": ("epoch",),
     "model_error": ("epoch",),
     "wall_time": ("epoch",),
     "step": ("epoch",),
@@ -85,7 +87,12 @@ VARIABLE_DIMS = {
 #: Widest reduction text ``reduction_used`` holds (its fixed-width string dtype).
 REDUCTION_WIDTH = 48
 #: The epoch-indexed variables every run has.
-EPOCH_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_error", "wall_time", "step", "epoch")
+EPOCH_VARIABLES = ("probe", "l2", "reduction_used", "nonfinite", "iterations", "converged", "model_loss", "model_valid_loss",
+                   "model_error", "wall_time", "step", "epoch")
+#: Run variables added after stores were first written (each indexed by epoch alone), and the value every epoch of
+#: a run without one holds: readers fill it in (:func:`with_added_variables`), and a store continued with
+#: ``resume=True`` gains it. ``model_valid_loss``: the model's validation loss, as a trainer logged it.
+VARIABLE_DEFAULTS = {"model_valid_loss": float("nan")}
 #: Attributes that describe one process's session, not the run: they may differ on resume.
 SESSION_ATTRS = ("command", "started", "device", "wall_time", "completed_epochs", "probekit_version", "torch_version", "python_version")
 #: Run attributes added after stores were first written, and the value a store without one was written with.
@@ -221,6 +228,7 @@ class EpochRow:
     model_loss: float = float("nan")
     model_error: float = float("nan")
     wall_time: float = float("nan")
+    model_valid_loss: float = float("nan")  # the model's validation loss, when the trainer logged one
     l2: np.ndarray | None = None  # (layer,): the L2 strength of each fit; None: not recorded (NaN)
     reduction_used: Sequence[str] | None = None  # (layer,): the reduction each fit read; None: the layer's ``reduction``
     baseline: np.ndarray | None = None  # (layer, baseline, metric), when the run has baselines
@@ -239,6 +247,7 @@ def epoch_arrays(layout: RunLayout, rows: Sequence[EpochRow], capacity: int | No
         "iterations": np.zeros((n_layers, size), dtype=np.int64),
         "converged": np.zeros((n_layers, size), dtype=bool),
         "model_loss": np.full(size, np.nan),
+        "model_valid_loss": np.full(size, np.nan),
         "model_error": np.full(size, np.nan),
         "wall_time": np.full(size, np.nan),
         "step": np.full(size, -1, dtype=np.int64),
@@ -268,7 +277,8 @@ def row_values(row: EpochRow, layout: RunLayout) -> dict:
         "reduction_used": np.array(layout.reduction if row.reduction_used is None else list(row.reduction_used),
                                    dtype=f"<U{REDUCTION_WIDTH}"),
         "nonfinite": row.nonfinite, "iterations": row.iterations, "converged": row.converged,
-        "model_loss": row.model_loss, "model_error": row.model_error, "wall_time": row.wall_time,
+        "model_loss": row.model_loss, "model_valid_loss": row.model_valid_loss, "model_error": row.model_error,
+        "wall_time": row.wall_time,
         "step": row.step, "epoch": row.epoch,
     }
     expected = {"baselines": (n_layers, len(layout.baselines), n_metrics), "probe_repeat": (n_layers, layout.repeats, n_metrics)}
@@ -308,19 +318,35 @@ def layout_of(ds: xr.Dataset) -> RunLayout:
 
 
 def rows_of(ds: xr.Dataset) -> list[EpochRow]:
-    """The epochs of a run dataset, as rows an engine can continue from."""
+    """The epochs of a run dataset, as rows an engine can continue from (a variable it predates at its default)."""
+    ds = with_added_variables(ds)
     return [
         EpochRow(
             epoch=int(ds["epoch"].values[i]), step=int(ds["step"].values[i]), probe=ds["probe"].values[:, i, :].copy(),
             nonfinite=ds["nonfinite"].values[:, i].copy(), iterations=ds["iterations"].values[:, i].copy(),
             converged=ds["converged"].values[:, i].copy(), model_loss=float(ds["model_loss"].values[i]),
-            model_error=float(ds["model_error"].values[i]), wall_time=float(ds["wall_time"].values[i]),
+            model_valid_loss=float(ds["model_valid_loss"].values[i]), model_error=float(ds["model_error"].values[i]),
+            wall_time=float(ds["wall_time"].values[i]),
             l2=ds["l2"].values[:, i].copy(), reduction_used=[str(v) for v in ds["reduction_used"].values[:, i]],
             baseline=ds["baselines"].values[:, i].copy() if "baselines" in ds.data_vars else None,
             repeat=ds["probe_repeat"].values[:, i].copy() if "probe_repeat" in ds.data_vars else None,
         )
         for i in range(ds.sizes["epoch"])
     ]
+
+
+def with_added_variables(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with every variable of :data:`VARIABLE_DEFAULTS` it lacks, at its default on every epoch (``ds`` itself
+    when it has them all).
+
+    A run written before a variable existed is read as if every epoch had
+    recorded the default (NaN: "not logged"), so that readers never need to
+    ask whether a run has it.
+    """
+    missing = {name: value for name, value in VARIABLE_DEFAULTS.items() if name not in ds.variables}
+    if not missing:
+        return ds
+    return ds.assign({name: (VARIABLE_DIMS[name], np.full(ds.sizes["epoch"], value)) for name, value in missing.items()})
 
 
 def epoch_index(epochs: Sequence[int], epoch: int) -> int:
@@ -376,8 +402,9 @@ def check_run(ds: object) -> None:
 
     Raises:
         TypeError: ``ds`` is not an ``xarray.Dataset``.
-        ValueError: it lacks a variable, coordinate or the schema attribute, or
-            has another schema version.
+        ValueError: it lacks a variable (but those of :data:`VARIABLE_DEFAULTS`, which a
+            run made before them lacks), a coordinate or the schema attribute, or has
+            another schema version.
 
     Example:
         >>> check_run(pk.open_run("runs/demo.zarr"))
@@ -387,7 +414,8 @@ def check_run(ds: object) -> None:
             f"expected a probekit run (an xarray.Dataset, see docs/store.md); got {type(ds).__name__}. "
             "Open runs with probekit.open_run"
         )
-    missing = [name for name in (*RUN_VARIABLES, *RUN_COORDS) if name not in ds.variables]
+    missing = [name for name in (*RUN_VARIABLES, *RUN_COORDS)
+               if name not in ds.variables and name not in VARIABLE_DEFAULTS]
     if missing:
         raise ValueError(
             f"this dataset is not a probekit run: it lacks {', '.join(missing)}; open runs with probekit.open_run "

@@ -50,6 +50,7 @@ import zarr
 
 from probekit.run.schema import (
     SCHEMA_VERSION, VARIABLE_DIMS, EpochRow, RunLayout, build_dataset, layout_for_shape, layout_of, row_values, rows_of,
+    with_added_variables,
 )
 
 __all__ = [
@@ -412,13 +413,14 @@ def _opened(path: str | os.PathLike, storage_options: Mapping[str, object] | Non
 
 
 def _as_read(ds: xr.Dataset, attrs: Mapping[str, object]) -> xr.Dataset:
-    """A run as its readers get it: no bookkeeping attribute, no encoding, a schema-1 store upgraded in memory."""
+    """A run as its readers get it: no bookkeeping attribute, no encoding, a schema-1 store upgraded in memory, and
+    every variable the store predates at its default (:func:`~probekit.run.schema.with_added_variables`)."""
     ds.attrs.pop("completed_epochs", None)
     for variable in ds.variables.values():
         variable.encoding = {}
     if attrs.get("probekit_schema") == 1:
         ds = _upgrade(ds)
-    return ds
+    return with_added_variables(ds)
 
 
 def open_run(path: str | os.PathLike, *, storage_options: Mapping[str, object] | None = None) -> xr.Dataset:
@@ -1127,12 +1129,36 @@ class RunWriter:
 
     def _heal(self) -> None:
         """Give every epoch array one capacity again (a kill during growth can leave them uneven)."""
+        self._add_variables()
         group = self._group()
         names = self.layout.epoch_variables()
         capacity = max(group[name].shape[VARIABLE_DIMS[name].index("epoch")] for name in names)
         for name in names:
             self._resize(group[name], name, capacity)
         self._commit(len(self.rows), resized=True)
+
+    def _add_variables(self) -> None:
+        """Add the epoch arrays of this run that the store predates (``model_valid_loss``), empty: their default.
+
+        Each array's files are written as a new store's would be; the
+        consolidated metadata that names them is rewritten by :meth:`_heal`'s
+        commit, so a writer killed before it leaves a store that reads as it
+        did, and the next resume adds the arrays again.
+        """
+        entries = self._metadata()["metadata"]
+        missing = [name for name in self.layout.epoch_variables() if f"{name}/.zarray" not in entries]
+        if not missing:
+            return
+        capacity = int(entries["epoch/.zarray"]["shape"][VARIABLE_DIMS["epoch"].index("epoch")])
+        files = _store_files(build_dataset(self.layout, [], capacity=capacity))
+        for name in missing:
+            if not self._files.remote:
+                (self.path / name).mkdir(exist_ok=True)
+            for key in sorted(k for k in files if k.startswith(f"{name}/")):
+                self._files.write(key, files[key])
+                self._wrote()
+                if key.rsplit("/", 1)[1] in (".zarray", ".zattrs"):
+                    entries[key] = json.loads(files[key])
 
     def _resize(self, array, name: str, capacity: int) -> None:
         shape = list(array.shape)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 import probekit as pk
 from probekit.integrations.hf import ProbeCallback
@@ -50,6 +50,16 @@ def _model():
     return BertForSequenceClassification(config)
 
 
+class _Recorder(TrainerCallback):
+    """Every ``on_log`` call's logs, as a ``report_to`` logger (TensorBoard, W&B) receives them."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
 def _train(tmp_path, splits, callbacks, model=None, epochs=2, resume_from_checkpoint=None, **options):
     options = {"logging_strategy": "epoch", "eval_strategy": "epoch", "save_strategy": "no", **options}
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], num_train_epochs=epochs,
@@ -64,8 +74,8 @@ def _train(tmp_path, splits, callbacks, model=None, epochs=2, resume_from_checkp
 
 @pytest.mark.slow
 def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_best_layer(splits, tmp_path):
-    callback = ProbeCallback(splits, store=tmp_path / "bert.zarr", reduce="first", quiet=True)
-    trainer, _ = _train(tmp_path, splits, [callback])
+    callback, recorder = ProbeCallback(splits, store=tmp_path / "bert.zarr", reduce="first", quiet=True), _Recorder()
+    trainer, _ = _train(tmp_path, splits, [recorder, callback])  # a callback before it, as report_to loggers are
 
     ds = pk.open_run(tmp_path / "bert.zarr")
     assert ds.epoch.values.tolist() == [0, 1, 2] and ds.step.values.tolist() == [0, 5, 10]
@@ -77,12 +87,28 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
     assert len(logged_train) == len(logged_valid) == 2
     assert np.isnan(ds.model_loss.values[0])
     np.testing.assert_allclose(ds.model_loss.values[1:], logged_train, rtol=1e-6)
+    assert np.isnan(ds.model_valid_loss.values[0])
+    np.testing.assert_allclose(ds.model_valid_loss.values[1:], logged_valid, rtol=1e-6)
     losses = callback.model_losses
     np.testing.assert_allclose(losses.sel(split="valid").values[1:], logged_valid, rtol=1e-6)
-    best = [entry for entry in history if "probe_best_valid_error" in entry]
+    best = [entry for entry in history if "probe_best_valid_error" in entry]  # once per row
     assert [(e["epoch"], e["step"]) for e in best] == [(0.0, 0), (1.0, 5), (2.0, 10)]
     np.testing.assert_allclose([e["probe_best_valid_error"] for e in best],
                                ds.probe.sel(metric="valid_error").min("layer").values, rtol=1e-6)
+    heard = [logs for logs in recorder.logs if "probe_best_valid_error" in logs]  # through the Trainer's on_log
+    assert heard == [{k: v for k, v in e.items() if k != "step"} for e in best]
+
+
+@pytest.mark.slow
+def test_a_step_row_written_at_an_epochs_end_leaves_the_trainers_own_log_of_that_epoch(splits, tmp_path):
+    """Rows every 5 steps of 5-step epochs are written at on_epoch_end, after the Trainer asked to log the epoch:
+    logging the best layer's error through on_log must not cancel that."""
+    callback, recorder = ProbeCallback(splits, every_n_steps=5, reduce="first", quiet=True), _Recorder()
+    trainer, _ = _train(tmp_path, splits, [callback, recorder])
+    assert callback.dataset.step.values.tolist() == [0, 5, 10]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [5, 10]
+    assert [e["step"] for e in trainer.state.log_history if "probe_best_valid_error" in e] == [0, 5, 10]
+    assert len([logs for logs in recorder.logs if "probe_best_valid_error" in logs]) == 3
 
 
 @pytest.mark.slow
@@ -146,18 +172,6 @@ def test_an_epoch_cut_short_by_max_steps_gets_no_row(splits, tmp_path):
     callback = ProbeCallback(splits, reduce="first", quiet=True)
     _train(tmp_path, splits, [callback], max_steps=7)  # 5 steps an epoch
     assert callback.dataset.epoch.values.tolist() == [0, 1]
-
-
-def test_on_a_process_other_than_zero_the_callback_does_nothing(splits):
-    """Distributed, the world's process zero probes and writes; another process's events leave no monitor and no hooks."""
-    from transformers import TrainerControl, TrainerState
-
-    callback, model = ProbeCallback(splits, mode="online", quiet=True), _model()
-    state, control = TrainerState(is_world_process_zero=False), TrainerControl()
-    state.epoch = 1.0
-    for event in ("on_train_begin", "on_epoch_begin", "on_step_begin", "on_step_end", "on_epoch_end", "on_train_end"):
-        getattr(callback, event)(None, state, control, model=model)
-    assert callback.probes.monitor is None and not any(m._forward_hooks for m in model.modules())
 
 
 def test_without_transformers_the_import_names_the_extra_in_one_line():

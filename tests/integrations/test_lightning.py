@@ -85,6 +85,8 @@ def test_a_trainer_run_writes_epochs_0_to_2_with_the_logged_losses_and_logs_the_
     logged_valid = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
     assert np.isnan(ds.model_loss.values[0])  # the untrained model has no training loss yet
     np.testing.assert_allclose(ds.model_loss.values[1:], logged_train, rtol=1e-6)
+    assert np.isnan(ds.model_valid_loss.values[0])  # the sanity check's val_loss is no epoch's
+    np.testing.assert_allclose(ds.model_valid_loss.values[1:], logged_valid[-2:], rtol=1e-6)
     losses = callback.model_losses
     assert losses.epoch.values.tolist() == [0, 1, 2] and np.isnan(losses.sel(split="valid").values[0])
     np.testing.assert_allclose(losses.sel(split="valid").values[1:], logged_valid[-2:], rtol=1e-6)
@@ -215,20 +217,6 @@ def test_a_module_that_logs_no_training_loss_under_that_name_is_named_in_a_warni
                                             "'val_loss'\\); the run's model_loss stays NaN"):
         _trainer(tmp_path, [callback], max_epochs=1).fit(DigitsModule(), *_loaders(digits))
     assert np.isnan(callback.dataset.model_loss.values).all()
-
-
-def test_on_a_rank_other_than_0_the_callback_does_nothing(digits):
-    """Under DDP rank 0 probes and writes; another rank's events leave no monitor, no store and no hooks."""
-    from types import SimpleNamespace
-
-    callback, module = ProbeCallback(digits, module="net", mode="online", quiet=True), DigitsModule()
-    trainer = SimpleNamespace(is_global_zero=False, global_step=0, current_epoch=0)
-    callback.on_fit_start(trainer, module)
-    callback.on_train_start(trainer, module)
-    callback.on_train_batch_end(trainer, module, None, digits.train, 0)
-    callback.on_train_epoch_end(trainer, module)
-    callback.on_fit_end(trainer, module)
-    assert callback.probes.monitor is None and not any(m._forward_hooks for m in module.modules())
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

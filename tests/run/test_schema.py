@@ -7,7 +7,7 @@ import pytest
 
 from probekit.run.schema import (
     MEASURES, SCHEMA_VERSION, SPLIT_MEASURES, SPLITS, EpochRow, RunLayout, build_dataset, check_run, epoch_position,
-    forward_order, layout_of, metric_name, metric_names, row_values, rows_of,
+    forward_order, layout_of, metric_name, metric_names, row_values, rows_of, with_added_variables,
 )
 from tests.conftest import make_run
 
@@ -25,6 +25,7 @@ def _row(epoch: int, n_layers: int = 3, n_metrics: int = 4) -> EpochRow:
         epoch=epoch, step=10 * epoch, probe=epoch + np.arange(n_layers * n_metrics).reshape(n_layers, n_metrics) / 100,
         nonfinite=np.array([False, epoch == 1, False]), iterations=np.array([5, 6, 7]) + epoch,
         converged=np.array([True, True, epoch != 2]), model_loss=0.5 * epoch, model_error=0.1 * epoch, wall_time=2.0 * epoch,
+        model_valid_loss=0.25 * epoch,
     )
 
 
@@ -58,11 +59,22 @@ def test_build_dataset_layout_of_and_rows_of_round_trip():
     assert ds["measure"].values.tolist() == ["error", "loss", "error", "loss"]
     assert layout_of(ds) == layout
     for got, want in zip(rows_of(ds), rows, strict=True):
-        assert (got.epoch, got.step, got.model_loss, got.model_error, got.wall_time) == \
-               (want.epoch, want.step, want.model_loss, want.model_error, want.wall_time)
+        assert (got.epoch, got.step, got.model_loss, got.model_valid_loss, got.model_error, got.wall_time) == \
+               (want.epoch, want.step, want.model_loss, want.model_valid_loss, want.model_error, want.wall_time)
         for name in ("probe", "nonfinite", "iterations", "converged"):
             np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
     assert rows_of(build_dataset(layout, [])) == []
+
+
+def test_a_run_made_before_model_valid_loss_existed_is_still_a_run_and_reads_it_as_nan():
+    ds = build_dataset(_layout(), [_row(e) for e in range(3)])
+    assert ds["model_valid_loss"].dims == ("epoch",) and ds["model_valid_loss"].values.tolist() == [0.0, 0.25, 0.5]
+    old = ds.drop_vars("model_valid_loss")
+    check_run(old)
+    assert [np.isnan(row.model_valid_loss) for row in rows_of(old)] == [True] * 3
+    filled = with_added_variables(old)
+    assert filled["model_valid_loss"].dims == ("epoch",) and np.isnan(filled["model_valid_loss"].values).all()
+    assert with_added_variables(ds) is ds
 
 
 def test_baselines_and_repeats_round_trip_on_their_own_dims():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -16,7 +18,7 @@ import torch
 
 import probekit as pk
 from probekit.run.schema import EPOCH_VARIABLES, EpochRow, RunLayout, metric_names
-from probekit.run.store import EPOCH_BLOCK, RunWriter, StoreError, StoreLockedError, open_run
+from probekit.run.store import EPOCH_BLOCK, RunWriter, StoreError, StoreLockedError, open_run, open_run_lazy
 from tests.conftest import tiny_convnet
 
 FORK = multiprocessing.get_context("fork")
@@ -306,3 +308,48 @@ def test_a_store_written_before_an_attribute_existed_resumes_at_its_default(tmp_
         assert [r.epoch for r in writer.rows] == [0]
         writer.append(_row(old, 1))
     assert open_run(tmp_path / "r.zarr").sizes["epoch"] == 2
+
+
+def _consolidated(path: Path):
+    """The store as its consolidated metadata names its variables, read without probekit's reader."""
+    import xarray as xr
+
+    return xr.open_zarr(path, consolidated=True, zarr_format=2)
+
+
+def _without_variable(path: Path, name: str) -> None:
+    """The store as a writer from before variable ``name`` existed left it: no array, no entry in the metadata."""
+    shutil.rmtree(path / name)
+    meta = json.loads((path / ".zmetadata").read_text())
+    meta["metadata"] = {key: value for key, value in meta["metadata"].items() if not key.startswith(f"{name}/")}
+    (path / ".zmetadata").write_text(json.dumps(meta, indent=4))
+
+
+def test_a_store_written_before_model_valid_loss_existed_opens_and_resumes_gaining_it(tmp_path):
+    """Read: NaN at every epoch. Continued: the store gains the array (NaN at its earlier epochs), across the growth
+    of the epoch axis."""
+    layout, path = _layout(), tmp_path / "r.zarr"
+    with RunWriter(path, layout) as writer:
+        for epoch in range(2):
+            writer.append(_row(layout, epoch))
+    _without_variable(path, "model_valid_loss")
+    assert "model_valid_loss" not in _consolidated(path).variables  # as an older writer left it
+    for ds in (open_run(path), open_run_lazy(path).compute(), pk.open_runs([path]).isel(run=0)):
+        assert ds["model_valid_loss"].dims[-1] == "epoch" and np.isnan(ds["model_valid_loss"].values).all()
+        assert ds["model_loss"].values.tolist() == [0.0, 0.5]
+    pk.run.schema.check_run(open_run(path))
+
+    with RunWriter(path, layout, resume=True) as writer:
+        assert [np.isnan(r.model_valid_loss) for r in writer.rows] == [True, True]
+        for epoch in range(2, EPOCH_BLOCK + 3):
+            row = _row(layout, epoch)
+            row.model_valid_loss = epoch / 4
+            writer.append(row)
+    assert "model_valid_loss" in _consolidated(path).variables
+    ds = open_run(path)
+    assert ds.sizes["epoch"] == EPOCH_BLOCK + 3
+    valid = ds["model_valid_loss"].values
+    assert np.isnan(valid[:2]).all() and valid[2:].tolist() == [e / 4 for e in range(2, EPOCH_BLOCK + 3)]
+    np.testing.assert_array_equal(ds.probe.values[:, 1], _row(layout, 1).probe)
+    with RunWriter(path, layout, resume=True) as writer:  # a store that has it resumes as any other
+        assert writer.rows[-1].model_valid_loss == (EPOCH_BLOCK + 2) / 4

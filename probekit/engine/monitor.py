@@ -683,12 +683,18 @@ class ProbeMonitor:
                 "in the store ('nonfinite'); every other layer was probed normally",
                 RuntimeWarning, stacklevel=2,
             )
-        if self._writer is not None:
-            self._writer.append(row)
-        else:
-            self.rows.append(row)
+        def append() -> None:
+            if self._writer is not None:
+                self._writer.append(row)
+
+        if self.comm is None:
+            append()
+        else:  # rank 0 writes; a write that fails there (a full disk) stops every rank, none waits at a collective
+            self.comm.on_root(append)
         if self._writer is not None:
             self.rows = self._writer.rows
+        else:
+            self.rows.append(row)
         if self._online is not None:
             self._online.reset_running()
         return build_dataset(self.layout, [row])

@@ -295,6 +295,15 @@ def train_and_probe(
         remove(checkpoint, **files)
     own_checkpoint = checkpoint if writes else None
 
+    def save(**fields) -> None:  # rank 0 writes; a failure there (a full disk) stops every rank at this call
+        def work() -> None:
+            _checkpoint(own_checkpoint, storage_options, model, opt, **fields)
+
+        if comm is None:
+            work()
+        else:
+            comm.on_root(work)
+
     def sync() -> None:
         if comm is not None:
             comm.copy_module(model)
@@ -331,7 +340,7 @@ def train_and_probe(
                 start += 1
         else:
             sync()
-            _checkpoint(own_checkpoint, storage_options, model, opt, epoch=0, step=0)
+            save(epoch=0, step=0)
             monitor.update(epoch=0, step=0)
             start = 1
         on_step = (lambda batch: monitor.step(batch.labels)) if mode == "online" else None
@@ -343,8 +352,7 @@ def train_and_probe(
             result = train_epoch(model, opt, loader, device=device, loss_fn=loss_fn, step=step, on_step=on_step)
             step = result.step
             sync()
-            _checkpoint(own_checkpoint, storage_options, model, opt, epoch=epoch, step=step, model_loss=result.loss,
-                        model_error=result.error)
+            save(epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
             row = monitor.update(epoch=epoch, step=step, model_loss=result.loss, model_error=result.error)
             if not monitor.quiet:
                 print(_epoch_line(row, epochs))

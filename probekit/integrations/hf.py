@@ -158,7 +158,7 @@ class ProbeCallback(TrainerCallback):
 
     @property
     def model_losses(self) -> xr.DataArray:
-        """The Trainer's logged losses at each row: ``(epoch, split)``, split ``train`` and ``valid`` (NaN: not logged)."""
+        """The Trainer's logged losses at each row, dims ``(epoch, split)`` with split ``train`` and ``valid`` (NaN where not logged)."""
         return self.probes.model_losses
 
     # ---------------------------------------------------------------- events

@@ -170,7 +170,7 @@ class ProbeCallback(_pl.Callback):
 
     @property
     def model_losses(self) -> xr.DataArray:
-        """The module's logged losses at each row: ``(epoch, split)``, split ``train`` and ``valid`` (NaN: not logged)."""
+        """The module's logged losses at each row, dims ``(epoch, split)`` with split ``train`` and ``valid`` (NaN where not logged)."""
         return self.probes.model_losses
 
     # ---------------------------------------------------------------- events

@@ -224,7 +224,7 @@ class TrainerProbes:
 
     @property
     def model_losses(self) -> xr.DataArray:
-        """The model's own losses at each row, as logged: dims ``(epoch, split)``, split ``train`` and ``valid``.
+        """The model's own losses at each row, as logged, dims ``(epoch, split)`` with split ``train`` and ``valid``.
 
         Read from the run: its ``model_loss`` (training) and
         ``model_valid_loss`` (validation), so that a resumed run's earlier rows

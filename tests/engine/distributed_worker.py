@@ -215,8 +215,25 @@ def gathered_fit(out: Path, rank: int) -> dict:
     return found
 
 
+def full_disk(out: Path, rank: int) -> dict:
+    """Rank 0's store write fails at epoch 1 (as on a full disk): every rank must stop, none wait at a collective."""
+    from probekit.run.store import StoreFullError
+
+    d = digits()
+    mon = pk.ProbeMonitor(model(), {"train": d["train"], "valid": d["valid"]}, store=out / "full.zarr", quiet=True,
+                          l2=1e-3)
+    mon.update(epoch=0)
+    if rank == 0:
+        def no_space(row):
+            raise StoreFullError(f"no space left on the device of {out / 'full.zarr'} while writing epoch 1")
+
+        mon._writer.append = no_space
+    mon.update(epoch=1)
+    return {}
+
+
 USER_GROUP = ("tiny",)
-SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "controls": one_process_controls, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp, "gathered": gathered_fit}
+SCENARIOS = {"forms": probe_forms, "more": tokens_and_checkpoints, "tiny": tiny, "controls": one_process_controls, "mismatch": mismatch, "one_refuses": one_refuses, "online_step": online_step, "online_ddp": online_ddp, "gathered": gathered_fit, "full_disk": full_disk}
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))

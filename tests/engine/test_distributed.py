@@ -203,6 +203,15 @@ def test_a_wide_layer_on_few_examples_is_gathered_and_fitted_as_one_process_fits
     np.testing.assert_allclose(ranks[0]["narrow_weight"], narrow.weight.numpy(), atol=2e-3)
 
 
+def test_a_store_write_that_fails_on_rank_0_stops_every_rank_with_one_line(tmp_path):
+    done = _torchrun([str(WORKER), "full_disk", str(tmp_path)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):  # the same line on both ranks, none left waiting at its next collective
+        text = (tmp_path / f"error{rank}.txt").read_text()
+        assert text == f"StoreFullError: no space left on the device of {tmp_path / 'full.zarr'} while writing epoch 1"
+    assert list(open_run(tmp_path / "full.zarr").epoch.values) == [0]  # the completed epoch is kept
+
+
 def test_ranks_that_disagree_on_the_data_stop_with_one_line(tmp_path):
     done = _torchrun([str(WORKER), "mismatch", str(tmp_path)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -370,9 +370,10 @@ def fit_probes(
     if comm is not None:
         few = _few_rows(features, slices, choosing, num_classes, comm)
         if few:  # gathered, then fitted on every rank as one process fits them; the rest with sums over the ranks
-            order = torch.sort(torch.cat(comm.gather_rows(positions.long())), stable=True).indices
+            every_position = torch.cat(comm.gather_rows(positions.long()))
+            order = torch.sort(every_position, stable=True).indices
             every_label = torch.cat(comm.gather_rows(labels))[order].to(labels.device)
-            ordered_groups = None if groups is None else torch.cat(comm.gather_rows(positions.long()))[order]
+            ordered_groups = None if groups is None else every_position[order]  # a sequence's position is its group
             gathered = {name: torch.cat(comm.gather_rows(features[name].float())).reshape(-1, features[name].shape[1])
                         [order].to(features[name].device) for name in few}
             alone = fit_probes(gathered, every_label, num_classes, l2={n: strengths[n] for n in few},

@@ -460,10 +460,7 @@ def open_run(path: str | os.PathLike, *, storage_options: Mapping[str, object] |
     except StoreError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoding failure is a damaged store
-        raise StoreError(
-            f"run store {path!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "its metadata may be damaged. Re-run into a new path"
-        ) from error
+        raise _unreadable(path, error) from error
     return _as_read(ds, attrs)
 
 
@@ -494,11 +491,16 @@ def open_run_lazy(path: str | os.PathLike, *, storage_options: Mapping[str, obje
         for name in ds.coords:
             ds[name].load()
     except Exception as error:  # noqa: BLE001 - any decoding failure is a damaged store
-        raise StoreError(
-            f"run store {str(path)!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-            "its metadata may be damaged. Re-run into a new path"
-        ) from error
+        raise _unreadable(path, error) from error
     return _as_read(ds, attrs)
+
+
+def _unreadable(path: str, error: Exception) -> StoreError:
+    """The one line for a store whose metadata cannot be decoded."""
+    return StoreError(
+        f"run store {str(path)!r} cannot be opened ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        "its metadata may be damaged. Re-run into a new path"
+    )
 
 
 # --------------------------------------------------------------------- writing
